@@ -1,0 +1,391 @@
+"""``SlurmClient``: Slurm commands run through any ``CommandRunner``, with typed results.
+
+The client builds argv lists (``commands``), runs them through the runner it was given (local
+subprocess or SSH: the client does not know which), checks stderr for the controller or the
+database being unreachable even when the exit code is 0, and parses the output (``parse``).
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, tzinfo
+from typing import TypeVar
+
+from adapters.errors import CommandFailed, SlurmOutputError, SlurmUnavailable
+from adapters.runner import CommandResult, CommandRunner
+from adapters.slurm import commands
+from adapters.slurm.parse import (
+    ParseError,
+    decode,
+    parse_sacct,
+    parse_sbatch,
+    parse_sinfo,
+    parse_squeue,
+)
+from adapters.slurm.types import (
+    AccountingRecord,
+    JobSpec,
+    JobStatus,
+    PartitionCapacity,
+    StatusReport,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CommandObserver = Callable[[str, float, BaseException | None], None]
+"""Called after every command with (command name such as ``sbatch``, seconds, error or None)."""
+
+# Lower-case fragments of stderr lines that mean "Slurm could not be asked", not "the answer is
+# no", as Slurm 22.05 prints them when slurmctld or slurmdbd is down, restarting or overloaded.
+# A query that prints one of these may have printed partial output: it counts as unavailable
+# even when it exits 0.
+_UNAVAILABLE_MARKERS = (
+    "socket timed out",
+    "unable to contact slurm controller",
+    "slurm_load_",  # slurm_load_jobs/partitions/node error: ... (except an invalid job id)
+    "connection refused",
+    "connection timed out",
+    "connection reset",
+    "problem talking to the database",
+    "zero bytes were transmitted",
+    "communication connection failure",
+    "backup controller in standby",
+    "slurmdbd not responding",
+    "failed to open persistent connection",
+)
+# These are also printed while a command retries by itself and then succeeds ("Slurm temporarily
+# unable to accept job, sleeping and retrying"): they count only when the command failed.
+_UNAVAILABLE_IF_FAILED = (
+    "temporarily unable to accept job",
+    "resource temporarily unavailable",
+    "database is busy",
+)
+_NOT_UNAVAILABLE = ("invalid job id",)
+_CANCEL_DONE_MARKERS = ("invalid job id specified", "already completing or completed")
+
+
+def unavailable_line(stderr: str, *, failed: bool = True) -> str | None:
+    """The first stderr line saying the controller or database could not be reached, if any."""
+    markers = _UNAVAILABLE_MARKERS + (_UNAVAILABLE_IF_FAILED if failed else ())
+    for line in stderr.splitlines():
+        lowered = line.lower()
+        if any(marker in lowered for marker in markers) and not any(
+            marker in lowered for marker in _NOT_UNAVAILABLE
+        ):
+            return line.strip()
+    return None
+
+
+def _status_from_record(record: AccountingRecord) -> JobStatus:
+    return JobStatus(
+        job_id=record.job_id,
+        state=record.state,
+        slurm_state=record.slurm_state,
+        reason=record.reason,
+        name=record.name,
+        comment=record.comment,
+        alloc_gpus=record.alloc_gpus,
+        exit_code=record.exit_code,
+        elapsed_s=record.elapsed_s,
+        submit_time=record.submit_time,
+        start_time=record.start_time,
+        end_time=record.end_time,
+        source="sacct",
+    )
+
+
+def _has_tag(comment: str | None, tag: str) -> bool:
+    words = (comment or "").split(maxsplit=1)
+    return bool(words) and words[0] == tag
+
+
+def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+class SlurmClient:
+    """Submits, follows, cancels and accounts jobs on one Slurm cluster through a runner.
+
+    ``cluster`` is the Slurm ``ClusterName`` (for sacct and sacctmgr). ``cluster_tz`` is the zone
+    the cluster's clocks print in: Slurm prints local wall-clock time without a zone, so times are
+    read in that zone and returned in UTC (the dev cluster and most HPC centres' machines run UTC,
+    the default). Thread-safe if the runner is.
+    """
+
+    def __init__(
+        self,
+        runner: CommandRunner,
+        *,
+        cluster: str,
+        bin_dir: str = "/usr/bin",
+        timeout: float = 30.0,
+        observer: CommandObserver | None = None,
+        cluster_tz: tzinfo = UTC,
+    ) -> None:
+        self.runner = runner
+        self.cluster = commands.check_word("cluster", cluster)
+        self.bin_dir = bin_dir
+        self.timeout = timeout
+        self.cluster_tz = cluster_tz
+        self._observer = observer
+        self._count_lock = threading.Lock()
+        self.commands_run = 0
+        """Commands run by this client so far (for metrics and benchmarks)."""
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec) -> str:
+        """Submit ``spec`` with ``sbatch --parsable`` (script on stdin); returns the job id.
+
+        Raises ``ValueError`` for a spec that cannot be submitted safely (before running
+        anything), ``CommandFailed`` when Slurm refuses the job, and ``SlurmUnavailable`` when
+        the controller cannot be reached, with ``may_have_run`` set only when sbatch's socket
+        timed out (the controller may have queued the job: find it by its tag before retrying).
+        """
+        argv = commands.sbatch(self.bin_dir, spec)
+        script = commands.batch_script(spec)
+
+        def read(result: CommandResult) -> str:
+            self._require_success(result)
+            job_id, cluster = parse_sbatch(decode(result.stdout))
+            if cluster is not None and cluster != self.cluster:
+                logger.warning("sbatch on %s reported cluster %s", self.cluster, cluster)
+            return job_id
+
+        job_id = self._command(argv, read, stdin=script, side_effects=True)
+        logger.info("%s: submitted %s as job %s", self.cluster, spec.tag, job_id)
+        return job_id
+
+    def statuses(self, job_ids: Iterable[str]) -> StatusReport:
+        """Where each job is: one squeue, then one sacct for the jobs squeue does not hold alive.
+
+        Jobs squeue shows in a final state (it keeps them for ``MinJobAge``) are looked up in
+        sacct too, for their accounting; if sacct does not have them yet, squeue's view is kept.
+        Ids neither command knows are ``missing`` (never "completed"). Any failure raises: no
+        partial report, so an outage never makes jobs look gone. Two commands at most, whatever
+        the number of ids (up to ``MAX_IDS_PER_ARGUMENT``, beyond which sacct is chunked).
+        """
+        ids = list(dict.fromkeys(commands.check_job_id(job_id) for job_id in job_ids))
+        if not ids:
+            return StatusReport(found={}, missing=frozenset(), commands=0)
+        wanted = set(ids)
+        live = {s.job_id: s for s in self._squeue(ids) if s.job_id in wanted}
+        ran = 1
+        found = {job_id: status for job_id, status in live.items() if not status.state.is_final}
+        to_account = [job_id for job_id in ids if job_id not in found]
+        if to_account:
+            for chunk in _chunks(to_account, commands.MAX_IDS_PER_ARGUMENT):
+                for record in self._sacct(start=commands.STATUS_LOOKBACK, job_ids=chunk):
+                    if record.job_id in wanted and record.job_id not in found:
+                        found[record.job_id] = _status_from_record(record)
+                ran += 1
+            for job_id in to_account:
+                status = found.get(job_id)
+                in_queue = live.get(job_id)
+                # sacct lags slurmctld a little: trust squeue's final state until sacct has one.
+                if in_queue is not None and (status is None or not status.state.is_final):
+                    found[job_id] = in_queue
+        missing = frozenset(wanted - found.keys())
+        return StatusReport(found=found, missing=missing, commands=ran)
+
+    def find_by_tag(self, tag: str, since: datetime) -> list[JobStatus]:
+        """Jobs whose comment starts with ``tag``, live (squeue) or submitted/ended since ``since``
+        (sacct; needs ``AccountingStoreFlags=job_comment``). For a submission whose outcome was
+        unknown: the reconciler looks here before it ever submits again."""
+        commands.check_tag(tag)
+        by_id: dict[str, JobStatus] = {
+            s.job_id: s for s in self._squeue(None) if _has_tag(s.comment, tag)
+        }
+        for record in self._sacct(start=commands.format_time(since, self.cluster_tz)):
+            if not _has_tag(record.comment, tag):
+                continue
+            in_queue = by_id.get(record.job_id)
+            if in_queue is None or (in_queue.state.is_final and record.state.is_final):
+                by_id[record.job_id] = _status_from_record(record)
+        return sorted(by_id.values(), key=lambda s: (len(s.job_id), s.job_id))
+
+    def cancel(self, job_id: str) -> None:
+        """``scancel``; idempotent: a job that already ended or that Slurm no longer knows is
+        cancelled as far as the caller is concerned."""
+        argv = commands.scancel(self.bin_dir, job_id)
+
+        def read(result: CommandResult) -> None:
+            if result.exit_code == 0:
+                return
+            stderr = result.stderr_text.lower()
+            if any(marker in stderr for marker in _CANCEL_DONE_MARKERS):
+                logger.debug("%s: job %s already ended: %s", self.cluster, job_id, stderr.strip())
+                return
+            self._require_success(result)
+
+        self._command(argv, read, side_effects=True)
+
+    # -- cluster ---------------------------------------------------------------------------------
+
+    def capacity(self) -> list[PartitionCapacity]:
+        """GPUs per partition and type: total, allocated, idle, unavailable (down/drained)."""
+        argv = commands.sinfo(self.bin_dir)
+
+        def read(result: CommandResult) -> list[PartitionCapacity]:
+            self._require_success(result)
+            return parse_sinfo(decode(result.stdout))
+
+        return self._command(argv, read)
+
+    def accounting(
+        self,
+        since: datetime,
+        until: datetime | None = None,
+        *,
+        accounts: Sequence[str] | None = None,
+        job_ids: Sequence[str] | None = None,
+    ) -> list[AccountingRecord]:
+        """Allocations (``sacct -X``) that were pending or running at some time in
+        [``since``, ``until`` or now]. Naive datetimes are taken as UTC."""
+        start = commands.format_time(since, self.cluster_tz)
+        end = None if until is None else commands.format_time(until, self.cluster_tz)
+        if not job_ids:
+            return self._sacct(start=start, end=end, accounts=accounts)
+        out: list[AccountingRecord] = []
+        for chunk in _chunks(list(job_ids), commands.MAX_IDS_PER_ARGUMENT):
+            out += self._sacct(start=start, end=end, accounts=accounts, job_ids=chunk)
+        return out
+
+    def ensure_account(self, account: str, user: str) -> None:
+        """Make ``account`` exist on this cluster and let ``user`` submit to it; idempotent."""
+        for argv in (
+            commands.sacctmgr_add_account(self.bin_dir, cluster=self.cluster, account=account),
+            commands.sacctmgr_add_user(
+                self.bin_dir, cluster=self.cluster, account=account, user=user
+            ),
+        ):
+            self._command(argv, self._read_sacctmgr_add, side_effects=True)
+
+    def ping(self) -> None:
+        """Cheap liveness check of slurmctld (``scontrol ping``); raises ``SlurmUnavailable``."""
+        argv = commands.scontrol_ping(self.bin_dir)
+
+        def read(result: CommandResult) -> None:
+            text = result.stdout_text
+            if result.exit_code != 0 or " is UP" not in text or " is DOWN" in text:
+                raise SlurmUnavailable(
+                    argv, result.exit_code, (text + result.stderr_text).strip() or "no answer"
+                )
+
+        self._command(argv, read)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _squeue(self, job_ids: Sequence[str] | None) -> list[JobStatus]:
+        if job_ids is not None and len(job_ids) > commands.MAX_IDS_PER_ARGUMENT:
+            job_ids = None  # too long for one argument: read all of our jobs and filter here
+        argv = commands.squeue(self.bin_dir, job_ids)
+
+        def read(result: CommandResult) -> list[JobStatus]:
+            if (
+                result.exit_code != 0
+                and job_ids is not None
+                and len(job_ids) == 1
+                and "invalid job id specified" in result.stderr_text.lower()
+            ):
+                return []  # squeue asked slurmctld for that one job, which it does not know
+            self._require_success(result)
+            return parse_squeue(decode(result.stdout), self.cluster_tz)
+
+        return self._command(argv, read)
+
+    def _sacct(
+        self,
+        *,
+        start: str,
+        end: str | None = None,
+        accounts: Sequence[str] | None = None,
+        job_ids: Sequence[str] | None = None,
+    ) -> list[AccountingRecord]:
+        argv = commands.sacct(
+            self.bin_dir,
+            cluster=self.cluster,
+            start=start,
+            end=end,
+            job_ids=job_ids,
+            accounts=accounts,
+        )
+
+        def read(result: CommandResult) -> list[AccountingRecord]:
+            self._require_success(result)
+            return parse_sacct(decode(result.stdout), self.cluster_tz)
+
+        return self._command(argv, read)
+
+    @staticmethod
+    def _read_sacctmgr_add(result: CommandResult) -> None:
+        # "Nothing new added." with exit 1 means it was already there; an error on stderr (an
+        # unknown account, cluster or user) means it was not added and is not there.
+        if result.exit_code == 0:
+            return
+        if "nothing new added" in result.stdout_text.lower() and not result.stderr_text.strip():
+            return
+        raise CommandFailed(result.argv, result.exit_code, result.stderr_text or result.stdout_text)
+
+    @staticmethod
+    def _require_success(result: CommandResult) -> None:
+        if result.exit_code != 0:
+            raise CommandFailed(result.argv, result.exit_code, result.stderr_text)
+
+    def _command(
+        self,
+        argv: list[str],
+        read: Callable[[CommandResult], T],
+        *,
+        stdin: bytes | None = None,
+        side_effects: bool = False,
+    ) -> T:
+        """Run one command, classify its failure, parse it; count, log and observe it."""
+        name = posixpath.basename(argv[0])
+        started = time.monotonic()
+        error: BaseException | None = None
+        exit_code: int | None = None
+        try:
+            result = self.runner.run(argv, stdin=stdin, timeout=self.timeout)
+            exit_code = result.exit_code
+            line = unavailable_line(result.stderr_text, failed=result.exit_code != 0)
+            if line is not None and side_effects and result.exit_code == 0:
+                # sbatch and scancel retry by themselves; exit 0 means the work was done.
+                logger.warning("%s: %s succeeded after: %s", self.cluster, name, line)
+            elif line is not None:
+                raise SlurmUnavailable(
+                    argv,
+                    result.exit_code,
+                    result.stderr_text,
+                    may_have_run=side_effects and "socket timed out" in line.lower(),
+                )
+            try:
+                return read(result)
+            except ParseError as exc:
+                raise SlurmOutputError(argv, str(exc)) from exc
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            duration = time.monotonic() - started
+            with self._count_lock:
+                self.commands_run += 1
+            logger.debug(
+                "%s: %s exit=%s in %.3fs%s",
+                self.cluster,
+                argv,
+                exit_code,
+                duration,
+                f" error={error!r}" if error is not None else "",
+            )
+            if self._observer is not None:
+                try:
+                    self._observer(name, duration, error)
+                except Exception:
+                    logger.exception("command observer failed")

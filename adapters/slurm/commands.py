@@ -1,0 +1,338 @@
+"""Pure builders of Slurm command lines (argv lists) and of the batch script sent to sbatch.
+
+Nothing here runs anything. Every builder validates what it puts on a command line and raises
+``ValueError`` before a command exists, so a bad name never reaches a shell or Slurm. Output
+formats are explicit, with the ASCII unit separator (0x1f) between fields: it cannot occur in any
+name, account, comment or state the broker submits, and Slurm passes it through unchanged.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import shlex
+from collections.abc import Sequence
+from datetime import UTC, datetime, tzinfo
+
+from adapters.slurm.types import JobSpec
+
+FIELD_SEPARATOR = "\x1f"
+
+SQUEUE_FIELDS: tuple[str, ...] = (
+    "JobID", "State", "Reason", "tres-alloc", "SubmitTime", "StartTime", "TimeUsed",
+    "Partition", "Account", "Name", "Comment",
+)  # fmt: skip
+"""squeue ``--Format`` fields. ``JobID`` is the job's own id (an array task's too), the id sbatch
+printed. ``tres-alloc`` is the allocation of a started job and the request of a pending one, however
+the GPUs were asked for (``%b`` misses ``--gpus``)."""
+
+SACCT_FIELDS: tuple[str, ...] = (
+    "JobIDRaw", "JobID", "State", "ExitCode", "AllocTRES", "ElapsedRaw", "Submit", "Start",
+    "End", "Account", "Partition", "Reason", "JobName", "Comment",
+)  # fmt: skip
+"""sacct ``--format`` fields. ``JobIDRaw`` is the id sbatch printed; ``JobID`` shows ``123_4``
+for array tasks. ``Comment`` needs ``AccountingStoreFlags=job_comment`` in slurm.conf."""
+
+SINFO_FIELDS: tuple[str, ...] = ("NodeList", "Partition", "StateLong", "Gres", "GresUsed")
+"""sinfo ``--Format`` fields, with ``-N``: one line per node and partition."""
+
+MAX_IDS_PER_ARGUMENT = 10_000
+"""Linux caps one argv element at 128 KiB; 10,000 ids of up to 12 characters stay well below."""
+
+STATUS_LOOKBACK = "now-30days"
+"""sacct start time for status look-ups by id: a job that ended within 30 days is found. Without
+``-S`` sacct starts at midnight today; it is always given explicitly here."""
+
+_WORD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+_JOB_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+_JOB_ID = re.compile(r"[0-9]{1,10}(_[0-9]{1,10})?")
+_USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+_SHELLS = frozenset({"sh", "bash", "dash", "ksh", "mksh", "zsh", "ash", "busybox"})
+_MAX_COMMENT = 1000
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+def check_word(kind: str, value: str) -> str:
+    """Accounts, partitions, GPU types, cluster names: letters, digits, ``_.-``, max 64."""
+    if not _WORD.fullmatch(value):
+        raise ValueError(
+            f"{kind} {value!r} is not allowed: use letters, digits, '_', '.', '-' (at most 64)"
+        )
+    return value
+
+
+def check_user(value: str) -> str:
+    if not _USER.fullmatch(value):
+        raise ValueError(f"user name {value!r} is not a valid Unix user name")
+    return value
+
+
+def check_job_id(value: str) -> str:
+    """A Slurm job id as sbatch prints it (``123``), or an array task (``123_4``)."""
+    if not _JOB_ID.fullmatch(value):
+        raise ValueError(f"{value!r} is not a Slurm job id")
+    return value
+
+
+def check_tag(value: str) -> str:
+    if not _TAG.fullmatch(value):
+        raise ValueError(
+            f"tag {value!r} is not allowed: use letters, digits, '_', '.', ':', '-' (at most 128)"
+        )
+    return value
+
+
+def check_spec(spec: JobSpec) -> None:
+    """Everything about a spec that can be checked without asking Slurm; raises ``ValueError``."""
+    check_word("account", spec.account)
+    check_word("partition", spec.partition)
+    check_tag(spec.tag)
+    if not _JOB_NAME.fullmatch(spec.name):
+        raise ValueError(
+            f"job name {spec.name!r} is not allowed: use letters, digits, '_', '.', '+', '-' "
+            "(at most 128), no spaces or shell characters"
+        )
+    if spec.gpu_type is not None:
+        check_word("GPU type", spec.gpu_type)
+    if spec.comment is not None:
+        if len(spec.comment) > _MAX_COMMENT:
+            raise ValueError(f"comment longer than {_MAX_COMMENT} characters")
+        if any(not ch.isprintable() for ch in spec.comment):
+            raise ValueError("comment must be printable text without newlines or control chars")
+    if spec.nodes < 1:
+        raise ValueError("nodes must be at least 1")
+    if spec.gpus < 0:
+        raise ValueError("gpus must not be negative")
+    if spec.gpus % spec.nodes:
+        raise ValueError(
+            f"{spec.gpus} GPUs cannot be spread evenly over {spec.nodes} nodes: "
+            "ask for a multiple of the node count"
+        )
+    if spec.gpus == 0 and (spec.cpus_per_gpu is not None or spec.mem_per_gpu_gb is not None):
+        raise ValueError("cpus_per_gpu and mem_per_gpu_gb need at least one GPU")
+    if spec.time_limit_minutes < 1:
+        raise ValueError("time_limit_minutes must be at least 1")
+    if spec.cpus_per_gpu is not None and spec.cpus_per_gpu < 1:
+        raise ValueError("cpus_per_gpu must be at least 1")
+    if spec.mem_per_gpu_gb is not None and spec.mem_per_gpu_gb < 1:
+        raise ValueError("mem_per_gpu_gb must be at least 1")
+    batch_script(spec)  # the script checks raise ValueError too
+
+
+# -- the batch script ----------------------------------------------------------------------------
+
+
+def _interpreter(shebang: str) -> str:
+    words = shebang[2:].split()
+    if not words:
+        return ""
+    program = posixpath.basename(words[0])
+    if program == "env":
+        rest = [word for word in words[1:] if not word.startswith("-")]
+        program = posixpath.basename(rest[0]) if rest else ""
+    return program
+
+
+def batch_script(spec: JobSpec) -> bytes:
+    """The script as sbatch will read it on stdin.
+
+    * It must start with ``#!`` (sbatch refuses anything else).
+    * ``#SBATCH`` lines in the header are refused: options come from the spec only, so the job is
+      exactly what the broker admitted (a header ``--array`` or ``--exclusive`` would escape the
+      quota). ``#PBS``/``#BSUB`` lines are ignored through ``--ignore-pbs``.
+    * ``spec.environment`` becomes ``export NAME='value'`` lines right after the ``#!`` line,
+      quoted with ``shlex.quote``: any value, with commas, quotes, newlines or ``$(...)``, arrives
+      literally and nothing in it is executed. (``--export=K=V`` cannot carry commas, and values
+      put into sbatch's own environment would reach the login node's dynamic loader.) This needs
+      a POSIX shell script; other interpreters get a ``ValueError`` when environment is given.
+    """
+    script = spec.script
+    if not script.startswith("#!"):
+        raise ValueError("the job script must start with a '#!' line, e.g. '#!/bin/bash'")
+    if "\0" in script:
+        raise ValueError("the job script contains a NUL byte")
+    if "\r\n" in script:
+        raise ValueError("the job script has DOS line breaks (\\r\\n); sbatch refuses them")
+    lines = script.split("\n")
+    for line in lines[1:]:
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            break  # sbatch stops reading directives at the first command
+        if stripped[:7].upper() == "#SBATCH":
+            raise ValueError(
+                "the job script has '#SBATCH' lines; give job options in the request instead "
+                f"(found {stripped[:60]!r})"
+            )
+    if not spec.environment:
+        return script.encode()
+    program = _interpreter(lines[0])
+    if program not in _SHELLS:
+        raise ValueError(
+            f"environment variables need a POSIX shell script; this one runs {program or '?'!r}"
+        )
+    exports = []
+    for key, value in spec.environment.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(f"environment variable name {key!r} is not a valid identifier")
+        if "\0" in value:
+            raise ValueError(f"environment variable {key} contains a NUL byte")
+        exports.append(f"export {key}={shlex.quote(value)}")
+    return "\n".join([lines[0], *exports, *lines[1:]]).encode()
+
+
+def job_comment(spec: JobSpec) -> str:
+    """The job's ``--comment``: the tag first (``find_by_tag`` matches it as the first word)."""
+    return spec.tag if not spec.comment else f"{spec.tag} {spec.comment}"
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def _bin(bin_dir: str, program: str) -> str:
+    return posixpath.join(bin_dir, program)
+
+
+def _format_option(fields: Sequence[str]) -> str:
+    # "Field:<suffix>": no width given means no padding and no truncation; the suffix is the
+    # separator, so every line ends with one.
+    return ",".join(f"{field}:{FIELD_SEPARATOR}" for field in fields)
+
+
+def sbatch(bin_dir: str, spec: JobSpec) -> list[str]:
+    """``sbatch --parsable`` for ``spec``; the script goes on stdin (``batch_script``).
+
+    GPUs are asked per node with ``--gres=gpu[:TYPE]:N/nodes``: a multi-node job gets the same
+    GPUs on every node (what distributed training expects), the count Slurm allocates is exactly
+    ``spec.gpus``, and ``--gres`` works on every select plugin and Slurm version the broker may
+    meet. (``--gpus=TYPE:N`` is per job and may spread 8 GPUs as 7+1 over two nodes.)
+    """
+    check_spec(spec)
+    argv = [
+        _bin(bin_dir, "sbatch"),
+        "--parsable",
+        "--ignore-pbs",
+        f"--account={spec.account}",
+        f"--partition={spec.partition}",
+        f"--job-name={spec.name}",
+        f"--comment={job_comment(spec)}",
+        f"--nodes={spec.nodes}",
+        f"--time={spec.time_limit_minutes}",
+    ]
+    if spec.gpus:
+        per_node = spec.gpus // spec.nodes
+        gres = f"gpu:{spec.gpu_type}:{per_node}" if spec.gpu_type else f"gpu:{per_node}"
+        argv.append(f"--gres={gres}")
+    if spec.cpus_per_gpu is not None:
+        argv.append(f"--cpus-per-gpu={spec.cpus_per_gpu}")
+    if spec.mem_per_gpu_gb is not None:
+        argv.append(f"--mem-per-gpu={spec.mem_per_gpu_gb}G")
+    return argv
+
+
+def squeue(bin_dir: str, job_ids: Sequence[str] | None = None) -> list[str]:
+    """The invoking user's jobs in every state squeue still holds, one line each.
+
+    ``--me`` makes slurmctld send only this user's jobs (the broker submits every job as its
+    service account). With ``--jobs`` squeue filters further, so the output does not grow with
+    unrelated jobs. squeue asks slurmctld for a single id directly and fails with "Invalid job id
+    specified" when it is unknown; the client reads that as "not in the queue".
+    """
+    argv = [_bin(bin_dir, "squeue"), "--me", "--noheader", "--all", "--states=all"]
+    if job_ids:
+        for job_id in job_ids:
+            check_job_id(job_id)
+        argv.append("--jobs=" + ",".join(job_ids))
+    argv.append("--Format=" + _format_option(SQUEUE_FIELDS))
+    return argv
+
+
+def sacct(
+    bin_dir: str,
+    *,
+    cluster: str,
+    start: str,
+    end: str | None = None,
+    job_ids: Sequence[str] | None = None,
+    accounts: Sequence[str] | None = None,
+) -> list[str]:
+    """Allocations only (``-X``), parsable, unit-separated, always with an explicit ``-S``.
+
+    ``start``/``end`` are Slurm time strings (``format_time`` or ``now-30days``).
+    """
+    check_word("cluster", cluster)
+    argv = [
+        _bin(bin_dir, "sacct"),
+        "--allocations",
+        "--noheader",
+        "--parsable2",
+        f"--delimiter={FIELD_SEPARATOR}",
+        f"--clusters={cluster}",
+        f"--starttime={start}",
+    ]
+    if end is not None:
+        argv.append(f"--endtime={end}")
+    if job_ids:
+        for job_id in job_ids:
+            check_job_id(job_id)
+        argv.append("--jobs=" + ",".join(job_ids))
+    if accounts:
+        for account in accounts:
+            check_word("account", account)
+        argv.append("--accounts=" + ",".join(accounts))
+    argv.append("--format=" + ",".join(SACCT_FIELDS))
+    return argv
+
+
+def format_time(moment: datetime, cluster_tz: tzinfo) -> str:
+    """A datetime as Slurm reads it: wall-clock time of the cluster, ``YYYY-MM-DDTHH:MM:SS``.
+
+    A naive datetime is taken as UTC (the broker keeps UTC everywhere).
+    """
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(cluster_tz).replace(tzinfo=None).isoformat(timespec="seconds")
+
+
+def scancel(bin_dir: str, job_id: str) -> list[str]:
+    return [_bin(bin_dir, "scancel"), check_job_id(job_id)]
+
+
+def sinfo(bin_dir: str) -> list[str]:
+    """One line per node and partition with its state and GPUs (configured and in use)."""
+    return [
+        _bin(bin_dir, "sinfo"),
+        "--noheader",
+        "--Node",
+        "--all",
+        "--Format=" + _format_option(SINFO_FIELDS),
+    ]
+
+
+def sacctmgr_add_account(bin_dir: str, *, cluster: str, account: str) -> list[str]:
+    return [
+        _bin(bin_dir, "sacctmgr"),
+        "--immediate",
+        "add",
+        "account",
+        check_word("account", account),
+        f"cluster={check_word('cluster', cluster)}",
+    ]
+
+
+def sacctmgr_add_user(bin_dir: str, *, cluster: str, account: str, user: str) -> list[str]:
+    return [
+        _bin(bin_dir, "sacctmgr"),
+        "--immediate",
+        "add",
+        "user",
+        check_user(user),
+        f"account={check_word('account', account)}",
+        f"cluster={check_word('cluster', cluster)}",
+    ]
+
+
+def scontrol_ping(bin_dir: str) -> list[str]:
+    return [_bin(bin_dir, "scontrol"), "ping"]

@@ -1,0 +1,318 @@
+"""Pure parsers of Slurm command output into typed values.
+
+Rules (STYLE.md): explicit fields and separator, values zipped to field names, empty and
+Slurm's placeholders (``(null)``, ``N/A``, ``None``, ``Unknown``) become ``None``, a state is its
+first token. Times are wall-clock times of the cluster's zone (``SLURM_TIME_FORMAT=standard``,
+no zone printed); they are returned as aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, tzinfo
+
+from adapters.slurm.commands import FIELD_SEPARATOR, SACCT_FIELDS, SINFO_FIELDS, SQUEUE_FIELDS
+from adapters.slurm.states import job_state, slurm_code
+from adapters.slurm.types import AccountingRecord, JobState, JobStatus, PartitionCapacity
+
+logger = logging.getLogger(__name__)
+
+_PLACEHOLDERS = frozenset({"", "(null)", "N/A", "None", "Unknown", "n/a"})
+
+
+class ParseError(ValueError):
+    """Output that does not have the expected shape; the client wraps it in SlurmOutputError."""
+
+
+def decode(raw: bytes) -> str:
+    """Slurm output as text; names from other users may not be UTF-8, so bad bytes are replaced."""
+    return raw.decode("utf-8", errors="replace")
+
+
+def value(text: str) -> str | None:
+    """A field, with Slurm's placeholders for "nothing" as ``None``."""
+    text = text.strip()
+    return None if text in _PLACEHOLDERS else text
+
+
+def records(text: str, fields: Sequence[str], *, trailing: bool) -> Iterator[dict[str, str]]:
+    """Split separator-delimited output into one dict per record.
+
+    ``trailing``: every field is followed by the separator (squeue/sinfo ``Field:<sep>``), as
+    opposed to sacct's ``--parsable2``, which only puts it between fields. A record with fewer
+    fields than expected is joined with the next line: a job name or comment may hold a newline.
+    """
+    expected = len(fields) + (1 if trailing else 0)
+    pending: list[str] = []
+    for line in text.split("\n"):
+        pending.append(line)
+        joined = "\n".join(pending)
+        parts = joined.split(FIELD_SEPARATOR)
+        if len(parts) < expected:
+            continue
+        pending = []
+        if len(parts) > expected or (trailing and parts[-1].strip()):
+            raise ParseError(f"expected {len(fields)} fields, got {len(parts)}: {joined[:200]!r}")
+        yield dict(zip(fields, parts, strict=False))
+    leftover = "\n".join(pending).strip()
+    if leftover:
+        raise ParseError(f"incomplete record at end of output: {leftover[:200]!r}")
+
+
+# -- scalar fields -------------------------------------------------------------------------------
+
+
+def parse_time(text: str, cluster_tz: tzinfo = UTC) -> datetime | None:
+    """``2024-05-01T13:45:00`` in the cluster's zone -> aware UTC; placeholders -> ``None``."""
+    text_or_none = value(text)
+    if text_or_none is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text_or_none)
+    except ValueError as exc:
+        raise ParseError(f"not a Slurm time: {text!r}") from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=cluster_tz)
+    return moment.astimezone(UTC)
+
+
+def parse_exit_code(text: str) -> int | None:
+    """sacct ``ExitCode`` ``code:signal``; a signal gives ``128 + signal`` as a shell reports it."""
+    text_or_none = value(text)
+    if text_or_none is None:
+        return None
+    code, _, signal = text_or_none.partition(":")
+    try:
+        sig = int(signal) if signal else 0
+        return 128 + sig if sig else int(code)
+    except ValueError as exc:
+        raise ParseError(f"not an exit code: {text!r}") from exc
+
+
+def parse_duration(text: str) -> int | None:
+    """squeue ``TimeUsed`` (``[days-][hours:]minutes:seconds``) in seconds."""
+    text_or_none = value(text)
+    if text_or_none is None or text_or_none == "INVALID":
+        return None
+    days, _, clock = text_or_none.rpartition("-")
+    try:
+        parts = [int(part) for part in clock.split(":")]
+        seconds = 0
+        for part in parts:
+            seconds = seconds * 60 + part
+        return seconds + (int(days) * 86400 if days else 0)
+    except ValueError as exc:
+        raise ParseError(f"not a duration: {text!r}") from exc
+
+
+def parse_int(text: str) -> int | None:
+    text_or_none = value(text)
+    if text_or_none is None:
+        return None
+    try:
+        return int(text_or_none)
+    except ValueError as exc:
+        raise ParseError(f"not an integer: {text!r}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class GpuTres:
+    """GPUs in a TRES string such as ``cpu=4,gres/gpu=2,gres/gpu:h100=2``."""
+
+    count: int
+    gpu_type: str | None
+
+
+def parse_tres_gpus(text: str | None) -> GpuTres:
+    """Total GPUs and their type. The untyped ``gres/gpu`` total wins; a single typed entry names
+    the type; with several types (a job spanning GPU kinds), the one with most GPUs does."""
+    total: int | None = None
+    typed: dict[str, int] = {}
+    for item in (text or "").split(","):
+        name, _, count = item.strip().partition("=")
+        if name == "gres/gpu":
+            total = _tres_count(count)
+        elif name.startswith("gres/gpu:"):
+            typed[name.removeprefix("gres/gpu:")] = _tres_count(count)
+    if total is None:
+        total = sum(typed.values())
+    gpu_type = max(typed, key=lambda key: typed[key]) if typed else None
+    return GpuTres(total, gpu_type)
+
+
+def _tres_count(text: str) -> int:
+    # TRES counts are plain integers for GRES; be lenient with a K/M suffix just in case.
+    match = re.fullmatch(r"(\d+)([KMG]?)", text.strip())
+    if not match:
+        raise ParseError(f"not a TRES count: {text!r}")
+    scale = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[match.group(2)]
+    return int(match.group(1)) * scale
+
+
+def parse_gres_gpus(text: str | None) -> dict[str, int]:
+    """GPUs per type in a node's ``Gres``/``GresUsed``: ``gpu:h100:8(S:0-1)``,
+    ``gpu:a100:2(IDX:0,3),gpu:h100:0(IDX:N/A)``, ``gpu:4``, ``(null)``. Untyped GPUs are
+    under ``""``; other GRES (``shard``, ``mps``) are left out."""
+    gpus: dict[str, int] = {}
+    for item in _split_outside_parens(value(text or "") or ""):
+        item = re.sub(r"\(.*\)$", "", item.strip())
+        parts = item.split(":")
+        if not parts or parts[0] != "gpu" or len(parts) < 2:
+            continue
+        if len(parts) == 2:
+            gpu_type, count = "", parts[1]
+        else:
+            gpu_type, count = parts[1], parts[2]
+        # "gpu:h100:no_consume:8" is not valid Slurm, but a count may carry a K suffix.
+        gpus[gpu_type] = gpus.get(gpu_type, 0) + _tres_count(count)
+    return gpus
+
+
+def _split_outside_parens(text: str) -> list[str]:
+    items: list[str] = []
+    depth = 0
+    current: list[str] = []
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth = max(depth - 1, 0)
+        if ch == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if current:
+        items.append("".join(current))
+    return [item for item in items if item.strip()]
+
+
+# -- whole outputs -------------------------------------------------------------------------------
+
+
+def parse_sbatch(text: str) -> tuple[str, str | None]:
+    """``sbatch --parsable`` prints ``jobid`` or ``jobid;cluster``."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ParseError("sbatch printed no job id")
+    job_id, _, cluster = lines[-1].partition(";")
+    if not job_id.isdigit():
+        raise ParseError(f"sbatch printed {lines[-1]!r}, not a job id")
+    return job_id, cluster or None
+
+
+def parse_squeue(text: str, cluster_tz: tzinfo = UTC) -> list[JobStatus]:
+    statuses = []
+    for rec in records(text, SQUEUE_FIELDS, trailing=True):
+        raw_state = rec["State"].strip()
+        state = job_state(raw_state)
+        # A pending job's StartTime is slurmctld's estimate (or a year ahead): not a start.
+        started = None if state is JobState.PENDING else parse_time(rec["StartTime"], cluster_tz)
+        statuses.append(
+            JobStatus(
+                job_id=rec["JobID"].strip(),
+                state=state,
+                slurm_state=slurm_code(raw_state),
+                reason=value(rec["Reason"]),
+                name=value(rec["Name"]),
+                comment=value(rec["Comment"]),
+                alloc_gpus=parse_tres_gpus(value(rec["tres-alloc"])).count,
+                elapsed_s=parse_duration(rec["TimeUsed"]),
+                submit_time=parse_time(rec["SubmitTime"], cluster_tz),
+                start_time=started,
+                source="squeue",
+            )
+        )
+    return statuses
+
+
+def parse_sacct(text: str, cluster_tz: tzinfo = UTC) -> list[AccountingRecord]:
+    """One record per allocation. A job id seen twice (ids restart when a cluster's state is
+    wiped, while its accounting database stays) keeps the most recently submitted record."""
+    latest: dict[str, AccountingRecord] = {}
+    for rec in records(text, SACCT_FIELDS, trailing=False):
+        raw_state = rec["State"].strip()
+        alloc_tres = value(rec["AllocTRES"])
+        gpus = parse_tres_gpus(alloc_tres)
+        record = AccountingRecord(
+            job_id=rec["JobIDRaw"].strip(),
+            name=value(rec["JobName"]),
+            account=value(rec["Account"]),
+            partition=value(rec["Partition"]),
+            state=job_state(raw_state),
+            slurm_state=slurm_code(raw_state),
+            exit_code=parse_exit_code(rec["ExitCode"]),
+            alloc_gpus=gpus.count,
+            gpu_type=gpus.gpu_type,
+            alloc_tres=alloc_tres,
+            elapsed_s=parse_int(rec["ElapsedRaw"]) or 0,
+            submit_time=parse_time(rec["Submit"], cluster_tz),
+            start_time=parse_time(rec["Start"], cluster_tz),
+            end_time=parse_time(rec["End"], cluster_tz),
+            comment=value(rec["Comment"]),
+            reason=value(rec["Reason"]),
+        )
+        previous = latest.get(record.job_id)
+        if previous is None or _submitted(record) >= _submitted(previous):
+            latest[record.job_id] = record
+    return list(latest.values())
+
+
+def _submitted(record: AccountingRecord) -> datetime:
+    return record.submit_time or datetime.min.replace(tzinfo=UTC)
+
+
+# Node states (sinfo StateLong, lower case) in which a node's GPUs cannot take new jobs.
+# https://slurm.schedmd.com/sinfo.html#SECTION_NODE-STATE-CODES
+_UNAVAILABLE_NODE_STATES = frozenset(
+    {
+        "down", "drain", "drained", "draining", "fail", "failing", "future", "inval",
+        "maint", "reboot_issued", "unknown", "unk", "not_responding", "perfctrs", "npc",
+    }
+)  # fmt: skip
+_NODE_STATE_FLAGS = "*~#!%$@^-+"
+
+
+def node_unavailable(state: str) -> bool:
+    """``down*``, ``drained``, ``idle+drain``, ``mixed*`` (not responding) -> True."""
+    state = state.strip().lower()
+    if state.endswith("*"):  # not responding
+        return True
+    words = set(re.split(r"[+\s]", state.rstrip(_NODE_STATE_FLAGS)))
+    return bool(words & _UNAVAILABLE_NODE_STATES)
+
+
+def parse_sinfo(text: str) -> list[PartitionCapacity]:
+    """GPUs per partition and GPU type. A node that is down, drained or not responding counts
+    what its jobs still use as allocated and the rest as unavailable, never as idle."""
+    totals: dict[tuple[str, str], list[int]] = {}
+    for rec in records(text, SINFO_FIELDS, trailing=True):
+        partition = rec["Partition"].strip().rstrip("*")  # '*' marks the default partition
+        unavailable = node_unavailable(rec["StateLong"])
+        configured = parse_gres_gpus(rec["Gres"])
+        used = parse_gres_gpus(rec["GresUsed"])
+        for gpu_type, total in configured.items():
+            in_use = min(used.get(gpu_type, 0), total)
+            row = totals.setdefault((partition, gpu_type), [0, 0, 0, 0, 0, 0])
+            row[0] += total
+            row[1] += in_use
+            row[2] += 0 if unavailable else total - in_use
+            row[3] += total - in_use if unavailable else 0
+            row[4] += 1
+            row[5] += 1 if unavailable else 0
+    return [
+        PartitionCapacity(
+            partition=partition,
+            gpu_type=gpu_type,
+            gpus_total=row[0],
+            gpus_allocated=row[1],
+            gpus_idle=row[2],
+            gpus_unavailable=row[3],
+            nodes_total=row[4],
+            nodes_down=row[5],
+        )
+        for (partition, gpu_type), row in sorted(totals.items())
+    ]

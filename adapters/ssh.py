@@ -1,0 +1,453 @@
+"""Run commands on a cluster's login node over SSH (paramiko), on kept-open connections.
+
+One ``SSHRunner`` per cluster holds one authenticated SSH connection and runs each command on a
+channel of its own, at most ``max_sessions`` at a time (OpenSSH's ``MaxSessions`` defaults to 10).
+The connection is opened on first use, kept alive, and reopened when it is found dead.
+
+What the runner guarantees, whatever paramiko does underneath:
+
+* host keys are checked against the configured known_hosts file only; an unknown or changed key is
+  refused with ``HostKeyRejected`` (there is no policy that adds keys);
+* authentication is by the configured private key only (no agent, no ``~/.ssh`` keys, no password);
+* every call ends by its deadline: connecting, waiting for a channel, sending stdin and reading the
+  output are all bounded by one monotonic deadline, after which the channel is closed and
+  ``CommandTimedOut`` raised (paramiko's own timeouts cover only some of these waits);
+* a command is retried once on a fresh connection only if it was certainly not sent (the channel
+  could not be opened); once the exec request has gone out, a broken link is ``ConnectionLost``;
+* argv is joined with ``shlex.join`` exactly once, here, behind an ``env -u ... K=V`` prefix that
+  pins the environment (sshd's ``AcceptEnv`` is not relied on). The service account's login shell
+  must therefore be a POSIX shell (sh, bash, dash, zsh).
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import shlex
+import socket
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal, Protocol
+
+import paramiko
+
+from adapters.environment import check_variables, env_command_prefix
+from adapters.errors import (
+    AdapterError,
+    AuthenticationFailed,
+    CommandTimedOut,
+    ConnectionLost,
+    HostKeyRejected,
+    HostUnreachable,
+)
+from adapters.runner import CommandResult
+
+logger = logging.getLogger(__name__)
+
+Stage = Literal["connect", "open", "exec"]
+"""Where a failure happened: opening the connection, opening a channel (nothing sent yet), or
+after the exec request was sent (the command may have run)."""
+
+_READ_CHUNK = 65536
+
+
+class RejectUnknownHostKey(paramiko.MissingHostKeyPolicy):
+    """Refuse any host whose key is not in known_hosts. Keys are added by an admin, never by us."""
+
+    def __init__(self, host: str, known_hosts: Path) -> None:
+        self._host = host
+        self._known_hosts = known_hosts
+
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
+        raise HostKeyRejected(
+            self._host,
+            key.get_name(),
+            key.fingerprint,
+            f"{hostname} has no key in {self._known_hosts}",
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@contextmanager
+def map_ssh_errors(host: str, *, user: str, stage: Stage) -> Iterator[None]:
+    """Translate paramiko and socket errors into the adapter hierarchy (the one place that does).
+
+    ``stage`` decides what a broken link means: while connecting it is ``HostUnreachable``; while
+    opening a channel it is ``ConnectionLost`` with ``may_have_run=False`` (safe to retry); after
+    the exec request went out it is ``ConnectionLost`` that may have run.
+    """
+    try:
+        yield
+    except AdapterError:
+        raise
+    except paramiko.BadHostKeyException as exc:
+        raise HostKeyRejected(
+            host,
+            exc.key.get_name(),
+            exc.key.fingerprint,
+            f"key changed; known_hosts has {exc.expected_key.get_name()} "
+            f"{exc.expected_key.fingerprint}",
+        ) from exc
+    except paramiko.AuthenticationException as exc:
+        raise AuthenticationFailed(host, user, _describe(exc)) from exc
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        # OSError covers refused, unreachable, DNS failures (gaierror), socket timeouts, resets
+        # and paramiko's NoValidConnectionsError.
+        if stage == "connect":
+            raise HostUnreachable(host, _describe(exc)) from exc
+        raise ConnectionLost(host, _describe(exc), may_have_run=stage == "exec") from exc
+
+
+def remote_command(
+    argv: Sequence[str],
+    extra_env: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    env_binary: str = "/usr/bin/env",
+) -> str:
+    """The one string sent to sshd: ``env -u ... K=V argv...``, joined with ``shlex.join`` here
+    and nowhere else. The remote login shell splits it back into exactly these words."""
+    if not argv:
+        raise ValueError("empty argv")
+    if argv[0].startswith("-") or "=" in argv[0]:
+        raise ValueError(f"argv[0] {argv[0]!r} would be read as an option or variable by env")
+    return shlex.join([*env_command_prefix(extra_env, env, env_binary=env_binary), *argv])
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+class _Alarm:
+    """Closes something when a deadline passes, so that any blocking paramiko call returns."""
+
+    def __init__(self, seconds: float, target: _Closable) -> None:
+        self.fired = threading.Event()
+        self._target = target
+        self._timer = threading.Timer(max(seconds, 0.0), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired.set()
+        try:
+            self._target.close()
+        except Exception:  # closing a half-dead socket may fail; the deadline still counts
+            logger.debug("closing after the deadline failed", exc_info=True)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+class SSHRunner:
+    """A thread-safe ``CommandRunner`` over one kept-open SSH connection to a login node."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        user: str,
+        private_key: str | Path,
+        known_hosts: str | Path,
+        port: int = 22,
+        name: str | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        connect_timeout: float = 10.0,
+        default_timeout: float = 60.0,
+        max_sessions: int = 8,
+        keepalive_interval: int = 15,
+        env_binary: str = "/usr/bin/env",
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
+        self.name = name or host
+        self._host = host
+        self._port = port
+        self._label = host if port == 22 else f"{host}:{port}"
+        self._user = user
+        self._pkey = paramiko.PKey.from_path(Path(private_key))
+        self._known_hosts = Path(known_hosts)
+        self._extra_env = dict(extra_env or {})
+        check_variables(self._extra_env)
+        self._connect_timeout = connect_timeout
+        self._default_timeout = default_timeout
+        self._keepalive_interval = keepalive_interval
+        self._env_binary = env_binary
+        self._sessions = threading.BoundedSemaphore(max_sessions)
+        self._state_lock = threading.Lock()  # guards _client and the counters
+        self._connect_lock = threading.Lock()  # one connection attempt at a time
+        self._client: paramiko.SSHClient | None = None
+        self._connections_opened = 0
+        self._sessions_in_use = 0
+
+    # -- metrics -------------------------------------------------------------------------------
+
+    @property
+    def connections_opened(self) -> int:
+        """SSH connections opened since this runner was created (first one plus reconnects)."""
+        with self._state_lock:
+            return self._connections_opened
+
+    @property
+    def sessions_in_use(self) -> int:
+        """Commands currently holding a session slot (running, or opening their channel)."""
+        with self._state_lock:
+            return self._sessions_in_use
+
+    # -- CommandRunner ---------------------------------------------------------------------------
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> CommandResult:
+        limit = self._default_timeout if timeout is None else timeout
+        started = time.monotonic()
+        deadline = started + limit
+        command = remote_command(argv, self._extra_env, env, env_binary=self._env_binary)
+        if not self._sessions.acquire(timeout=limit):
+            raise CommandTimedOut(argv, limit, host=self._label, may_have_run=False)
+        self._count_session(+1)
+        try:
+            result = self._run_with_one_retry(argv, command, stdin, deadline, limit, started)
+        except AdapterError as exc:
+            elapsed = time.monotonic() - started
+            logger.debug("%s: %s failed after %.3fs: %s", self.name, list(argv), elapsed, exc)
+            raise
+        finally:
+            self._count_session(-1)
+            self._sessions.release()
+        logger.debug(
+            "%s: %s exited %d in %.3fs",
+            self.name,
+            list(argv),
+            result.exit_code,
+            result.duration_s,
+        )
+        return result
+
+    def close(self) -> None:
+        with self._state_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def __enter__(self) -> SSHRunner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _count_session(self, delta: int) -> None:
+        with self._state_lock:
+            self._sessions_in_use += delta
+
+    def _run_with_one_retry(
+        self,
+        argv: Sequence[str],
+        command: str,
+        stdin: bytes | None,
+        deadline: float,
+        limit: float,
+        started: float,
+    ) -> CommandResult:
+        transport = self._transport(deadline)
+        try:
+            return self._exec(transport, argv, command, stdin, deadline, limit, started)
+        except ConnectionLost as exc:
+            if exc.may_have_run:
+                if not transport.is_active():
+                    self._discard(transport)
+                raise
+            # Nothing was sent. The channel did not open, so the connection is presumed dead even
+            # if paramiko has not noticed yet (a half-open TCP link): replace it and retry once.
+            logger.info("%s: channel could not be opened (%s); reconnecting", self.name, exc.reason)
+            self._discard(transport)
+        transport = self._transport(deadline)
+        return self._exec(transport, argv, command, stdin, deadline, limit, started)
+
+    def _transport(self, deadline: float) -> paramiko.Transport:
+        """The live transport, connecting (once, for all waiting threads) if there is none."""
+        live = self._live_transport()
+        if live is not None:
+            return live
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not self._connect_lock.acquire(timeout=remaining):
+            raise HostUnreachable(self._label, "deadline passed while waiting for a connection")
+        try:
+            live = self._live_transport()  # another thread may have connected meanwhile
+            if live is not None:
+                return live
+            self.close()
+            client = self._connect(deadline)
+            transport = client.get_transport()
+            assert transport is not None
+            with self._state_lock:
+                self._client = client
+                self._connections_opened += 1
+            return transport
+        finally:
+            self._connect_lock.release()
+
+    def _live_transport(self) -> paramiko.Transport | None:
+        with self._state_lock:
+            client = self._client
+        if client is None:
+            return None
+        transport = client.get_transport()
+        if transport is not None and transport.is_active():
+            return transport
+        return None
+
+    def _discard(self, transport: paramiko.Transport) -> None:
+        """Drop the connection if it is still the one that failed."""
+        with self._state_lock:
+            client = self._client
+            if client is None or client.get_transport() is not transport:
+                return
+            self._client = None
+        client.close()
+
+    def _connect(self, deadline: float) -> paramiko.SSHClient:
+        budget = min(deadline - time.monotonic(), self._connect_timeout)
+        if budget <= 0:
+            raise HostUnreachable(self._label, "deadline passed before connecting")
+        started = time.monotonic()
+        with map_ssh_errors(self._label, user=self._user, stage="connect"):
+            sock = socket.create_connection((self._host, self._port), timeout=budget)
+        # Without TCP_NODELAY, Nagle plus delayed ACKs add ~40 ms to every small request.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        client = paramiko.SSHClient()
+        if self._known_hosts.is_file():
+            client.load_host_keys(str(self._known_hosts))
+        client.set_missing_host_key_policy(RejectUnknownHostKey(self._label, self._known_hosts))
+        remaining = budget - (time.monotonic() - started)
+        alarm = _Alarm(remaining, sock)  # banner, kex and auth waits each have their own timeout
+        try:
+            with map_ssh_errors(self._label, user=self._user, stage="connect"):
+                client.connect(
+                    self._host,
+                    port=self._port,
+                    username=self._user,
+                    pkey=self._pkey,
+                    sock=sock,
+                    timeout=remaining,
+                    banner_timeout=remaining,
+                    auth_timeout=remaining,
+                    channel_timeout=remaining,
+                    allow_agent=False,
+                    look_for_keys=False,
+                )
+        except AdapterError as exc:
+            client.close()
+            sock.close()
+            if alarm.fired.is_set() and isinstance(exc, HostUnreachable):
+                raise HostUnreachable(
+                    self._label, f"connection not established within {budget:.1f}s"
+                ) from exc
+            raise
+        finally:
+            alarm.cancel()
+        transport = client.get_transport()
+        assert transport is not None
+        transport.set_keepalive(self._keepalive_interval)
+        logger.debug(
+            "%s: connected to %s as %s in %.3fs",
+            self.name,
+            self._label,
+            self._user,
+            time.monotonic() - started,
+        )
+        return client
+
+    def _exec(
+        self,
+        transport: paramiko.Transport,
+        argv: Sequence[str],
+        command: str,
+        stdin: bytes | None,
+        deadline: float,
+        limit: float,
+        started: float,
+    ) -> CommandResult:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise CommandTimedOut(argv, limit, host=self._label, may_have_run=False)
+        try:
+            with map_ssh_errors(self._label, user=self._user, stage="open"):
+                channel = transport.open_session(timeout=remaining)
+        except ConnectionLost as exc:
+            if time.monotonic() >= deadline:
+                raise CommandTimedOut(argv, limit, host=self._label, may_have_run=False) from exc
+            raise
+        alarm = _Alarm(deadline - time.monotonic(), channel)
+        try:
+            with map_ssh_errors(self._label, user=self._user, stage="exec"):
+                channel.exec_command(command)
+                if stdin:
+                    channel.sendall(stdin)
+                channel.shutdown_write()
+                stdout, stderr = self._read_until_eof(channel, deadline)
+                exit_code = self._exit_status(channel, transport, deadline)
+        except ConnectionLost as exc:
+            if alarm.fired.is_set() or time.monotonic() >= deadline:
+                raise CommandTimedOut(argv, limit, host=self._label) from exc
+            raise
+        finally:
+            alarm.cancel()
+            channel.close()
+        if alarm.fired.is_set():  # the alarm closed the channel: what we read may be partial
+            raise CommandTimedOut(argv, limit, host=self._label)
+        return CommandResult(
+            argv=tuple(argv),
+            exit_code=exit_code,
+            stdout=stdout,
+            stderr=stderr,
+            duration_s=time.monotonic() - started,
+        )
+
+    @staticmethod
+    def _read_until_eof(channel: paramiko.Channel, deadline: float) -> tuple[bytes, bytes]:
+        out: list[bytes] = []
+        err: list[bytes] = []
+        while True:
+            # Checked before draining: once EOF is in, everything sent before it is buffered.
+            finished = bool(channel.eof_received) or channel.closed
+            while channel.recv_ready():
+                out.append(channel.recv(_READ_CHUNK))
+            while channel.recv_stderr_ready():
+                err.append(channel.recv_stderr(_READ_CHUNK))
+            if finished:
+                return b"".join(out), b"".join(err)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("deadline passed while reading output")
+            # The channel's fileno is a pipe paramiko sets on new data, EOF or close.
+            select.select([channel], [], [], remaining)
+
+    @staticmethod
+    def _exit_status(
+        channel: paramiko.Channel, transport: paramiko.Transport, deadline: float
+    ) -> int:
+        channel.status_event.wait(max(deadline - time.monotonic(), 0.0))
+        if not channel.status_event.is_set():
+            raise TimeoutError("deadline passed while waiting for the exit status")
+        if channel.exit_status == -1 and not transport.is_active():
+            raise EOFError("connection closed before the exit status arrived")
+        # -1 on a live transport: the command was killed by a signal (exit-signal, no status).
+        return channel.exit_status

@@ -1,0 +1,44 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from broker.api import problems
+from broker.api.guards import BodySizeLimit, RateLimiter
+from broker.api.routes import jobs, projects, system, users
+from broker.runtime import Runtime
+
+API_DESCRIPTION = (
+    "Ask for GPUs on the AI Factory's Slurm clusters within your project's quota. "
+    "Errors are RFC 9457 problem documents (application/problem+json)."
+)
+
+
+def create_app(runtime: Runtime, *, run_poller: bool = False) -> FastAPI:
+    """Build the app around an existing runtime; the poller starts and stops with the app."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if run_poller:
+            runtime.start_poller()
+        try:
+            yield
+        finally:
+            runtime.close()
+
+    app = FastAPI(
+        title="AI Factory GPU broker", version="1", description=API_DESCRIPTION, lifespan=lifespan
+    )
+    app.state.runtime = runtime
+    limits = runtime.settings.limits
+    app.state.rate_limiter = RateLimiter(limits.requests_per_minute, limits.request_burst)
+    app.state.metrics_registry = runtime.metrics.registry
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    problems.install(app)
+    for module in (system, users, projects, jobs):
+        app.include_router(module.router)
+    return app

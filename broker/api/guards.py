@@ -1,0 +1,85 @@
+"""Request guards that run before a route: body size and per-token rate limits."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker.api.problems import problem
+from broker.errors import RateLimited
+
+
+class BodySizeLimit:
+    """Refuse a request body above ``max_bytes`` with 413 before the route parses it.
+
+    Content-Length is checked up front; a chunked body is counted as it streams in.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problem(
+            413,
+            "payload-too-large",
+            "Payload too large",
+            f"the request body is larger than {self.max_bytes} bytes",
+            limit=self.max_bytes,
+        )
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class RateLimiter:
+    """A token bucket per caller: ``per_minute`` requests a minute, bursts up to ``burst``."""
+
+    def __init__(self, per_minute: int, burst: int) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, caller: str) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(caller, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens < 1.0:
+                self._buckets[caller] = (tokens, now)
+                retry = max(1, int((1.0 - tokens) / self.rate + 0.999))
+                raise RateLimited(f"more than the allowed request rate; retry in {retry}s", retry)
+            self._buckets[caller] = (tokens - 1.0, now)
+            if len(self._buckets) > 100_000:
+                self._buckets.clear()

@@ -1,0 +1,74 @@
+"""/v1/jobs: submit, list, read, cancel, events."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+
+from adapters.slurm.types import JobState
+from broker.api.deps import CurrentActor, RuntimeDep
+from broker.schemas import JobCreate, JobEventsPublic, JobPublic, JobsPublic
+from broker.service.jobs import JobFilter
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=201, response_model=JobPublic)
+def submit_job(
+    body: JobCreate,
+    actor: CurrentActor,
+    runtime: RuntimeDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JobPublic:
+    """Admit a job against its project's quota and submit it to Slurm.
+
+    201: the job is in Slurm (it has a ``slurm_job_id``). 202: sbatch's answer was lost; the job
+    is ``submit_unknown`` and the reconciler attaches it by its tag (never resubmits).
+    """
+    outcome = runtime.jobs.submit(actor, body, idempotency_key)
+    if outcome.job.state == JobState.SUBMIT_UNKNOWN.value:
+        response.status_code = 202
+    if not outcome.created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return outcome.job
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    actor: CurrentActor,
+    runtime: RuntimeDep,
+    project: str | None = None,
+    state: str | None = None,
+    cluster: str | None = None,
+    user: str | None = None,
+    limit: Annotated[int | None, Query(ge=1)] = None,
+    cursor: str | None = None,
+) -> JobsPublic:
+    """Newest first; researchers see the jobs of their projects only."""
+    limits = runtime.settings.limits
+    page = min(limit or limits.default_list_limit, limits.max_list_limit)
+    where = JobFilter(project=project, state=state, cluster=cluster, user=user)
+    return runtime.jobs.list(actor, where, page, cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, actor: CurrentActor, runtime: RuntimeDep) -> JobPublic:
+    return runtime.jobs.get(actor, job_id)
+
+
+@router.delete("/{job_id}", status_code=202, response_model=JobPublic)
+def cancel_job(
+    job_id: str, actor: CurrentActor, runtime: RuntimeDep, response: Response
+) -> JobPublic:
+    """202 when cancellation was requested; 200 when the job had already ended (idempotent)."""
+    job, accepted = runtime.jobs.cancel(actor, job_id)
+    if not accepted:
+        response.status_code = 200
+    return job
+
+
+@router.get("/{job_id}/events", response_model=JobEventsPublic)
+def job_events(job_id: str, actor: CurrentActor, runtime: RuntimeDep) -> JobEventsPublic:
+    return runtime.jobs.events(actor, job_id)

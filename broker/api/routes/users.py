@@ -1,0 +1,74 @@
+"""/v1/users and their tokens (admin only), and /v1/me."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from broker.api.deps import CurrentActor, RuntimeDep
+from broker.db.engine import transaction
+from broker.schemas import (
+    MePublic,
+    TokenCreate,
+    TokenIssued,
+    TokensPublic,
+    UserCreate,
+    UserPublic,
+    UsersPublic,
+)
+from broker.service import identity
+
+router = APIRouter(tags=["users"])
+
+
+@router.get("/v1/me", response_model=MePublic)
+def whoami(actor: CurrentActor, runtime: RuntimeDep) -> MePublic:
+    with runtime.sessions() as session:
+        return identity.me(session, actor)
+
+
+@router.post("/v1/users", status_code=201, response_model=UserPublic)
+def create_user(body: UserCreate, actor: CurrentActor, runtime: RuntimeDep) -> UserPublic:
+    actor.require_admin()
+    with transaction(runtime.sessions) as session:
+        return identity.create_user(session, actor.name, body)
+
+
+@router.get("/v1/users", response_model=UsersPublic)
+def list_users(actor: CurrentActor, runtime: RuntimeDep) -> UsersPublic:
+    actor.require_admin()
+    with runtime.sessions() as session:
+        return identity.list_users(session)
+
+
+@router.get("/v1/users/{name}", response_model=UserPublic)
+def get_user(name: str, actor: CurrentActor, runtime: RuntimeDep) -> UserPublic:
+    actor.require_admin()
+    with runtime.sessions() as session:
+        return identity.get_user(session, name)
+
+
+@router.post("/v1/users/{name}/tokens", status_code=201, response_model=TokenIssued)
+def issue_token(
+    name: str, body: TokenCreate, actor: CurrentActor, runtime: RuntimeDep
+) -> TokenIssued:
+    """The token is in this response and never again."""
+    actor.require_admin()
+    with transaction(runtime.sessions) as session:
+        return identity.issue_token(
+            session, actor.name, name, body.description, runtime.settings.auth.token_bytes
+        )
+
+
+@router.get("/v1/users/{name}/tokens", response_model=TokensPublic)
+def list_tokens(name: str, actor: CurrentActor, runtime: RuntimeDep) -> TokensPublic:
+    actor.require_admin()
+    with runtime.sessions() as session:
+        return identity.list_tokens(session, name)
+
+
+@router.delete("/v1/users/{name}/tokens/{token_id}", status_code=204)
+def revoke_token(name: str, token_id: str, actor: CurrentActor, runtime: RuntimeDep) -> Response:
+    actor.require_admin()
+    with transaction(runtime.sessions) as session:
+        identity.revoke_token(session, actor.name, name, token_id)
+    return Response(status_code=204)

@@ -1,0 +1,183 @@
+"""The ``broker`` command: run the service, migrate the database, bootstrap admins, and (through
+the REST API) everything a researcher or admin does day to day.
+
+Exit codes: 0 success, 1 unexpected error, 2 usage error, 3 not found, 4 refused by policy or
+quota, 5 invalid input, 6 authentication or permission, 7 broker or cluster unavailable.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from broker.cli import client
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+admin_app = typer.Typer(
+    help="Bootstrap users and tokens directly in the database.", no_args_is_help=True
+)
+app.add_typer(db_app, name="db")
+app.add_typer(admin_app, name="admin")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", envvar="BROKER_CONFIG", help="config.toml (or BROKER_CONFIG)"),
+]
+
+
+def _settings(config: Path | None):  # type: ignore[no-untyped-def]
+    from broker.config import ConfigError, load_settings
+
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        typer.echo(f"configuration error: {exc}", err=True)
+        raise typer.Exit(5) from exc
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("paramiko").setLevel(logging.WARNING)
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    host: Annotated[str | None, typer.Option(help="listen address")] = None,
+    port: Annotated[int | None, typer.Option(help="listen port")] = None,
+    no_poller: Annotated[bool, typer.Option("--no-poller", help="API only")] = False,
+    log_level: str = "info",
+) -> None:
+    """Serve the REST API (and, unless --no-poller, the poller) in one process."""
+    import uvicorn
+
+    from broker.api.app import create_app
+    from broker.db.migrate import upgrade
+    from broker.runtime import build_runtime
+
+    _logging(log_level)
+    settings = _settings(config)
+    runtime = build_runtime(settings)
+    upgrade(runtime.engine)
+    api = create_app(runtime, run_poller=settings.poller.enabled and not no_poller)
+    uvicorn.run(
+        api,
+        host=host or settings.server.host,
+        port=port or settings.server.port,
+        log_level=log_level,
+        proxy_headers=True,
+    )
+
+
+@app.command()
+def worker(config: ConfigOption = None, log_level: str = "info") -> None:
+    """Run only the poller (for deployments whose API replicas run with --no-poller)."""
+    import signal
+    import threading
+
+    from broker.db.migrate import upgrade
+    from broker.runtime import build_runtime
+
+    _logging(log_level)
+    runtime = build_runtime(_settings(config))
+    upgrade(runtime.engine)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    runtime.start_poller()
+    try:
+        stop.wait()
+    finally:
+        runtime.close()
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None) -> None:
+    """Apply every pending Alembic migration."""
+    from broker.db.engine import make_engine
+    from broker.db.migrate import upgrade
+
+    settings = _settings(config)
+    engine = make_engine(settings.database.url)
+    upgrade(engine)
+    engine.dispose()
+    typer.echo("database is at the newest schema")
+
+
+@admin_app.command("create-user")
+def create_user(
+    name: str,
+    role: Annotated[str, typer.Option(help="admin, engineer or researcher")],
+    email: Annotated[str | None, typer.Option()] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Create a user without going through the API (bootstrap the first admin)."""
+    from pydantic import ValidationError
+
+    from broker.db.engine import make_engine, make_session_factory, transaction
+    from broker.db.migrate import upgrade
+    from broker.errors import Conflict
+    from broker.schemas import UserCreate
+    from broker.service import identity
+
+    try:
+        body = UserCreate.model_validate({"name": name, "role": role, "email": email})
+    except ValidationError as exc:
+        typer.echo(f"invalid user: {exc.errors()[0]['msg']}", err=True)
+        raise typer.Exit(5) from exc
+    settings = _settings(config)
+    engine = make_engine(settings.database.url)
+    upgrade(engine)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            identity.create_user(session, "cli", body)
+    except Conflict as exc:
+        typer.echo(exc.detail, err=True)
+        raise typer.Exit(4) from exc
+    finally:
+        engine.dispose()
+    typer.echo(f"created {role} {name}")
+
+
+@admin_app.command("issue-token")
+def issue_token(
+    name: str,
+    description: Annotated[str, typer.Option()] = "issued by broker admin issue-token",
+    config: ConfigOption = None,
+) -> None:
+    """Issue a token for NAME and print it (shown this once)."""
+    from broker.db.engine import make_engine, make_session_factory, transaction
+    from broker.errors import NotFound
+    from broker.service import identity
+
+    settings = _settings(config)
+    engine = make_engine(settings.database.url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            issued = identity.issue_token(
+                session, "cli", name, description, settings.auth.token_bytes
+            )
+    except NotFound as exc:
+        typer.echo(exc.detail, err=True)
+        raise typer.Exit(3) from exc
+    finally:
+        engine.dispose()
+    typer.echo(issued.token)
+
+
+client.register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

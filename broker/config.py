@@ -1,0 +1,458 @@
+"""The broker's configuration: one TOML file, overridden key by key by ``BROKER_*`` variables.
+
+``load_settings`` reads the file (the path given, or ``$BROKER_CONFIG``), lays the environment
+over it (``BROKER_DATABASE__URL`` sets ``database.url``; ``__`` separates the levels) and validates
+the result. Every section forbids unknown keys, so a typo fails at start-up instead of being
+ignored; a bad configuration raises ``ConfigError`` listing each bad key by its dotted path::
+
+    invalid configuration in /etc/broker/config.toml:
+      clusters.alpha.port: Input should be a valid integer, unable to parse string as an integer
+      server.hots: Extra inputs are not permitted
+
+``config.example.toml`` at the top of the repository documents every key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+ENV_PREFIX = "BROKER_"
+ENV_NESTED_DELIMITER = "__"
+CONFIG_PATH_ENV = "BROKER_CONFIG"
+"""Names the configuration file when ``load_settings`` is given no path."""
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+"""Cluster, partition and GPU type names: safe in a URL, a metric label and a Slurm argument."""
+_NAME_RE = re.compile(NAME_PATTERN)
+_BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used. ``problems`` holds one line per bad key."""
+
+    def __init__(self, summary: str, problems: Sequence[str] = ()) -> None:
+        self.summary = summary
+        self.problems = tuple(problems)
+        super().__init__("\n  ".join([summary, *self.problems]))
+
+
+class _InvalidKeys(ValueError):
+    """Raised by a check across keys of one section; each problem names its key in that section.
+
+    ``load_settings`` turns the keys into full dotted paths; pydantic alone would report the
+    section, not the key.
+    """
+
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("; ".join(f"{key}: {why}" for key, why in self.problems))
+
+
+def _raise_problems(problems: Sequence[tuple[str, str]]) -> None:
+    if problems:
+        raise _InvalidKeys(problems)
+
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a valid name: use 1 to 64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def _empty_is_none(value: object) -> object:
+    return None if value == "" else value
+
+
+def _expand_user(path: Path | None) -> Path | None:
+    return None if path is None else path.expanduser()
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+OptionalPath = Annotated[Path | None, BeforeValidator(_empty_is_none), AfterValidator(_expand_user)]
+"""A file on the broker's host; an empty string means not set."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    """The HTTP listener."""
+
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    public_url: str = ""
+    """Base URL users reach the broker at, for printed links; empty when unknown."""
+
+    @model_validator(mode="after")
+    def _check_public_url(self) -> Self:
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            _raise_problems([("public_url", "must start with http:// or https:// (or be empty)")])
+        return self
+
+
+class DatabaseSettings(_Section):
+    """Where jobs, projects and ledgers are kept."""
+
+    url: str = Field(default="sqlite:///./broker.db", repr=False)
+    """A SQLAlchemy URL; kept out of ``repr`` because it may hold a password."""
+    pool_size: PositiveInt = 10
+    echo: bool = False
+
+    @model_validator(mode="after")
+    def _check_url(self) -> Self:
+        if not re.match(r"^[A-Za-z][A-Za-z0-9+]*://", self.url):
+            _raise_problems(
+                [
+                    (
+                        "url",
+                        "must be a database URL such as sqlite:///./broker.db "
+                        "or postgresql+psycopg://user@host/db",
+                    )
+                ]
+            )
+        return self
+
+
+class AuthSettings(_Section):
+    token_bytes: int = Field(default=32, ge=16, le=1024)
+    """Random bytes in each issued API token; 16 (128 bits) is the floor."""
+
+
+class LimitsSettings(_Section):
+    """Caps on what one request may send or ask for."""
+
+    max_body_bytes: PositiveInt = 1_048_576
+    max_script_bytes: PositiveInt = 262_144
+    max_environment_vars: int = Field(default=64, ge=0)
+    max_list_limit: PositiveInt = 500
+    default_list_limit: PositiveInt = 50
+    requests_per_minute: int = Field(default=600, ge=0)
+    """Requests a minute per user (token bucket); 0 turns the limit off."""
+    request_burst: PositiveInt = 60
+    """Requests a user may send at once before the per-minute rate applies."""
+
+    @model_validator(mode="after")
+    def _check_consistent(self) -> Self:
+        problems = []
+        if self.default_list_limit > self.max_list_limit:
+            problems.append(
+                ("default_list_limit", f"must not exceed max_list_limit ({self.max_list_limit})")
+            )
+        if self.max_script_bytes > self.max_body_bytes:
+            problems.append(
+                (
+                    "max_script_bytes",
+                    f"must not exceed max_body_bytes ({self.max_body_bytes}): "
+                    "the script travels in the request body",
+                )
+            )
+        _raise_problems(problems)
+        return self
+
+
+class PollerSettings(_Section):
+    """The loop that follows jobs in Slurm; one replica holds its lease at a time."""
+
+    enabled: bool = True
+    interval_seconds: float = Field(default=10.0, ge=1)
+    missing_polls_before_unknown: PositiveInt = 3
+    submit_unknown_grace_seconds: PositiveFloat = 120.0
+    stale_submitting_seconds: float = Field(default=120.0, ge=0)
+    """A job still ``submitting`` after this long lost its submitter (a crash between sbatch and
+    the database): the reconciler looks for it by its tag. Keep it above the longest sbatch."""
+    lease_seconds: PositiveFloat = 30.0
+    accounting_lookback_hours: PositiveInt = 48
+
+    @model_validator(mode="after")
+    def _check_lease_outlives_a_cycle(self) -> Self:
+        # A lease shorter than a cycle expires mid-cycle and lets a second replica poll too.
+        if self.lease_seconds <= self.interval_seconds:
+            _raise_problems(
+                [
+                    (
+                        "lease_seconds",
+                        f"must be longer than interval_seconds ({self.interval_seconds:g})",
+                    )
+                ]
+            )
+        return self
+
+
+class DefaultsSettings(_Section):
+    cluster: str = ""
+    """The cluster of a request that names none and whose project names none; empty: no default."""
+
+
+class PartitionSettings(_Section):
+    gpu_type: Name
+    """The GPU type of the partition's nodes, as quota weights and limits name it (``h100``)."""
+
+
+class ClusterSettings(_Section):
+    """One Slurm cluster, reached over SSH, or by subprocess from the broker on its login node."""
+
+    host: str = ""
+    port: Port = 22
+    user: str = ""
+    private_key: OptionalPath = None
+    known_hosts: OptionalPath = None
+    transport: Literal["ssh", "local"] = "ssh"
+    slurm_bin_dir: str = "/usr/bin"
+    """Where sbatch, squeue, sacct and scancel are on the cluster; empty: found on the PATH."""
+    slurm_conf: str = ""
+    """``SLURM_CONF`` for the commands; empty: Slurm's default."""
+    slurm_cluster_name: str = ""
+    """Slurm's name for the cluster; empty: the table name."""
+    default_partition: str
+    manage_accounts: bool = False
+    connect_timeout_seconds: PositiveFloat = 10.0
+    command_timeout_seconds: PositiveFloat = 30.0
+    max_sessions: PositiveInt = 8
+    partitions: dict[Name, PartitionSettings] = Field(default_factory=dict)
+
+    _name: str = PrivateAttr(default="")
+
+    @property
+    def name(self) -> str:
+        """The cluster's table name in the configuration (empty for a stand-alone instance)."""
+        return self._name
+
+    @property
+    def slurm_name(self) -> str:
+        """The name Slurm knows the cluster by (``--clusters``, sacct's ``Cluster``)."""
+        return self.slurm_cluster_name or self._name
+
+    def gpu_type_of(self, partition: str) -> str:
+        """The GPU type of ``partition``; ``KeyError`` if the cluster has no such partition."""
+        try:
+            return self.partitions[partition].gpu_type
+        except KeyError:
+            raise KeyError(f"cluster {self._name!r} has no partition {partition!r}") from None
+
+    @model_validator(mode="after")
+    def _check_cluster(self) -> Self:
+        problems = []
+        if not self.partitions:
+            problems.append(("partitions", "at least one partition is required"))
+        elif self.default_partition not in self.partitions:
+            known = ", ".join(sorted(self.partitions))
+            problems.append(
+                (
+                    "default_partition",
+                    f"{self.default_partition!r} is not one of this cluster's partitions ({known})",
+                )
+            )
+        if self.transport == "ssh":
+            required = {
+                "host": self.host,
+                "user": self.user,
+                "private_key": self.private_key,
+                "known_hosts": self.known_hosts,
+            }
+            problems.extend(
+                (key, "is required for the ssh transport")
+                for key, value in required.items()
+                if not value
+            )
+        if self.slurm_cluster_name and not _NAME_RE.fullmatch(self.slurm_cluster_name):
+            problems.append(("slurm_cluster_name", f"must match {NAME_PATTERN}"))
+        _raise_problems(problems)
+        return self
+
+
+class Settings(BaseSettings):
+    """Everything the broker reads at start-up. Build it with ``load_settings``.
+
+    ``load_settings`` is the one place the environment is read: constructed directly (in tests),
+    ``Settings`` takes its arguments and nothing else.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        case_sensitive=False,
+        extra="forbid",
+        frozen=True,
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    poller: PollerSettings = Field(default_factory=PollerSettings)
+    defaults: DefaultsSettings = Field(default_factory=DefaultsSettings)
+    clusters: dict[Name, ClusterSettings] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings lays the environment over the file itself, so that a variable can
+        # override one key of a table the file defines (pydantic-settings would rank init
+        # arguments, i.e. the file, above the environment).
+        return (init_settings,)
+
+    @property
+    def default_cluster(self) -> str | None:
+        """``defaults.cluster``, else the only cluster when there is just one, else ``None``."""
+        if self.defaults.cluster:
+            return self.defaults.cluster
+        if len(self.clusters) == 1:
+            return next(iter(self.clusters))
+        return None
+
+    @model_validator(mode="after")
+    def _check_settings(self) -> Self:
+        problems = []
+        if not self.clusters:
+            problems.append(("clusters", "at least one is required: add a [clusters.NAME] table"))
+        if self.defaults.cluster and self.defaults.cluster not in self.clusters:
+            known = ", ".join(sorted(self.clusters)) or "none"
+            problems.append(
+                (
+                    "defaults.cluster",
+                    f"{self.defaults.cluster!r} is not a configured cluster ({known})",
+                )
+            )
+        _raise_problems(problems)
+        for name, cluster in self.clusters.items():
+            # A copy, so that a ClusterSettings passed in by a caller is never renamed under it.
+            named = cluster.model_copy()
+            named._name = name
+            self.clusters[name] = named
+        return self
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Read the configuration file, apply ``BROKER_*`` overrides and validate.
+
+    ``path`` defaults to ``$BROKER_CONFIG``. Raises ``ConfigError`` when the file is missing or
+    unreadable, is not TOML, or holds (with the environment) any bad key.
+    """
+    config_path = _config_path(path)
+    file_values = _read_toml(config_path)
+    # BaseSettings.__init__ takes options such as _env_file as keyword arguments: a top-level
+    # key spelt like one must fail as unknown, not configure pydantic-settings.
+    hidden = sorted(key for key in file_values if key.startswith("_"))
+    if hidden:
+        raise ConfigError(
+            f"invalid configuration in {config_path}:",
+            [f"{_dotted((key,))}: Extra inputs are not permitted" for key in hidden],
+        )
+    try:
+        env_values = EnvSettingsSource(Settings)()
+    except SettingsError as exc:
+        raise ConfigError(f"invalid {ENV_PREFIX}* environment variable: {exc}") from None
+    try:
+        return Settings.model_validate(_overlay(file_values, env_values))
+    except ValidationError as exc:
+        # Not chained: pydantic's own message echoes the bad values, which may be secrets.
+        raise ConfigError(
+            f"invalid configuration in {config_path}:", list(_describe_all(exc.errors()))
+        ) from None
+
+
+def _config_path(path: str | Path | None) -> Path:
+    chosen = path if path is not None else os.environ.get(CONFIG_PATH_ENV, "")
+    if not chosen:
+        raise ConfigError(f"no configuration file given: pass its path or set {CONFIG_PATH_ENV}")
+    return Path(chosen).expanduser()
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+
+
+def _overlay(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` laid over it, table by table.
+
+    Environment variable names are case-insensitive, so pydantic-settings lower-cases them; a key
+    from the environment replaces the file's key that differs only in case (``[clusters.Alpha]``).
+    """
+    merged = dict(base)
+    for key, value in override.items():
+        target = next((existing for existing in merged if existing.lower() == key.lower()), key)
+        current = merged.get(target)
+        if isinstance(value, Mapping) and isinstance(current, Mapping):
+            merged[target] = _overlay(current, value)
+        else:
+            merged[target] = value
+    return merged
+
+
+def _describe_all(errors: Sequence[ErrorDetails]) -> Iterator[str]:
+    for error in errors:
+        loc = tuple(part for part in error["loc"] if part != "[key]")
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, _InvalidKeys):
+            for key, why in cause.problems:
+                yield _describe((*loc, *key.split(".")), why)
+        elif isinstance(cause, ValueError):
+            yield _describe(loc, str(cause))
+        else:
+            yield _describe(loc, error["msg"])
+
+
+def _describe(loc: tuple[str | int, ...], why: str) -> str:
+    line = f"{_dotted(loc)}: {why}"
+    env_name = ENV_PREFIX + ENV_NESTED_DELIMITER.join(str(part) for part in loc)
+    if any(name.upper() == env_name.upper() for name in os.environ):
+        line += f" (from {env_name.upper()})"
+    return line
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    """A TOML dotted key: ``clusters.alpha.port``, quoting parts that need it."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+            continue
+        key = part if _BARE_KEY_RE.fullmatch(part) else json.dumps(part)
+        text = f"{text}.{key}" if text else key
+    return text or "(top level)"

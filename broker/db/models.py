@@ -1,0 +1,217 @@
+"""The broker's tables. Rows never leave the service layer; the API sees schemas.
+
+Quota amounts are integer weighted GPU-seconds (see ``quotas.types``): a project's ledger is derived
+from its job rows (``charged_gpu_seconds`` of finished jobs, ``reserved_gpu_seconds`` of live ones),
+so there is no second counter that could drift from the jobs it summarises. The project row is the
+lock that serialises admission (see ``broker.service.ledger``).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON}
+
+
+class UserRecord(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    email: Mapped[str | None] = mapped_column(String(254))
+    created_at: Mapped[datetime]
+
+
+class TokenRecord(Base):
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime]
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class ProjectRecord(Base):
+    __tablename__ = "projects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    slurm_accounts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """Slurm account per cluster name."""
+    created_at: Mapped[datetime]
+    ledger_version: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Bumped by every ledger change; the UPDATE that bumps it is the admission lock."""
+
+
+class MembershipRecord(Base):
+    __tablename__ = "memberships"
+
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    role: Mapped[str] = mapped_column(String(16), default="member")
+    created_at: Mapped[datetime]
+
+
+class QuotaRecord(Base):
+    """A project's current quota. One row per project; an update replaces it (and is audited)."""
+
+    __tablename__ = "quotas"
+
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True
+    )
+    period_start: Mapped[datetime]
+    period_end: Mapped[datetime]
+    budget_gpu_seconds: Mapped[int] = mapped_column(BigInteger)
+    gpu_type_weights: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    max_concurrent_gpus: Mapped[int | None]
+    max_concurrent_gpus_per_cluster: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    max_gpus_per_job: Mapped[int | None]
+    max_time_limit_minutes: Mapped[int | None]
+    max_pending_jobs: Mapped[int | None]
+    allowed_clusters: Mapped[list[str] | None] = mapped_column(JSON)
+    allowed_partitions: Mapped[list[str] | None] = mapped_column(JSON)
+    allowed_gpu_types: Mapped[list[str] | None] = mapped_column(JSON)
+    updated_at: Mapped[datetime]
+
+
+class JobRecord(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("user_id", "idempotency_key", name="uq_jobs_user_idempotency_key"),
+        Index("ix_jobs_project_state", "project_id", "state"),
+        Index("ix_jobs_cluster_state", "cluster", "state"),
+        Index("ix_jobs_submitted", "submitted_at", "id"),
+        Index("ix_jobs_project_submitted", "project_id", "submitted_at"),
+        Index("ix_jobs_tag", "tag", unique=True),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64))
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    cluster: Mapped[str] = mapped_column(String(64))
+    partition: Mapped[str] = mapped_column(String(64))
+    gpu_type: Mapped[str] = mapped_column(String(64))
+    account: Mapped[str] = mapped_column(String(64))
+    gpus: Mapped[int]
+    nodes: Mapped[int]
+    time_limit_minutes: Mapped[int]
+    cpus_per_gpu: Mapped[int | None]
+    mem_per_gpu_gb: Mapped[int | None]
+    script_sha256: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    state_reason: Mapped[str | None] = mapped_column(String(200))
+    slurm_job_id: Mapped[str | None] = mapped_column(String(32))
+    exit_code: Mapped[int | None]
+    submitted_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime]
+    weight: Mapped[float] = mapped_column(Float)
+    reservation_gpu_seconds: Mapped[int] = mapped_column(BigInteger)
+    """What admission reserved (kept for reports)."""
+    reserved_gpu_seconds: Mapped[int] = mapped_column(BigInteger)
+    """What is still held: the reservation while live, 0 once settled."""
+    charged_gpu_seconds: Mapped[int | None] = mapped_column(BigInteger)
+    alloc_gpus: Mapped[int | None]
+    elapsed_s: Mapped[int | None]
+    missing_polls: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested_at: Mapped[datetime | None]
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_sha256: Mapped[str] = mapped_column(String(64))
+
+
+class JobEventRecord(Base):
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime]
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(300))
+
+
+class AuditRecord(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    target_type: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(200))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class ClusterStatusRecord(Base):
+    """What the poller last saw of a cluster; read by /v1/clusters, /readyz and /metrics."""
+
+    __tablename__ = "cluster_status"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    up: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_poll_at: Mapped[datetime | None]
+    last_success_at: Mapped[datetime | None]
+    last_poll_duration_s: Mapped[float | None]
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    partitions: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+
+
+class LeaseRecord(Base):
+    """Named leases: the poller holds ``poller`` so only one process polls at a time."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime]

@@ -1,0 +1,58 @@
+"""Everything one broker process holds, built once from the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from broker.config import Settings
+from broker.db.engine import make_engine, make_session_factory
+from broker.metrics import BrokerMetrics
+from broker.scheduler import PollerSchedule
+from broker.service.clusters import ClusterRegistry
+from broker.service.jobs import JobService
+from broker.service.poller import Poller
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    clusters: ClusterRegistry
+    jobs: JobService
+    poller: Poller
+    metrics: BrokerMetrics
+    schedule: PollerSchedule | None = field(default=None)
+
+    def start_poller(self) -> None:
+        if self.schedule is None:
+            self.schedule = PollerSchedule(self.sessions, self.poller, self.settings)
+            self.schedule.start()
+
+    def close(self) -> None:
+        if self.schedule is not None:
+            self.schedule.shutdown()
+            self.schedule = None
+        self.clusters.close()
+        self.engine.dispose()
+
+
+def build_runtime(settings: Settings, *, clusters: ClusterRegistry | None = None) -> Runtime:
+    engine = make_engine(
+        settings.database.url, pool_size=settings.database.pool_size, echo=settings.database.echo
+    )
+    sessions = make_session_factory(engine)
+    metrics = BrokerMetrics()
+    registry = clusters or ClusterRegistry(settings, observer=metrics.command)
+    return Runtime(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        clusters=registry,
+        jobs=JobService(sessions, registry, settings, observer=metrics),
+        poller=Poller(sessions, registry, settings, observer=metrics),
+        metrics=metrics,
+    )

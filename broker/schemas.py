@@ -1,0 +1,377 @@
+"""Shapes of the REST contract (API.md): ``*Create``/``*Put`` in, ``*Public`` out.
+
+The service layer returns these, so ORM rows never reach the API. Unknown input fields are refused.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+JOB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# Variables that would change how the job's shell, the loader or Slurm itself behaves.
+RESERVED_ENV_NAMES = frozenset(
+    {
+        "LD_PRELOAD",
+        "LD_AUDIT",
+        "LD_LIBRARY_PATH",
+        "BASH_ENV",
+        "ENV",
+        "IFS",
+        "PS4",
+        "SHELLOPTS",
+        "BASHOPTS",
+        "PROMPT_COMMAND",
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+    }
+)
+RESERVED_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "SPANK_", "LD_", "BASH_FUNC_")
+
+
+def rfc3339(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _aware(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("timestamps need a timezone (e.g. 2027-01-01T00:00:00Z)")
+    return value.astimezone(UTC)
+
+
+Timestamp = Annotated[datetime, PlainSerializer(rfc3339, return_type=str)]
+AwareTimestamp = Annotated[
+    datetime, AfterValidator(_aware), PlainSerializer(rfc3339, return_type=str)
+]
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Role = Literal["researcher", "engineer", "admin"]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- jobs ---------------------------------------------------------------------------------
+
+
+class JobCreate(StrictModel):
+    project: Name
+    script: str = Field(min_length=1)
+    gpus: int = Field(ge=1, le=4096)
+    time_limit_minutes: int = Field(ge=1, le=525_600)
+    name: str = Field(default="job", pattern=JOB_NAME_PATTERN)
+    cluster: Name | None = None
+    partition: Name | None = None
+    gpu_type: Name | None = None
+    nodes: int = Field(default=1, ge=1, le=1024)
+    cpus_per_gpu: int | None = Field(default=None, ge=1, le=1024)
+    mem_per_gpu_gb: int | None = Field(default=None, ge=1, le=65_536)
+    environment: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("script")
+    @classmethod
+    def _script_is_a_batch_script(cls, value: str) -> str:
+        if not value.startswith("#!"):
+            raise ValueError("the script must start with an interpreter line such as #!/bin/bash")
+        if "\x00" in value:
+            raise ValueError("the script must not contain NUL bytes")
+        return value
+
+    @field_validator("environment")
+    @classmethod
+    def _environment_is_safe(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, val in value.items():
+            if not ENV_NAME_RE.match(key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+            if key in RESERVED_ENV_NAMES or key.startswith(RESERVED_ENV_PREFIXES):
+                raise ValueError(f"{key} is reserved and cannot be set")
+            if "\x00" in val:
+                raise ValueError(f"the value of {key} must not contain NUL bytes")
+            if len(val) > 4096:
+                raise ValueError(f"the value of {key} is longer than 4096 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _gpus_cover_nodes(self) -> JobCreate:
+        if self.gpus < self.nodes:
+            raise ValueError("gpus must be at least nodes (every node gets at least one GPU)")
+        if self.gpus % self.nodes:
+            raise ValueError("gpus must be a multiple of nodes (the same GPUs on every node)")
+        return self
+
+
+class JobPublic(BaseModel):
+    id: str
+    project: str
+    user: str
+    name: str
+    cluster: str
+    partition: str
+    gpu_type: str
+    gpus: int
+    nodes: int
+    time_limit_minutes: int
+    state: str
+    state_reason: str | None
+    slurm_job_id: str | None
+    exit_code: int | None
+    submitted_at: Timestamp
+    started_at: Timestamp | None
+    ended_at: Timestamp | None
+    reserved_gpu_hours: float
+    charged_gpu_hours: float | None
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    next_cursor: str | None
+
+
+class JobEventPublic(BaseModel):
+    at: Timestamp
+    from_state: str | None
+    to_state: str
+    reason: str | None
+
+
+class JobEventsPublic(BaseModel):
+    data: list[JobEventPublic]
+
+
+# --- projects, members, quotas -------------------------------------------------------------
+
+
+class ProjectCreate(StrictModel):
+    name: Name
+    description: str = Field(default="", max_length=2000)
+    slurm_accounts: dict[str, Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(
+        default_factory=dict
+    )
+
+
+class ProjectPublic(BaseModel):
+    name: str
+    description: str
+    slurm_accounts: dict[str, str]
+    members: dict[str, str]
+    quota: QuotaPublic | None
+    created_at: Timestamp
+
+
+class ProjectsPublic(BaseModel):
+    data: list[ProjectPublic]
+
+
+class MemberPut(StrictModel):
+    role: Literal["member", "manager"] = "member"
+
+
+class MemberPublic(BaseModel):
+    project: str
+    user: str
+    role: str
+
+
+class QuotaPut(StrictModel):
+    period_start: AwareTimestamp
+    period_end: AwareTimestamp
+    gpu_hours: float = Field(ge=0, le=1e9)
+    gpu_type_weights: dict[Annotated[str, Field(pattern=NAME_PATTERN)], float] = Field(
+        default_factory=dict
+    )
+    max_concurrent_gpus: int | None = Field(default=None, ge=0)
+    max_concurrent_gpus_per_cluster: dict[Annotated[str, Field(pattern=NAME_PATTERN)], int] = Field(
+        default_factory=dict
+    )
+    max_gpus_per_job: int | None = Field(default=None, ge=0)
+    max_time_limit_minutes: int | None = Field(default=None, ge=0)
+    max_pending_jobs: int | None = Field(default=None, ge=0)
+    allowed_clusters: list[Name] | None = None
+    allowed_partitions: list[Name] | None = None
+    allowed_gpu_types: list[Name] | None = None
+
+    @field_validator("gpu_type_weights")
+    @classmethod
+    def _weights_in_range(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, weight in value.items():
+            if not 0 <= weight <= 1000:
+                raise ValueError(f"weight of {key} must be between 0 and 1000")
+        return value
+
+    @field_validator("max_concurrent_gpus_per_cluster")
+    @classmethod
+    def _per_cluster_non_negative(cls, value: dict[str, int]) -> dict[str, int]:
+        for key, limit in value.items():
+            if limit < 0:
+                raise ValueError(f"limit of {key} must not be negative")
+        return value
+
+    @model_validator(mode="after")
+    def _period_ordered(self) -> QuotaPut:
+        if self.period_end <= self.period_start:
+            raise ValueError("period_end must be after period_start")
+        return self
+
+
+class QuotaPublic(BaseModel):
+    period_start: Timestamp
+    period_end: Timestamp
+    gpu_hours: float
+    gpu_type_weights: dict[str, float]
+    max_concurrent_gpus: int | None
+    max_concurrent_gpus_per_cluster: dict[str, int]
+    max_gpus_per_job: int | None
+    max_time_limit_minutes: int | None
+    max_pending_jobs: int | None
+    allowed_clusters: list[str] | None
+    allowed_partitions: list[str] | None
+    allowed_gpu_types: list[str] | None
+    updated_at: Timestamp
+
+
+class UsagePublic(BaseModel):
+    project: str
+    period_start: Timestamp | None
+    period_end: Timestamp | None
+    budget_gpu_hours: float
+    used_gpu_hours: float
+    reserved_gpu_hours: float
+    remaining_gpu_hours: float
+    concurrent_gpus: int
+    by_cluster: dict[str, float]
+    by_gpu_type: dict[str, float]
+    by_user: dict[str, float]
+
+
+# --- users and tokens ----------------------------------------------------------------------
+
+
+class UserCreate(StrictModel):
+    name: Name
+    role: Role
+    email: str | None = Field(default=None, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")
+
+
+class UserPublic(BaseModel):
+    name: str
+    role: str
+    email: str | None
+    projects: list[str]
+    created_at: Timestamp
+
+
+class UsersPublic(BaseModel):
+    data: list[UserPublic]
+
+
+class TokenCreate(StrictModel):
+    description: str = Field(default="", max_length=200)
+
+
+class TokenIssued(BaseModel):
+    id: str
+    token: str
+    description: str
+    created_at: Timestamp
+
+
+class TokenPublic(BaseModel):
+    id: str
+    description: str
+    created_at: Timestamp
+    last_used_at: Timestamp | None
+    revoked: bool
+
+
+class TokensPublic(BaseModel):
+    data: list[TokenPublic]
+
+
+class MePublic(BaseModel):
+    name: str
+    role: str
+    projects: list[str]
+
+
+# --- clusters, reports, audit --------------------------------------------------------------
+
+
+class PartitionPublic(BaseModel):
+    name: str
+    gpu_type: str
+    gpus_total: int
+    gpus_allocated: int
+    gpus_idle: int
+    nodes_total: int
+    nodes_down: int
+
+
+class ClusterPublic(BaseModel):
+    name: str
+    up: bool
+    last_poll_at: Timestamp | None
+    partitions: list[PartitionPublic]
+
+
+class ClustersPublic(BaseModel):
+    data: list[ClusterPublic]
+
+
+class UsageRow(BaseModel):
+    key: str
+    gpu_hours: float
+    jobs: int
+    jobs_completed: int
+
+
+class UsageReport(BaseModel):
+    group_by: str
+    from_: Timestamp | None = Field(serialization_alias="from")
+    to: Timestamp | None
+    data: list[UsageRow]
+
+
+class AuditEntry(BaseModel):
+    id: int
+    at: Timestamp
+    actor: str
+    action: str
+    target_type: str
+    target: str
+    details: dict[str, Any]
+
+
+class AuditPage(BaseModel):
+    data: list[AuditEntry]
+    next_cursor: str | None
+
+
+class ReadyCluster(BaseModel):
+    name: str
+    up: bool
+    last_poll_at: Timestamp | None
+
+
+class Ready(BaseModel):
+    status: str
+    database: str
+    clusters: list[ReadyCluster]
+
+
+ProjectPublic.model_rebuild()

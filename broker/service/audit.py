@@ -1,0 +1,71 @@
+"""The audit log: who changed which project, quota, member, user or token, and when."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from broker.clock import utcnow
+from broker.db.models import AuditRecord
+from broker.errors import ValidationFailed
+from broker.schemas import AuditEntry, AuditPage
+
+
+def record(
+    session: Session,
+    actor: str,
+    action: str,
+    target_type: str,
+    target: str,
+    details: dict[str, Any] | None = None,
+) -> None:
+    """Add an audit entry in the caller's transaction, so it commits with the change itself."""
+    session.add(
+        AuditRecord(
+            at=utcnow(),
+            actor=actor,
+            action=action,
+            target_type=target_type,
+            target=target,
+            details=details or {},
+        )
+    )
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        return int(base64.urlsafe_b64decode(cursor.encode()).decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValidationFailed(
+            "invalid cursor", [{"field": "cursor", "message": "not a cursor this API issued"}]
+        ) from exc
+
+
+def page(session: Session, limit: int, cursor: str | None) -> AuditPage:
+    """Newest first, keyset-paginated on the entry id."""
+    query = select(AuditRecord).order_by(AuditRecord.id.desc()).limit(limit + 1)
+    if cursor:
+        query = query.where(AuditRecord.id < _decode_cursor(cursor))
+    rows = list(session.scalars(query))
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = base64.urlsafe_b64encode(str(rows[-1].id).encode()).decode()
+    return AuditPage(
+        data=[
+            AuditEntry(
+                id=r.id,
+                at=r.at,
+                actor=r.actor,
+                action=r.action,
+                target_type=r.target_type,
+                target=r.target,
+                details=r.details,
+            )
+            for r in rows
+        ],
+        next_cursor=next_cursor,
+    )

@@ -1,0 +1,200 @@
+"""Users, bearer tokens and the authenticated caller (``Actor``).
+
+Tokens are 256-bit random strings shown once; only their SHA-256 is stored. A hash of a
+high-entropy secret needs no salt or slow KDF: nobody can brute-force 2^256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from broker.clock import utcnow
+from broker.db.models import MembershipRecord, ProjectRecord, TokenRecord, UserRecord
+from broker.errors import Conflict, Forbidden, NotFound, Unauthenticated
+from broker.schemas import (
+    MePublic,
+    TokenIssued,
+    TokenPublic,
+    TokensPublic,
+    UserCreate,
+    UserPublic,
+    UsersPublic,
+)
+from broker.service import audit
+
+TOKEN_PREFIX = "brk_"  # noqa: S105 - a public prefix, not a secret
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+"""``last_used_at`` is written at most this often per token, so reads do not all become writes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who is calling: resolved once per request from the bearer token."""
+
+    user_id: int
+    name: str
+    role: str
+    project_ids: frozenset[int]
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    @property
+    def reads_everything(self) -> bool:
+        return self.role in ("admin", "engineer")
+
+    def require_admin(self) -> None:
+        if not self.is_admin:
+            raise Forbidden(f"{self.role}s cannot change this; an admin can")
+
+    def require_reader(self) -> None:
+        if not self.reads_everything:
+            raise Forbidden("only admins and engineers can read this")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def authenticate(session: Session, token: str) -> Actor:
+    """Resolve a bearer token to its user, or raise ``Unauthenticated``."""
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        raise Unauthenticated("invalid token")
+    row = session.execute(
+        select(TokenRecord, UserRecord)
+        .join(UserRecord, UserRecord.id == TokenRecord.user_id)
+        .where(TokenRecord.token_hash == hash_token(token), TokenRecord.revoked_at.is_(None))
+    ).first()
+    if row is None:
+        raise Unauthenticated("invalid token")
+    token_row, user = row
+    now = utcnow()
+    if token_row.last_used_at is None or now - token_row.last_used_at > LAST_USED_RESOLUTION:
+        token_row.last_used_at = now
+    project_ids = frozenset(
+        session.scalars(
+            select(MembershipRecord.project_id).where(MembershipRecord.user_id == user.id)
+        )
+    )
+    return Actor(user_id=user.id, name=user.name, role=user.role, project_ids=project_ids)
+
+
+def me(session: Session, actor: Actor) -> MePublic:
+    return MePublic(
+        name=actor.name, role=actor.role, projects=_project_names(session, actor.user_id)
+    )
+
+
+def _project_names(session: Session, user_id: int) -> list[str]:
+    return sorted(
+        session.scalars(
+            select(ProjectRecord.name)
+            .join(MembershipRecord, MembershipRecord.project_id == ProjectRecord.id)
+            .where(MembershipRecord.user_id == user_id)
+        )
+    )
+
+
+def _user_public(session: Session, user: UserRecord) -> UserPublic:
+    return UserPublic(
+        name=user.name,
+        role=user.role,
+        email=user.email,
+        projects=_project_names(session, user.id),
+        created_at=user.created_at,
+    )
+
+
+def get_user_record(session: Session, name: str) -> UserRecord:
+    user = session.scalar(select(UserRecord).where(UserRecord.name == name))
+    if user is None:
+        raise NotFound(f"user {name} does not exist")
+    return user
+
+
+def create_user(session: Session, actor_name: str, body: UserCreate) -> UserPublic:
+    """Create a user. ``actor_name`` is recorded in the audit log (``cli`` for bootstrap)."""
+    if session.scalar(select(UserRecord.id).where(UserRecord.name == body.name)) is not None:
+        raise Conflict(f"user {body.name} already exists")
+    user = UserRecord(name=body.name, role=body.role, email=body.email, created_at=utcnow())
+    session.add(user)
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        raise Conflict(f"user {body.name} already exists") from exc
+    audit.record(session, actor_name, "user.create", "user", body.name, {"role": body.role})
+    return _user_public(session, user)
+
+
+def list_users(session: Session) -> UsersPublic:
+    users = session.scalars(select(UserRecord).order_by(UserRecord.name))
+    return UsersPublic(data=[_user_public(session, u) for u in users])
+
+
+def get_user(session: Session, name: str) -> UserPublic:
+    return _user_public(session, get_user_record(session, name))
+
+
+def issue_token(
+    session: Session, actor_name: str, user_name: str, description: str, token_bytes: int = 32
+) -> TokenIssued:
+    user = get_user_record(session, user_name)
+    token = TOKEN_PREFIX + secrets.token_urlsafe(token_bytes)
+    record = TokenRecord(
+        id=secrets.token_hex(8),
+        user_id=user.id,
+        token_hash=hash_token(token),
+        description=description,
+        created_at=utcnow(),
+    )
+    session.add(record)
+    session.flush()
+    audit.record(
+        session,
+        actor_name,
+        "token.issue",
+        "token",
+        f"{user_name}/{record.id}",
+        {"description": description},
+    )
+    return TokenIssued(
+        id=record.id, token=token, description=description, created_at=record.created_at
+    )
+
+
+def list_tokens(session: Session, user_name: str) -> TokensPublic:
+    user = get_user_record(session, user_name)
+    rows = session.scalars(
+        select(TokenRecord).where(TokenRecord.user_id == user.id).order_by(TokenRecord.created_at)
+    )
+    return TokensPublic(
+        data=[
+            TokenPublic(
+                id=t.id,
+                description=t.description,
+                created_at=t.created_at,
+                last_used_at=t.last_used_at,
+                revoked=t.revoked_at is not None,
+            )
+            for t in rows
+        ]
+    )
+
+
+def revoke_token(session: Session, actor_name: str, user_name: str, token_id: str) -> None:
+    user = get_user_record(session, user_name)
+    token = session.scalar(
+        select(TokenRecord).where(TokenRecord.id == token_id, TokenRecord.user_id == user.id)
+    )
+    if token is None or token.revoked_at is not None:
+        raise NotFound(f"token {token_id} of {user_name} does not exist")
+    token.revoked_at = utcnow()
+    audit.record(session, actor_name, "token.revoke", "token", f"{user_name}/{token_id}")

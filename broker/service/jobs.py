@@ -1,0 +1,588 @@
+"""Submitting, reading and cancelling jobs.
+
+Submission is two transactions around one sbatch: (1) validate, decide and reserve under the
+project's ledger lock, and record the job as ``submitting`` with its tag; (2) after sbatch, record
+the Slurm id (``pending``), or release the reservation (``submit_failed``), or keep it while the
+reconciler finds the job by its tag (``submit_unknown``). sbatch never runs inside a transaction,
+and a lost answer is never retried blindly.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Select, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from adapters.errors import AdapterError, CommandFailed, SlurmUnavailable, TransportError
+from adapters.slurm.types import JobSpec, JobState
+from broker.clock import utcnow
+from broker.config import Settings
+from broker.db.engine import transaction
+from broker.db.models import JobEventRecord, JobRecord, ProjectRecord, QuotaRecord, UserRecord
+from broker.errors import (
+    BrokerError,
+    ClusterUnavailable,
+    Forbidden,
+    IdempotencyConflict,
+    LimitExceeded,
+    NotFound,
+    PayloadTooLarge,
+    QuotaExceeded,
+    SubmitRejected,
+    ValidationFailed,
+)
+from broker.schemas import JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
+from broker.service import ledger, transitions
+from broker.service.clusters import ClusterRegistry
+from broker.service.identity import Actor
+from broker.service.observer import BrokerObserver, NullObserver
+from broker.service.projects import visible_project
+from quotas import JobRequest, Violation, decide, gpu_hours, weight_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitOutcome:
+    job: JobPublic
+    created: bool
+    """False when an Idempotency-Key replayed an earlier submission."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobFilter:
+    project: str | None = None
+    state: str | None = None
+    cluster: str | None = None
+    user: str | None = None
+
+
+def request_fingerprint(body: JobCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def violation_error(violation: Violation, detail: str) -> BrokerError:
+    numbers = {
+        key: value
+        for key, value in (
+            ("requested", violation.requested),
+            ("allowed", violation.allowed),
+            ("used", violation.used),
+            ("reserved", violation.reserved),
+            ("remaining", violation.remaining),
+        )
+        if value is not None
+    }
+    if violation.is_static:
+        return LimitExceeded(detail, limit=violation.limit.value, **numbers)
+    return QuotaExceeded(detail, limit=violation.limit.value, **numbers)
+
+
+def _describe(v: Violation) -> str:
+    match v.limit.value:
+        case "gpu_hours":
+            return (
+                f"the job needs {v.requested} GPU-hours but the project has {v.remaining} left "
+                f"({v.used} used, {v.reserved} reserved)"
+            )
+        case "concurrent_gpus":
+            return f"{v.requested} more GPUs would exceed the concurrent limit of {v.allowed}"
+        case "pending_jobs":
+            return f"the project already has the most pending jobs allowed ({v.allowed})"
+        case _:
+            return f"{v.limit.value} {v.requested} is not allowed (allowed: {v.allowed})"
+
+
+def job_public(job: JobRecord, project: str, user: str) -> JobPublic:
+    return JobPublic(
+        id=job.id,
+        project=project,
+        user=user,
+        name=job.name,
+        cluster=job.cluster,
+        partition=job.partition,
+        gpu_type=job.gpu_type,
+        gpus=job.gpus,
+        nodes=job.nodes,
+        time_limit_minutes=job.time_limit_minutes,
+        state=job.state,
+        state_reason=job.state_reason,
+        slurm_job_id=job.slurm_job_id,
+        exit_code=job.exit_code,
+        submitted_at=job.submitted_at,
+        started_at=job.started_at,
+        ended_at=job.ended_at,
+        reserved_gpu_hours=gpu_hours(job.reserved_gpu_seconds),
+        charged_gpu_hours=(
+            None if job.charged_gpu_seconds is None else gpu_hours(job.charged_gpu_seconds)
+        ),
+    )
+
+
+def _with_names() -> Select[JobRecord, str, str]:
+    return (
+        select(JobRecord, ProjectRecord.name, UserRecord.name)
+        .join(ProjectRecord, ProjectRecord.id == JobRecord.project_id)
+        .join(UserRecord, UserRecord.id == JobRecord.user_id)
+    )
+
+
+def _encode_cursor(job: JobRecord) -> str:
+    return base64.urlsafe_b64encode(f"{job.submitted_at.isoformat()}|{job.id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        at, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(at), job_id
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValidationFailed(
+            "invalid cursor", [{"field": "cursor", "message": "not a cursor this API issued"}]
+        ) from exc
+
+
+class JobService:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        clusters: ClusterRegistry,
+        settings: Settings,
+        observer: BrokerObserver | None = None,
+    ) -> None:
+        self._sessions = sessions
+        self._clusters = clusters
+        self._settings = settings
+        self._observer: BrokerObserver = observer or NullObserver()
+        self._accounts_ensured: set[tuple[str, str]] = set()
+        self._accounts_lock = threading.Lock()
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def _visible_job(
+        self, session: Session, actor: Actor, job_id: str
+    ) -> tuple[JobRecord, str, str]:
+        row = session.execute(_with_names().where(JobRecord.id == job_id)).first()
+        if row is None:
+            raise NotFound(f"job {job_id} does not exist")
+        job, project, user = row
+        if not (actor.reads_everything or job.project_id in actor.project_ids):
+            raise NotFound(f"job {job_id} does not exist")
+        return job, project, user
+
+    def get(self, actor: Actor, job_id: str) -> JobPublic:
+        with self._sessions() as session:
+            job, project, user = self._visible_job(session, actor, job_id)
+            return job_public(job, project, user)
+
+    def events(self, actor: Actor, job_id: str) -> JobEventsPublic:
+        with self._sessions() as session:
+            self._visible_job(session, actor, job_id)
+            rows = session.scalars(
+                select(JobEventRecord)
+                .where(JobEventRecord.job_id == job_id)
+                .order_by(JobEventRecord.id)
+            )
+            return JobEventsPublic(
+                data=[
+                    JobEventPublic(
+                        at=e.at, from_state=e.from_state, to_state=e.to_state, reason=e.reason
+                    )
+                    for e in rows
+                ]
+            )
+
+    def list(self, actor: Actor, where: JobFilter, limit: int, cursor: str | None) -> JobsPublic:
+        if where.state is not None and where.state not in {s.value for s in JobState}:
+            raise ValidationFailed(
+                f"unknown state {where.state}",
+                [{"field": "state", "message": "one of " + ", ".join(s.value for s in JobState)}],
+            )
+        query = _with_names()
+        if not actor.reads_everything:
+            query = query.where(JobRecord.project_id.in_(actor.project_ids))
+        if where.project is not None:
+            query = query.where(ProjectRecord.name == where.project)
+        if where.state is not None:
+            query = query.where(JobRecord.state == where.state)
+        if where.cluster is not None:
+            query = query.where(JobRecord.cluster == where.cluster)
+        if where.user is not None:
+            query = query.where(UserRecord.name == where.user)
+        if cursor:
+            at, job_id = _decode_cursor(cursor)
+            query = query.where(
+                (JobRecord.submitted_at < at)
+                | ((JobRecord.submitted_at == at) & (JobRecord.id < job_id))
+            )
+        query = query.order_by(JobRecord.submitted_at.desc(), JobRecord.id.desc()).limit(limit + 1)
+        with self._sessions() as session:
+            rows = session.execute(query).all()
+        page = [job_public(job, project, user) for job, project, user in rows[:limit]]
+        next_cursor = _encode_cursor(rows[limit - 1][0]) if len(rows) > limit else None
+        return JobsPublic(data=page, next_cursor=next_cursor)
+
+    # --- submitting ------------------------------------------------------------------------
+
+    def submit(self, actor: Actor, body: JobCreate, idempotency_key: str | None) -> SubmitOutcome:
+        """Admit and submit; see the module docstring. Reports every outcome to the observer."""
+        started = time.monotonic()
+        # A label from user input must stay bounded: only configured cluster names pass.
+        label = body.cluster if body.cluster in self._settings.clusters else "none"
+        try:
+            outcome = self._submit(actor, body, idempotency_key)
+        except BrokerError as exc:
+            limit = exc.extra.get("limit")
+            self._observer.submission(
+                label,
+                _OUTCOMES.get(type(exc), "invalid"),
+                limit if isinstance(limit, str) else None,
+                time.monotonic() - started,
+            )
+            raise
+        if not outcome.created:
+            result = "replayed"
+        elif outcome.job.state == JobState.SUBMIT_UNKNOWN.value:
+            result = "unknown"
+        else:
+            result = "accepted"
+        self._observer.submission(outcome.job.cluster, result, None, time.monotonic() - started)
+        return outcome
+
+    def _submit(self, actor: Actor, body: JobCreate, idempotency_key: str | None) -> SubmitOutcome:
+        limits = self._settings.limits
+        if len(body.script.encode()) > limits.max_script_bytes:
+            raise PayloadTooLarge(
+                f"the script is larger than {limits.max_script_bytes} bytes",
+                limit=limits.max_script_bytes,
+            )
+        if len(body.environment) > limits.max_environment_vars:
+            raise ValidationFailed(
+                f"at most {limits.max_environment_vars} environment variables",
+                [{"field": "environment", "message": "too many variables"}],
+            )
+        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
+            raise ValidationFailed(
+                "Idempotency-Key must be 1 to 200 characters",
+                [{"field": "Idempotency-Key", "message": "1 to 200 characters"}],
+            )
+        fingerprint = request_fingerprint(body)
+        with transaction(self._sessions) as session:
+            job, replayed = self._admit(session, actor, body, idempotency_key, fingerprint)
+            job_id = job.id
+        if replayed:
+            return SubmitOutcome(self._await_submitted(actor, job_id), created=False)
+        return SubmitOutcome(self._run_sbatch(job_id, body, actor.name), created=True)
+
+    def _admit(
+        self,
+        session: Session,
+        actor: Actor,
+        body: JobCreate,
+        idempotency_key: str | None,
+        fingerprint: str,
+    ) -> tuple[JobRecord, bool]:
+        project = visible_project(session, actor, body.project)
+        if not (actor.is_admin or (actor.role == "researcher" and project.id in actor.project_ids)):
+            raise Forbidden(f"{actor.role}s cannot submit jobs")
+        cluster_name, partition, gpu_type = self._placement(project, body)
+        account = project.slurm_accounts.get(cluster_name)
+        if account is None:
+            raise LimitExceeded(
+                f"project {project.name} has no Slurm account on cluster {cluster_name}",
+                limit="cluster",
+                requested=cluster_name,
+                allowed=sorted(project.slurm_accounts),
+            )
+        ledger.lock_project(session, project.id)
+        if idempotency_key is not None:
+            earlier = session.scalar(
+                select(JobRecord).where(
+                    JobRecord.user_id == actor.user_id, JobRecord.idempotency_key == idempotency_key
+                )
+            )
+            if earlier is not None:
+                if earlier.request_sha256 != fingerprint:
+                    raise IdempotencyConflict(
+                        "this Idempotency-Key was used with a different request",
+                        job_id=earlier.id,
+                    )
+                return earlier, True
+        quota = session.get(QuotaRecord, project.id)
+        now = utcnow()
+        request = JobRequest(
+            cluster=cluster_name,
+            partition=partition,
+            gpu_type=gpu_type,
+            gpus=body.gpus,
+            time_limit_minutes=body.time_limit_minutes,
+        )
+        self._check_period(quota, request, now)
+        assert quota is not None
+        policy = ledger.policy_of(quota)
+        decision = decide(request, policy, ledger.snapshot(session, project.id, quota))
+        if not decision.admitted:
+            first = decision.violations[0]
+            raise violation_error(first, "; ".join(_describe(v) for v in decision.violations))
+        job_id = str(uuid.uuid4())
+        job = JobRecord(
+            id=job_id,
+            tag=f"brk-{job_id}",
+            project_id=project.id,
+            user_id=actor.user_id,
+            name=body.name,
+            cluster=cluster_name,
+            partition=partition,
+            gpu_type=gpu_type,
+            account=account,
+            gpus=body.gpus,
+            nodes=body.nodes,
+            time_limit_minutes=body.time_limit_minutes,
+            cpus_per_gpu=body.cpus_per_gpu,
+            mem_per_gpu_gb=body.mem_per_gpu_gb,
+            script_sha256=hashlib.sha256(body.script.encode()).hexdigest(),
+            state=JobState.SUBMITTING.value,
+            submitted_at=now,
+            updated_at=now,
+            weight=weight_for(policy, gpu_type),
+            reservation_gpu_seconds=decision.reserve_gpu_seconds,
+            reserved_gpu_seconds=decision.reserve_gpu_seconds,
+            missing_polls=0,
+            idempotency_key=idempotency_key,
+            request_sha256=fingerprint,
+        )
+        session.add(job)
+        session.flush()  # the job row must exist before its first event references it
+        session.add(
+            JobEventRecord(
+                job_id=job_id,
+                at=now,
+                from_state=None,
+                to_state=JobState.SUBMITTING.value,
+                reason=f"submitted by {actor.name}",
+            )
+        )
+        session.flush()
+        return job, False
+
+    def _placement(self, project: ProjectRecord, body: JobCreate) -> tuple[str, str, str]:
+        """Cluster, partition and GPU type of a request, with the defaults filled in."""
+        cluster_name = body.cluster
+        if cluster_name is None:
+            candidates = sorted(project.slurm_accounts)
+            if self._settings.defaults.cluster and (
+                self._settings.defaults.cluster in project.slurm_accounts or not candidates
+            ):
+                cluster_name = self._settings.defaults.cluster
+            elif len(candidates) == 1:
+                cluster_name = candidates[0]
+            elif len(self._clusters.names) == 1:
+                cluster_name = self._clusters.names[0]
+            else:
+                raise ValidationFailed(
+                    "cluster is required: the project has accounts on several clusters",
+                    [{"field": "cluster", "message": "one of " + ", ".join(candidates)}],
+                )
+        cluster = self._clusters.config(cluster_name)
+        partition = body.partition or cluster.default_partition
+        if partition not in cluster.partitions:
+            raise ValidationFailed(
+                f"cluster {cluster_name} has no partition {partition}",
+                [
+                    {
+                        "field": "partition",
+                        "message": "one of " + ", ".join(sorted(cluster.partitions)),
+                    }
+                ],
+            )
+        gpu_type = cluster.gpu_type_of(partition)
+        if body.gpu_type is not None and body.gpu_type != gpu_type:
+            raise ValidationFailed(
+                f"partition {partition} on {cluster_name} has {gpu_type} GPUs, not {body.gpu_type}",
+                [{"field": "gpu_type", "message": f"{partition} offers {gpu_type}"}],
+            )
+        return cluster_name, partition, gpu_type
+
+    @staticmethod
+    def _check_period(quota: QuotaRecord | None, request: JobRequest, now: datetime) -> None:
+        requested = gpu_hours(request.gpus * request.time_limit_minutes * 60)
+        if quota is None:
+            raise QuotaExceeded(
+                "the project has no GPU-hour quota yet; an admin must set one",
+                limit="gpu_hours",
+                requested=requested,
+                used=0.0,
+                reserved=0.0,
+                remaining=0.0,
+            )
+        if not quota.period_start <= now < quota.period_end:
+            raise QuotaExceeded(
+                f"no allocation period is open now (the quota runs from "
+                f"{quota.period_start.isoformat()} to {quota.period_end.isoformat()})",
+                limit="gpu_hours",
+                requested=requested,
+                used=0.0,
+                reserved=0.0,
+                remaining=0.0,
+            )
+
+    def _ensure_account(self, cluster_name: str, account: str) -> None:
+        cluster = self._clusters.config(cluster_name)
+        if not cluster.manage_accounts:
+            return
+        key = (cluster_name, account)
+        with self._accounts_lock:
+            if key in self._accounts_ensured:
+                return
+        self._clusters.client(cluster_name).ensure_account(account, cluster.user)
+        with self._accounts_lock:
+            self._accounts_ensured.add(key)
+
+    def prepare_accounts(self, slurm_accounts: dict[str, str]) -> None:
+        """Create a new project's Slurm accounts where the broker manages them (best effort:
+        a cluster that is down now gets its account at the project's first submission)."""
+        for cluster_name, account in slurm_accounts.items():
+            try:
+                self._ensure_account(cluster_name, account)
+            except AdapterError as exc:
+                log.warning("account %s on %s not created yet: %s", account, cluster_name, exc)
+
+    def _run_sbatch(self, job_id: str, body: JobCreate, user_name: str) -> JobPublic:
+        with self._sessions() as session:
+            job = session.get_one(JobRecord, job_id)
+            cluster_name, account, tag = job.cluster, job.account, job.tag
+            spec = JobSpec(
+                script=body.script,
+                account=account,
+                partition=job.partition,
+                gpus=job.gpus,
+                gpu_type=job.gpu_type,
+                time_limit_minutes=job.time_limit_minutes,
+                tag=tag,
+                name=job.name,
+                nodes=job.nodes,
+                cpus_per_gpu=job.cpus_per_gpu,
+                mem_per_gpu_gb=job.mem_per_gpu_gb,
+                environment=dict(body.environment),
+                comment=f"user={user_name}",
+            )
+        try:
+            self._ensure_account(cluster_name, account)
+            slurm_job_id = self._clusters.client(cluster_name).submit(spec)
+        except AdapterError as exc:
+            return self._after_failed_sbatch(job_id, cluster_name, exc)
+        except ValueError as exc:
+            self._release(job_id, JobState.SUBMIT_FAILED, f"refused before sbatch: {exc}")
+            raise ValidationFailed(str(exc), [{"field": "body", "message": str(exc)}]) from exc
+        with transaction(self._sessions) as session:
+            job = session.get_one(JobRecord, job_id)
+            transitions.move(
+                session,
+                job,
+                JobState.PENDING,
+                f"sbatch accepted as {slurm_job_id}",
+                slurm_job_id=slurm_job_id,
+            )
+        log.info("job %s submitted to %s as %s", job_id, cluster_name, slurm_job_id)
+        return self._public(job_id)
+
+    def _after_failed_sbatch(self, job_id: str, cluster_name: str, exc: AdapterError) -> JobPublic:
+        if exc.may_have_run:
+            log.warning("sbatch outcome for job %s unknown (%s); reconciler will look", job_id, exc)
+            with transaction(self._sessions) as session:
+                job = session.get_one(JobRecord, job_id)
+                transitions.move(
+                    session, job, JobState.SUBMIT_UNKNOWN, "sbatch answer lost; looking by tag"
+                )
+            return self._public(job_id)
+        log.warning("sbatch for job %s failed: %s", job_id, exc)
+        if isinstance(exc, TransportError | SlurmUnavailable) or exc.transient:
+            self._release(job_id, JobState.SUBMIT_FAILED, "cluster unavailable")
+            raise ClusterUnavailable(
+                cluster_name,
+                f"cluster {cluster_name} cannot be reached now; nothing was submitted or reserved",
+            ) from exc
+        reason = _slurm_reason(exc)
+        self._release(job_id, JobState.SUBMIT_FAILED, f"sbatch refused: {reason}")
+        raise SubmitRejected(f"Slurm refused the job: {reason}", cluster=cluster_name) from exc
+
+    def _release(self, job_id: str, final: JobState, reason: str) -> None:
+        """End a job that never reached Slurm: nothing charged, the key free for a retry."""
+        with transaction(self._sessions) as session:
+            job = session.get_one(JobRecord, job_id)
+            transitions.settle(session, job, final, charge_gpu_seconds=0, reason=reason)
+            job.idempotency_key = None
+
+    def _public(self, job_id: str) -> JobPublic:
+        with self._sessions() as session:
+            job, project, user = session.execute(_with_names().where(JobRecord.id == job_id)).one()
+            return job_public(job, project, user)
+
+    def _await_submitted(self, actor: Actor, job_id: str) -> JobPublic:
+        """A replay waits for the first request's sbatch to finish, then returns its job."""
+        deadline = time.monotonic() + self._settings_timeout()
+        while True:
+            job = self.get(actor, job_id)
+            if job.state != JobState.SUBMITTING.value or time.monotonic() > deadline:
+                return job
+            time.sleep(0.1)
+
+    def _settings_timeout(self) -> float:
+        return max(c.command_timeout_seconds for c in self._settings.clusters.values()) + 5
+
+    # --- cancelling ------------------------------------------------------------------------
+
+    def cancel(self, actor: Actor, job_id: str) -> tuple[JobPublic, bool]:
+        """Request cancellation. Returns (job, accepted); accepted is False for a final job."""
+        with transaction(self._sessions) as session:
+            job, _, _ = self._visible_job(session, actor, job_id)
+            if actor.role == "engineer":
+                raise Forbidden(f"{actor.role}s cannot cancel jobs")
+            if transitions.is_final(job.state):
+                return self._public(job_id), False
+            if job.cancel_requested_at is None:
+                session.execute(
+                    update(JobRecord)
+                    .where(JobRecord.id == job_id)
+                    .values(cancel_requested_at=utcnow())
+                )
+            slurm_job_id, cluster_name = job.slurm_job_id, job.cluster
+        if slurm_job_id is not None:
+            try:
+                self._clusters.client(cluster_name).cancel(slurm_job_id)
+            except AdapterError as exc:
+                log.warning(
+                    "scancel of %s on %s failed, poller retries: %s",
+                    slurm_job_id,
+                    cluster_name,
+                    exc,
+                )
+        return self._public(job_id), True
+
+
+_OUTCOMES: dict[type[BrokerError], str] = {
+    QuotaExceeded: "rejected_quota",
+    LimitExceeded: "rejected_policy",
+    ClusterUnavailable: "cluster_unavailable",
+    SubmitRejected: "slurm_rejected",
+}
+
+
+def _slurm_reason(exc: AdapterError) -> str:
+    """Slurm's own one-line reason from sbatch's stderr (never the raw stderr)."""
+    if isinstance(exc, CommandFailed):
+        for line in exc.stderr.splitlines():
+            if "submission failed:" in line:
+                return line.split("submission failed:", 1)[1].strip()[:200]
+            if line.startswith("sbatch: error: "):
+                return line.removeprefix("sbatch: error: ").strip()[:200]
+    return "sbatch failed"

@@ -1,0 +1,42 @@
+"""What the service layer reports as it works, for metrics. Calls come after the change commits."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class BrokerObserver(Protocol):
+    def submission(self, cluster: str, outcome: str, limit: str | None, seconds: float) -> None:
+        """A POST /v1/jobs ended. ``outcome``: accepted, replayed, rejected_quota,
+        rejected_policy, invalid, cluster_unavailable, slurm_rejected, unknown (sbatch answer lost).
+        ``limit`` names the quota or policy limit for rejections; ``seconds`` runs from the
+        request to the Slurm id."""
+
+    def job_started(self, cluster: str, gpu_type: str, wait_seconds: float) -> None:
+        """A job was first seen running, ``wait_seconds`` after it was submitted."""
+
+    def job_finished(
+        self, cluster: str, project: str, gpu_type: str, state: str, charged_gpu_seconds: int
+    ) -> None:
+        """A job reached a final state and was charged."""
+
+    def poll(self, cluster: str, ok: bool, seconds: float, status_commands: int) -> None:
+        """One poll cycle of one cluster ended."""
+
+
+class NullObserver:
+    """Observes nothing (tests, tools)."""
+
+    def submission(self, cluster: str, outcome: str, limit: str | None, seconds: float) -> None:
+        return None
+
+    def job_started(self, cluster: str, gpu_type: str, wait_seconds: float) -> None:
+        return None
+
+    def job_finished(
+        self, cluster: str, project: str, gpu_type: str, state: str, charged_gpu_seconds: int
+    ) -> None:
+        return None
+
+    def poll(self, cluster: str, ok: bool, seconds: float, status_commands: int) -> None:
+        return None

@@ -1,0 +1,119 @@
+"""Moving a job between states: forward only, each move an event, settling under the ledger lock."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from adapters.slurm.types import FINAL_STATES, JobState
+from broker.clock import utcnow
+from broker.db.models import JobEventRecord, JobRecord
+from broker.service import ledger
+
+log = logging.getLogger(__name__)
+
+_RANK = {
+    JobState.SUBMITTING: 0,
+    JobState.SUBMIT_UNKNOWN: 1,
+    JobState.PENDING: 2,
+    JobState.RUNNING: 3,
+}
+FINAL_RANK = 4
+
+
+def rank(state: str) -> int:
+    return _RANK.get(JobState(state), FINAL_RANK)
+
+
+def is_final(state: str) -> bool:
+    return JobState(state) in FINAL_STATES
+
+
+def can_move(current: str, target: str) -> bool:
+    """A final state never changes; otherwise states move strictly forward."""
+    if is_final(current):
+        return False
+    return rank(target) > rank(current)
+
+
+def move(
+    session: Session,
+    job: JobRecord,
+    target: JobState,
+    reason: str | None = None,
+    *,
+    at: datetime | None = None,
+    **fields: Any,
+) -> bool:
+    """Move ``job`` to a non-final ``target`` and record the event; False if that would go back."""
+    if target in FINAL_STATES:
+        raise ValueError("final states go through settle()")
+    if not can_move(job.state, target.value):
+        return False
+    now = at or utcnow()
+    session.add(
+        JobEventRecord(
+            job_id=job.id, at=now, from_state=job.state, to_state=target.value, reason=reason
+        )
+    )
+    job.state = target.value
+    job.updated_at = now
+    for key, value in fields.items():
+        setattr(job, key, value)
+    return True
+
+
+def settle(
+    session: Session,
+    job: JobRecord,
+    final: JobState,
+    *,
+    charge_gpu_seconds: int,
+    reason: str | None = None,
+    lock: bool = True,
+    **fields: Any,
+) -> bool:
+    """Finish ``job``: release its whole reservation and charge what it used, in one step.
+
+    Takes the project's ledger lock unless the caller already holds it (``lock=False``).
+    Returns False (and changes nothing) if the job was already final.
+    """
+    if final not in FINAL_STATES:
+        raise ValueError(f"{final} is not a final state")
+    if is_final(job.state):
+        return False
+    if lock:
+        ledger.lock_project(session, job.project_id)
+        session.refresh(job)
+        if is_final(job.state):
+            return False
+    now = utcnow()
+    session.add(
+        JobEventRecord(
+            job_id=job.id, at=now, from_state=job.state, to_state=final.value, reason=reason
+        )
+    )
+    log.info(
+        "job %s (slurm %s) %s -> %s, charged %d GPU-s of %d reserved",
+        job.id,
+        job.slurm_job_id,
+        job.state,
+        final.value,
+        charge_gpu_seconds,
+        job.reserved_gpu_seconds,
+    )
+    job.state = final.value
+    job.state_reason = reason
+    job.reserved_gpu_seconds = 0
+    job.charged_gpu_seconds = charge_gpu_seconds
+    job.updated_at = now
+    if job.ended_at is None:
+        job.ended_at = fields.pop("ended_at", None) or now
+    else:
+        fields.pop("ended_at", None)
+    for key, value in fields.items():
+        setattr(job, key, value)
+    return True

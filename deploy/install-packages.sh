@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Install the Debian 12 packages the local dev cluster (deploy/dev-cluster/up.sh) and the project's
+# tests need. Idempotent and quiet when everything is present: apt-get update runs only when
+# something is missing, so up.sh can call this on every run at no cost.
+set -euo pipefail
+
+# slurm-wlm: slurmctld, slurmd and the clients; slurmdbd: accounting; mariadb-client: up.sh creates
+# the accounting database with it; prometheus: the project's metrics tests and dashboards.
+PACKAGES=(slurm-wlm slurmdbd munge openssh-server openssh-client mariadb-client prometheus)
+
+# These replace the slurmctld/slurmd alternatives with an emulator that cannot run real nodes
+# ("No front end nodes defined"): never install them, and refuse to go on when they are present.
+FORBIDDEN=(slurm-wlm-emulator slurm-client-emulator)
+
+installed() { [[ $(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null) == installed ]]; }
+
+# A MariaDB that already answers (local or in another container) serves slurmdbd; install a server
+# only when there is none.
+mariadb_answers() {
+    if command -v mariadb >/dev/null; then
+        mariadb --protocol=socket -uroot --connect-timeout=2 -N -e 'SELECT 1' >/dev/null 2>&1
+    else
+        [[ -S /run/mysqld/mysqld.sock ]] # no client yet: a live socket is the best sign we have
+    fi
+}
+
+main() {
+    ((EUID == 0)) || { echo "install-packages.sh: run as root" >&2; exit 1; }
+    local pkg missing=()
+    for pkg in "${FORBIDDEN[@]}"; do
+        if installed "$pkg"; then
+            echo "install-packages.sh: $pkg is installed and breaks the real Slurm daemons;" \
+                "remove it: apt-get purge $pkg" >&2
+            exit 1
+        fi
+    done
+    for pkg in "${PACKAGES[@]}"; do installed "$pkg" || missing+=("$pkg"); done
+    if ! installed mariadb-server && ! mariadb_answers; then missing+=(mariadb-server); fi
+    ((${#missing[@]} == 0)) && return 0
+
+    echo "install-packages.sh: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # --no-install-recommends keeps optional extras (and any emulator suggestion) out.
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+main "$@"

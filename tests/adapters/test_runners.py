@@ -1,0 +1,230 @@
+"""The runners without a cluster: environment control, quoting at the SSH boundary, deadlines,
+and the translation of paramiko and socket errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from adapters.environment import CLEARED_VARIABLES
+from adapters.errors import (
+    AdapterError,
+    AuthenticationFailed,
+    CommandTimedOut,
+    ConnectionLost,
+    HostKeyRejected,
+    HostUnreachable,
+)
+from adapters.local import LocalRunner
+from adapters.ssh import RejectUnknownHostKey, SSHRunner, Stage, map_ssh_errors, remote_command
+
+WORDS = ["$(touch /tmp/x)", "a;b", "it's", 'say "hi"', "two\nlines", "", " spaced ", "\x1f", "*"]
+
+
+def env_lines(output: bytes) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in output.decode().splitlines() if "=" in line)
+    return dict(pairs)
+
+
+# -- LocalRunner ---------------------------------------------------------------------------------
+
+
+def test_local_environment_is_cleaned_pinned_and_extended(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SQUEUE_FORMAT", "%i")
+    monkeypatch.setenv("SLURM_TIME_FORMAT", "relative")
+    monkeypatch.setenv("SBATCH_EXCLUSIVE", "1")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://secret")
+    runner = LocalRunner(extra_env={"SLURM_CONF": "/etc/a.conf"})
+    result = runner.run(["/usr/bin/env"], env={"EXTRA": "x y"})
+    env = env_lines(result.stdout)
+    assert env["SLURM_TIME_FORMAT"] == "standard"
+    assert env["SLURM_CONF"] == "/etc/a.conf"
+    assert env["EXTRA"] == "x y"
+    assert "PATH" in env
+    for name in ("SQUEUE_FORMAT", "SBATCH_EXCLUSIVE", "DATABASE_URL"):
+        assert name not in env
+
+
+def test_local_passes_argv_and_stdin_untouched() -> None:
+    result = LocalRunner().run(["/usr/bin/printf", "%s\\0", *WORDS])
+    assert result.stdout.decode().split("\0")[:-1] == WORDS
+    echoed = LocalRunner().run(["/bin/cat"], stdin=b"#!/bin/sh\nsleep 1\n")
+    assert echoed.stdout == b"#!/bin/sh\nsleep 1\n"
+
+
+def test_local_reports_exit_codes_and_missing_programs() -> None:
+    assert LocalRunner().run(["/bin/sh", "-c", "echo oops >&2; exit 3"]).exit_code == 3
+    missing = LocalRunner().run(["/nonexistent/sbatch"])
+    assert missing.exit_code == 127
+    assert b"No such file" in missing.stderr
+
+
+def test_local_deadline_kills_the_whole_process_group() -> None:
+    started = time.monotonic()
+    with pytest.raises(CommandTimedOut) as caught:
+        LocalRunner().run(["/bin/sh", "-c", "sleep 30 & sleep 30; wait"], timeout=0.5)
+    assert time.monotonic() - started < 3
+    assert caught.value.transient
+    assert caught.value.may_have_run
+
+
+# -- the SSH boundary ----------------------------------------------------------------------------
+
+
+def test_remote_command_is_split_back_into_the_same_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What sshd does with the string: hand it to the login shell (``sh -c``)."""
+    command = remote_command(["/usr/bin/printf", "%s\\0", *WORDS], {"SLURM_CONF": "/c"})
+    done = subprocess.run(["/bin/sh", "-c", command], capture_output=True, check=True)
+    assert done.stdout.decode().split("\0")[:-1] == WORDS
+
+
+def test_remote_command_pins_the_environment() -> None:
+    command = remote_command(["/usr/bin/env"], {"SLURM_CONF": "/c"}, {"K": "v'1"})
+    polluted = {**os.environ, "SQUEUE_FORMAT": "%i", "SACCT_FORMAT": "x", "SLURM_TIME_FORMAT": "r"}
+    done = subprocess.run(["/bin/sh", "-c", command], capture_output=True, env=polluted, check=True)
+    env = env_lines(done.stdout)
+    assert env["SLURM_TIME_FORMAT"] == "standard"
+    assert env["SLURM_CONF"] == "/c"
+    assert env["K"] == "v'1"
+    assert not set(CLEARED_VARIABLES) & env.keys()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [([], None), (["-i", "sh"], None), (["A=B"], None), (["/bin/true"], {"BAD NAME": "x"})],
+)
+def test_remote_command_refuses_what_env_would_misread(
+    argv: list[str], env: dict[str, str] | None
+) -> None:
+    with pytest.raises(ValueError):
+        remote_command(argv, None, env)
+
+
+# -- error translation ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def host_key(tmp_path_factory: pytest.TempPathFactory) -> paramiko.PKey:
+    path = tmp_path_factory.mktemp("keys") / "host"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True, timeout=30
+    )
+    return paramiko.PKey.from_path(path)
+
+
+@pytest.fixture(scope="module")
+def client_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "client"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True, timeout=30
+    )
+    return path
+
+
+def test_errors_map_by_stage(host_key: paramiko.PKey) -> None:
+    cases: list[tuple[BaseException, Stage, type[AdapterError], bool]] = [
+        (ConnectionRefusedError(111, "Connection refused"), "connect", HostUnreachable, False),
+        (socket.gaierror(-2, "Name or service not known"), "connect", HostUnreachable, False),
+        (TimeoutError("timed out"), "connect", HostUnreachable, False),
+        (paramiko.SSHException("Error reading SSH banner"), "connect", HostUnreachable, False),
+        (EOFError(), "connect", HostUnreachable, False),
+        (paramiko.AuthenticationException("denied"), "connect", AuthenticationFailed, False),
+        (paramiko.BadHostKeyException("h", host_key, host_key), "connect", HostKeyRejected, False),
+        (paramiko.ChannelException(2, "Connect failed"), "open", ConnectionLost, False),
+        (paramiko.SSHException("Timeout opening channel."), "open", ConnectionLost, False),
+        (paramiko.SSHException("Channel closed."), "exec", ConnectionLost, True),
+        (ConnectionResetError(104, "reset"), "exec", ConnectionLost, True),
+    ]  # fmt: skip
+    for original, stage, expected, may_have_run in cases:
+        with pytest.raises(expected) as caught, map_ssh_errors("h:22", user="svc", stage=stage):
+            raise original
+        assert caught.value.may_have_run is may_have_run, (original, stage)
+        assert caught.value.__cause__ is original
+
+
+def test_adapter_errors_pass_through_unchanged() -> None:
+    error = HostKeyRejected("h", "ssh-ed25519", "SHA256:x", "unknown")
+    with pytest.raises(HostKeyRejected) as caught, map_ssh_errors("h", user="u", stage="connect"):
+        raise error
+    assert caught.value is error
+
+
+def test_unknown_host_key_policy_refuses(host_key: paramiko.PKey) -> None:
+    policy = RejectUnknownHostKey("127.0.0.1:2221", Path("/etc/known"))
+    with pytest.raises(HostKeyRejected) as caught:
+        policy.missing_host_key(paramiko.SSHClient(), "[127.0.0.1]:2221", host_key)
+    assert caught.value.fingerprint == host_key.fingerprint
+    assert caught.value.key_type == "ssh-ed25519"
+    assert not caught.value.transient
+
+
+# -- deadlines against sockets that misbehave ----------------------------------------------------
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """Accepts TCP connections and never says a word (a hung sshd)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                accepted.append(conn)
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    server.close()
+
+
+def test_connect_to_a_hung_server_ends_at_the_deadline(
+    silent_server: int, client_key: Path, tmp_path: Path
+) -> None:
+    runner = SSHRunner(
+        host="127.0.0.1",
+        port=silent_server,
+        user="svc",
+        private_key=client_key,
+        known_hosts=tmp_path / "known_hosts",
+        connect_timeout=0.7,
+    )
+    started = time.monotonic()
+    with pytest.raises(HostUnreachable) as caught:
+        runner.run(["/bin/true"], timeout=5)
+    assert time.monotonic() - started < 2.5
+    assert caught.value.transient
+    assert not caught.value.may_have_run
+    assert runner.connections_opened == 0
+    assert runner.sessions_in_use == 0
+
+
+def test_connect_to_a_closed_port_is_unreachable(client_key: Path, tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # closed again when the block ends
+    runner = SSHRunner(
+        host="127.0.0.1",
+        port=port,
+        user="svc",
+        private_key=client_key,
+        known_hosts=tmp_path / "known_hosts",
+    )
+    with pytest.raises(HostUnreachable, match="refused"):
+        runner.run(["/bin/true"], timeout=5)

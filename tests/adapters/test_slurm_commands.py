@@ -1,0 +1,225 @@
+"""Argv builders, spec validation and the batch script: pure, no Slurm needed."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adapters.slurm import commands
+from adapters.slurm.states import SLURM_STATES, job_state, slurm_code
+from adapters.slurm.types import JobSpec, JobState
+
+NASTY = (
+    "$(touch /tmp/x); `id` 'single' \"double\" \\ back\nnew line, comma; semicolon | pipe & $HOME"
+)
+
+
+def make_spec(**changes: Any) -> JobSpec:
+    base = JobSpec(
+        script="#!/bin/bash\nset -e\nnvidia-smi\n",
+        account="dev",
+        partition="gpu",
+        gpus=8,
+        time_limit_minutes=90,
+        tag="brk-0f8e",
+        name="train",
+        gpu_type="h100",
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def test_sbatch_argv_carries_every_option_of_the_spec() -> None:
+    spec = make_spec(nodes=2, cpus_per_gpu=4, mem_per_gpu_gb=40, comment="user=alice")
+    argv = commands.sbatch("/opt/slurm/bin", spec)
+    assert argv == [
+        "/opt/slurm/bin/sbatch",
+        "--parsable",
+        "--ignore-pbs",
+        "--account=dev",
+        "--partition=gpu",
+        "--job-name=train",
+        "--comment=brk-0f8e user=alice",
+        "--nodes=2",
+        "--time=90",
+        "--gres=gpu:h100:4",
+        "--cpus-per-gpu=4",
+        "--mem-per-gpu=40G",
+    ]
+
+
+def test_untyped_and_cpu_only_requests() -> None:
+    assert "--gres=gpu:2" in commands.sbatch("/usr/bin", make_spec(gpus=2, gpu_type=None))
+    argv = commands.sbatch("/usr/bin", make_spec(gpus=0))
+    assert not any(arg.startswith("--gres") for arg in argv)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"name": "a b"}, "job name"),
+        ({"name": "$(touch /tmp/x)"}, "job name"),
+        ({"name": "x;rm -rf /"}, "job name"),
+        ({"name": "two\nlines"}, "job name"),
+        ({"name": ""}, "job name"),
+        ({"account": "dev;id"}, "account"),
+        ({"partition": "gpu\n"}, "partition"),
+        ({"gpu_type": "h100:8"}, "GPU type"),
+        ({"tag": "brk 1"}, "tag"),
+        ({"comment": "line\nbreak"}, "comment"),
+        ({"comment": "unit\x1fsep"}, "comment"),
+        ({"gpus": 3, "nodes": 2}, "evenly"),
+        ({"gpus": -1}, "gpus"),
+        ({"nodes": 0}, "nodes"),
+        ({"time_limit_minutes": 0}, "time_limit"),
+        ({"gpus": 0, "cpus_per_gpu": 2}, "need at least one GPU"),
+        ({"mem_per_gpu_gb": 0}, "mem_per_gpu"),
+        ({"script": "echo no shebang\n"}, "#!"),
+        ({"script": "#!/bin/sh\r\necho dos\r\n"}, "DOS"),
+        ({"script": "#!/bin/sh\n#SBATCH --array=0-999\nsleep 1\n"}, "#SBATCH"),
+        ({"script": "#!/bin/sh\n\n# about\n  #sbatch --exclusive\ntrue\n"}, "#SBATCH"),
+        ({"environment": {"BAD-NAME": "x"}}, "identifier"),
+        ({"environment": {"NUL": "a\0b"}}, "NUL"),
+        (
+            {"script": "#!/usr/bin/env python3\nprint(1)\n", "environment": {"A": "1"}},
+            "POSIX shell",
+        ),
+    ],
+)
+def test_unsafe_specs_are_refused_before_any_command(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        commands.sbatch("/usr/bin", make_spec(**changes))
+
+
+def test_sbatch_lines_after_the_first_command_are_plain_comments() -> None:
+    spec = make_spec(script="#!/bin/sh\necho hi\n#SBATCH --array=1-3\n")
+    assert commands.batch_script(spec) == spec.script.encode()
+
+
+def test_environment_goes_into_the_script_quoted() -> None:
+    spec = make_spec(
+        script='#!/usr/bin/env bash\nset -eu\necho "$A"\n', environment={"A": "1", "B": NASTY}
+    )
+    script = commands.batch_script(spec).decode()
+    first, second, third, *rest = script.split("\n")
+    assert first == "#!/usr/bin/env bash"
+    assert second == "export A=1"
+    assert third.startswith("export B='$(touch /tmp/x)")
+    assert "\n".join(rest).endswith('set -eu\necho "$A"\n')
+
+
+def _run_script_header(script: bytes, names: list[str], tmp_path: Path) -> list[str]:
+    probe = script + b"".join(b'printf "%s\\0" "$' + n.encode() + b'"\n' for n in names)
+    done = subprocess.run(
+        ["/bin/sh", "-s"], input=probe, capture_output=True, cwd=tmp_path, check=True, timeout=10
+    )
+    return done.stdout.decode("utf-8", errors="surrogateescape").split("\0")[:-1]
+
+
+def test_shell_metacharacters_arrive_literally_and_run_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "x"
+    value = NASTY.replace("/tmp/x", str(marker))
+    spec = make_spec(script="#!/bin/sh\n", environment={"V": value})
+    assert _run_script_header(commands.batch_script(spec), ["V"], tmp_path) == [value]
+    assert not marker.exists()
+
+
+@settings(max_examples=60, deadline=None)
+@given(value=st.text(alphabet=st.characters(blacklist_characters="\0"), max_size=40))
+def test_any_environment_value_round_trips_through_sh(value: str) -> None:
+    spec = make_spec(script="#!/bin/sh\n", environment={"V": value})
+    here = Path("/tmp")
+    out = _run_script_header(commands.batch_script(spec), ["V"], here)
+    assert out == [value]
+
+
+def test_squeue_and_sacct_argv() -> None:
+    argv = commands.squeue("/usr/bin", ["1", "2_3"])
+    assert argv[:5] == ["/usr/bin/squeue", "--me", "--noheader", "--all", "--states=all"]
+    assert "--jobs=1,2_3" in argv
+    assert argv[-1].startswith("--Format=JobID:\x1f,State:\x1f,")
+    assert "--jobs" not in " ".join(commands.squeue("/usr/bin"))
+
+    argv = commands.sacct(
+        "/usr/bin", cluster="alpha", start="now-30days", job_ids=["5"], accounts=["a", "b"]
+    )
+    assert "--delimiter=\x1f" in argv
+    assert "--starttime=now-30days" in argv
+    assert "--clusters=alpha" in argv
+    assert "--jobs=5" in argv
+    assert "--accounts=a,b" in argv
+    assert argv[-1] == "--format=" + ",".join(commands.SACCT_FIELDS)
+    with pytest.raises(ValueError):
+        commands.sacct("/usr/bin", cluster="alpha", start="now", job_ids=["5;id"])
+    with pytest.raises(ValueError):
+        commands.scancel("/usr/bin", "12 13")
+
+
+def test_times_for_sacct_are_cluster_wall_clock() -> None:
+    moment = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    assert commands.format_time(moment, UTC) == "2024-05-01T12:00:00"
+    assert commands.format_time(moment, timezone(timedelta(hours=2))) == "2024-05-01T14:00:00"
+    assert commands.format_time(datetime(2024, 5, 1, 12, 0), UTC) == "2024-05-01T12:00:00"
+
+
+def test_sacctmgr_argv_is_validated() -> None:
+    assert commands.sacctmgr_add_user("/usr/bin", cluster="alpha", account="p1", user="svc") == [
+        "/usr/bin/sacctmgr",
+        "--immediate",
+        "add",
+        "user",
+        "svc",
+        "account=p1",
+        "cluster=alpha",
+    ]
+    with pytest.raises(ValueError):
+        commands.sacctmgr_add_account("/usr/bin", cluster="alpha", account="p1 where")
+
+
+# -- the state table -----------------------------------------------------------------------------
+
+ALL_CODES = {
+    "PENDING": "PD", "RUNNING": "R", "SUSPENDED": "S", "COMPLETING": "CG", "COMPLETED": "CD",
+    "CONFIGURING": "CF", "CANCELLED": "CA", "FAILED": "F", "TIMEOUT": "TO", "PREEMPTED": "PR",
+    "NODE_FAIL": "NF", "BOOT_FAIL": "BF", "DEADLINE": "DL", "OUT_OF_MEMORY": "OOM",
+    "REQUEUED": "RQ", "REQUEUE_FED": "RF", "REQUEUE_HOLD": "RH", "RESIZING": "RS", "REVOKED": "RV",
+    "SIGNALING": "SI", "SPECIAL_EXIT": "SE", "STAGE_OUT": "SO", "STOPPED": "ST",
+    "RESV_DEL_HOLD": "RD",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("long", "compact"), sorted(ALL_CODES.items()))
+def test_every_slurm_code_is_in_the_table_in_both_forms(long: str, compact: str) -> None:
+    assert SLURM_STATES[long] is SLURM_STATES[compact]
+    assert slurm_code(compact) == long
+
+
+@pytest.mark.parametrize(
+    ("raw", "state"),
+    [
+        ("COMPLETING", JobState.RUNNING),
+        ("CG", JobState.RUNNING),
+        ("PD", JobState.PENDING),
+        ("CANCELLED by 1234", JobState.CANCELLED),
+        ("OUT_OF_MEMORY", JobState.OUT_OF_MEMORY),
+        ("NODE_FAIL", JobState.NODE_FAIL),
+        ("TIMEOUT", JobState.TIMEOUT),
+        ("PREEMPTED", JobState.PREEMPTED),
+        ("REQUEUED", JobState.PENDING),
+        ("completed", JobState.COMPLETED),
+    ],
+)
+def test_state_mapping(raw: str, state: JobState) -> None:
+    assert job_state(raw) is state
+
+
+def test_unknown_codes_are_unknown_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    assert job_state("LAUNCH_FAILED") is JobState.UNKNOWN
+    assert job_state("") is JobState.UNKNOWN
+    assert "LAUNCH_FAILED" in caplog.text

@@ -1,0 +1,318 @@
+"""Parsers on real output captured from the dev cluster (Slurm 22.05.8) and on odd cases."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from adapters.slurm.commands import SACCT_FIELDS, SQUEUE_FIELDS
+from adapters.slurm.parse import (
+    GpuTres,
+    ParseError,
+    decode,
+    node_unavailable,
+    parse_duration,
+    parse_exit_code,
+    parse_gres_gpus,
+    parse_sacct,
+    parse_sbatch,
+    parse_sinfo,
+    parse_squeue,
+    parse_time,
+    parse_tres_gpus,
+    records,
+)
+from adapters.slurm.types import JobState
+
+FIXTURES = Path(__file__).parent / "fixtures"
+US = "\x1f"
+
+
+def fixture(name: str) -> str:
+    return decode((FIXTURES / name).read_bytes())
+
+
+def squeue_line(**fields: str) -> str:
+    return "".join(fields.get(name.replace("-", "_"), "") + US for name in SQUEUE_FIELDS) + "\n"
+
+
+def sacct_line(**fields: str) -> str:
+    return US.join(fields.get(name, "") for name in SACCT_FIELDS) + "\n"
+
+
+def sinfo_line(node: str, partition: str, state: str, gres: str, used: str) -> str:
+    return US.join([node, partition, state, gres, used]) + US + "\n"
+
+
+# -- captured output -----------------------------------------------------------------------------
+
+
+def test_squeue_capture_gives_each_job_its_state_reason_and_gpus() -> None:
+    jobs = {s.job_id: s for s in parse_squeue(fixture("alpha-squeue.out"))}
+
+    assert {j: s.slurm_state for j, s in jobs.items()} == {
+        "13": "COMPLETED",
+        "14": "FAILED",
+        "15": "RUNNING",
+        "16": "CANCELLED",
+        "17": "PENDING",
+        "18": "PENDING",
+    }
+    assert jobs["15"].state is JobState.RUNNING
+    assert jobs["15"].alloc_gpus == 8
+    assert jobs["15"].elapsed_s == 4
+    assert jobs["15"].start_time == datetime(2026, 11, 21, 18, 51, 45, tzinfo=UTC)
+    assert jobs["17"].reason == "Resources"
+    assert jobs["17"].alloc_gpus == 32  # a pending job's tres-alloc is its request
+    assert jobs["17"].start_time is None  # squeue's StartTime of a pending job is a guess
+    assert jobs["18"].reason == "Priority"
+    assert jobs["13"].reason is None  # "None"
+    assert jobs["13"].comment == "brk-capture-ok user=capture"
+    assert jobs["13"].name == "ok"
+    assert jobs["14"].state is JobState.FAILED
+    assert all(s.source == "squeue" for s in jobs.values())
+
+
+def test_sacct_capture_gives_exit_codes_gpus_elapsed_and_times() -> None:
+    jobs = {r.job_id: r for r in parse_sacct(fixture("alpha-sacct.out"))}
+
+    ok = jobs["13"]
+    assert (ok.state, ok.exit_code, ok.alloc_gpus, ok.gpu_type) == (
+        JobState.COMPLETED,
+        0,
+        2,
+        "h100",
+    )
+    assert ok.elapsed_s == 2
+    assert ok.end_time is not None
+    assert ok.start_time is not None
+    assert ok.end_time - ok.start_time == timedelta(seconds=2)
+    assert ok.comment == "brk-capture-ok user=capture"
+    assert (ok.account, ok.partition, ok.name) == ("dev", "gpu", "ok")
+    assert jobs["14"].state is JobState.FAILED
+    assert jobs["14"].exit_code == 3
+    assert jobs["15"].state is JobState.RUNNING
+    assert jobs["15"].end_time is None  # "Unknown"
+    assert jobs["15"].comment is None  # 22.05 stores the comment when the job ends
+    cancelled = jobs["16"]
+    assert cancelled.slurm_state == "CANCELLED"  # from "CANCELLED by 0"
+    assert cancelled.state is JobState.CANCELLED
+    assert cancelled.alloc_gpus == 0  # AllocTRES empty
+    assert jobs["17"].start_time is None
+    assert jobs["17"].state is JobState.PENDING
+
+
+def test_sinfo_capture_sums_gpus_per_partition() -> None:
+    capacity = {(c.partition, c.gpu_type): c for c in parse_sinfo(fixture("alpha-sinfo.out"))}
+
+    assert set(capacity) == {("gpu", "h100"), ("debug", "h100")}
+    gpu = capacity[("gpu", "h100")]
+    assert (gpu.gpus_total, gpu.gpus_allocated, gpu.gpus_idle, gpu.gpus_unavailable) == (
+        32,
+        10,
+        22,
+        0,
+    )
+    assert (gpu.nodes_total, gpu.nodes_down) == (4, 0)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES.glob("*-sinfo.out")))
+def test_every_captured_sinfo_adds_up(name: str) -> None:
+    for row in parse_sinfo(fixture(name)):
+        assert row.gpus_allocated + row.gpus_idle + row.gpus_unavailable == row.gpus_total
+
+
+# -- odd cases -----------------------------------------------------------------------------------
+
+
+def test_empty_output_gives_no_records() -> None:
+    assert parse_squeue("") == []
+    assert parse_sacct("") == []
+    assert parse_sinfo("") == []
+    assert parse_sacct("\n") == []
+
+
+def test_array_task_ids_and_cancelled_by_a_user() -> None:
+    text = sacct_line(
+        JobIDRaw="130",
+        JobID="123_4",
+        State="CANCELLED by 1234",
+        ExitCode="0:15",
+        AllocTRES="billing=8,cpu=8,gres/gpu:a100=2,gres/gpu=2,mem=64G,node=1",
+        ElapsedRaw="61",
+        Submit="2024-05-01T10:00:00",
+        Start="2024-05-01T10:00:05",
+        End="2024-05-01T10:01:06",
+        JobName="train",
+        Comment="(null)",
+    )
+    (record,) = parse_sacct(text)
+    assert record.job_id == "130"
+    assert record.slurm_state == "CANCELLED"
+    assert record.state is JobState.CANCELLED
+    assert record.exit_code == 128 + 15
+    assert (record.alloc_gpus, record.gpu_type) == (2, "a100")
+    assert record.comment is None
+    assert record.reason is None
+
+
+def test_squeue_array_task_id_is_kept_as_printed() -> None:
+    text = squeue_line(JobID="123_4", State="RUNNING", tres_alloc="gres/gpu=1", TimeUsed="1:00")
+    (status,) = parse_squeue(text)
+    assert status.job_id == "123_4"
+    assert status.alloc_gpus == 1
+    assert status.elapsed_s == 60
+
+
+def test_non_utf8_names_do_not_break_parsing() -> None:
+    raw = (
+        b"7" + US.encode() + b"RUNNING" + US.encode() + b"None" + US.encode() * 7
+        + b"r\xe9sum\xe9" + US.encode() + b"brk-1" + US.encode() + b"\n"
+    )  # fmt: skip
+    (status,) = parse_squeue(decode(raw))
+    assert status.name == "r\ufffdsum\ufffd"
+    assert status.comment == "brk-1"
+
+
+def test_a_newline_inside_a_name_joins_the_next_line() -> None:
+    text = sacct_line(JobIDRaw="9", JobID="9", State="COMPLETED", JobName="two\nlines")
+    text += sacct_line(JobIDRaw="10", JobID="10", State="FAILED", ExitCode="2:0")
+    records_ = {r.job_id: r for r in parse_sacct(text)}
+    assert records_["9"].name == "two\nlines"
+    assert records_["10"].exit_code == 2
+
+
+def test_too_many_fields_is_a_parse_error() -> None:
+    with pytest.raises(ParseError):
+        list(records("a" + US + "b" + US + "c" + US + "\n", ("x", "y"), trailing=True))
+
+
+def test_truncated_output_is_a_parse_error() -> None:
+    with pytest.raises(ParseError):
+        parse_sacct("5" + US + "5" + US + "RUNNING")
+
+
+def test_reused_job_id_keeps_the_latest_submission() -> None:
+    old = sacct_line(JobIDRaw="3", JobID="3", State="COMPLETED", Submit="2024-01-01T00:00:00")
+    new = sacct_line(JobIDRaw="3", JobID="3", State="RUNNING", Submit="2024-06-01T00:00:00")
+    (record,) = parse_sacct(new + old)
+    assert record.state is JobState.RUNNING
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("gpu:h100:8", {"h100": 8}),
+        ("gpu:h100:8(S:0-1)", {"h100": 8}),
+        ("gpu:a100:2(IDX:0,3)", {"a100": 2}),
+        ("gpu:a100:2(IDX:0,3),gpu:h100:0(IDX:N/A)", {"a100": 2, "h100": 0}),
+        ("gpu:4", {"": 4}),
+        ("gpu:h100:4,shard:h100:16", {"h100": 4}),
+        ("(null)", {}),
+        ("", {}),
+        ("N/A", {}),
+    ],
+)
+def test_gres_strings(text: str, expected: dict[str, int]) -> None:
+    assert parse_gres_gpus(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("billing=64,cpu=64,gres/gpu:h100=8,gres/gpu=8,mem=250G,node=1", GpuTres(8, "h100")),
+        ("cpu=4,mem=8G,node=1,billing=4,gres/gpu=2,gres/gpu:h100=2", GpuTres(2, "h100")),
+        ("cpu=4,gres/gpu=3", GpuTres(3, None)),
+        ("cpu=4,mem=8G", GpuTres(0, None)),
+        (None, GpuTres(0, None)),
+        ("gres/gpu:a100=2,gres/gpu:h100=6", GpuTres(8, "h100")),
+    ],
+)
+def test_tres_gpus(text: str | None, expected: GpuTres) -> None:
+    assert parse_tres_gpus(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("0:0", 0), ("3:0", 3), ("0:9", 137), ("", None), ("N/A", None)],
+)
+def test_exit_codes(text: str, expected: int | None) -> None:
+    assert parse_exit_code(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("0:00", 0), ("1:05", 65), ("2:03:04", 7384), ("1-00:00:01", 86401), ("INVALID", None)],
+)
+def test_durations(text: str, expected: int | None) -> None:
+    assert parse_duration(text) == expected
+
+
+def test_times_are_read_in_the_cluster_zone_and_returned_in_utc() -> None:
+    cet = timezone(timedelta(hours=1))
+    assert parse_time("2024-05-01T13:45:00", cet) == datetime(2024, 5, 1, 12, 45, tzinfo=UTC)
+    assert parse_time("2024-05-01T13:45:00") == datetime(2024, 5, 1, 13, 45, tzinfo=UTC)
+    for placeholder in ("Unknown", "None", "N/A", "(null)", ""):
+        assert parse_time(placeholder) is None
+    with pytest.raises(ParseError):
+        parse_time("yesterday")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1234\n", ("1234", None)), ("1234;alpha\n", ("1234", "alpha"))],
+)
+def test_sbatch_parsable(text: str, expected: tuple[str, str | None]) -> None:
+    assert parse_sbatch(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "\n", "Submitted batch job 12\n"])
+def test_sbatch_without_a_job_id_is_a_parse_error(text: str) -> None:
+    with pytest.raises(ParseError):
+        parse_sbatch(text)
+
+
+@pytest.mark.parametrize(
+    ("state", "unavailable"),
+    [
+        ("idle", False),
+        ("mixed", False),
+        ("allocated", False),
+        ("idle~", False),  # powered down, started on demand
+        ("completing", False),
+        ("planned", False),
+        ("down", True),
+        ("down*", True),
+        ("idle*", True),  # not responding
+        ("drained", True),
+        ("draining", True),
+        ("idle+drain", True),
+        ("fail", True),
+        ("failing", True),
+        ("inval", True),
+        ("maint", True),
+        ("unknown", True),
+    ],
+)
+def test_node_states(state: str, unavailable: bool) -> None:
+    assert node_unavailable(state) is unavailable
+
+
+def test_sinfo_counts_down_and_draining_nodes_as_unavailable() -> None:
+    text = (
+        sinfo_line("b1", "gpu*", "mixed", "gpu:a100:4", "gpu:a100:2(IDX:0,3)")
+        + sinfo_line("b2", "gpu*", "draining", "gpu:a100:4", "gpu:a100:1(IDX:2)")
+        + sinfo_line("b3", "gpu*", "down*", "gpu:a100:4", "gpu:a100:0(IDX:N/A)")
+        + sinfo_line("c1", "cpu", "idle", "(null)", "gpu:0")
+    )
+    (row,) = parse_sinfo(text)
+    assert (row.partition, row.gpu_type) == ("gpu", "a100")
+    assert (row.gpus_total, row.gpus_allocated, row.gpus_idle, row.gpus_unavailable) == (
+        12,
+        3,
+        2,
+        7,
+    )
+    assert (row.nodes_total, row.nodes_down) == (3, 2)

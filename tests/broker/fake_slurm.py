@@ -1,0 +1,170 @@
+"""A scripted stand-in for one cluster's SlurmClient, for fast service-layer tests.
+
+It keeps jobs in memory and lets a test decide what Slurm says next: a job's state, whether the
+cluster answers, whether sbatch's answer is lost. The real client is proven against the real dev
+cluster in tests/adapters; these tests prove the broker's reaction to each answer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from adapters.errors import AdapterError, CommandFailed, HostUnreachable
+from adapters.runner import CommandResult
+from adapters.slurm.types import (
+    AccountingRecord,
+    JobSpec,
+    JobState,
+    JobStatus,
+    PartitionCapacity,
+    StatusReport,
+)
+
+
+class _NullRunner:
+    name = "fake"
+
+    def run(self, argv: Sequence[str], **_: object) -> CommandResult:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        return None
+
+
+@dataclass
+class FakeJob:
+    job_id: str
+    spec: JobSpec
+    state: JobState = JobState.PENDING
+    reason: str | None = "Priority"
+    elapsed_s: int | None = None
+    alloc_gpus: int | None = None
+    exit_code: int | None = None
+    in_squeue: bool = True
+    in_sacct: bool = True
+
+
+@dataclass
+class FakeSlurm:
+    """One cluster. ``down`` makes every call raise; ``lose_next_submit_answer`` runs sbatch but
+    raises as if the answer had been lost on the way back."""
+
+    down: AdapterError | None = None
+    refuse_next_submit: str | None = None
+    lose_next_submit_answer: bool = False
+    jobs: dict[str, FakeJob] = field(default_factory=dict)
+    submits: int = 0
+    cancels: list[str] = field(default_factory=list)
+    accounts: set[tuple[str, str]] = field(default_factory=set)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def runner(self) -> _NullRunner:
+        return _NullRunner()
+
+    def _check_up(self) -> None:
+        if self.down is not None:
+            raise self.down
+
+    def submit(self, spec: JobSpec) -> str:
+        self._check_up()
+        with self._lock:
+            if self.refuse_next_submit is not None:
+                message, self.refuse_next_submit = self.refuse_next_submit, None
+                raise CommandFailed(
+                    ["sbatch"], 1, f"sbatch: error: Batch job submission failed: {message}"
+                )
+            self.submits += 1
+            job_id = str(next(self._ids))
+            self.jobs[job_id] = FakeJob(job_id, spec)
+            if self.lose_next_submit_answer:
+                self.lose_next_submit_answer = False
+                from adapters.errors import ConnectionLost
+
+                raise ConnectionLost("fake", "connection reset after the command was sent")
+            return job_id
+
+    def statuses(self, job_ids: Iterable[str]) -> StatusReport:
+        self._check_up()
+        found: dict[str, JobStatus] = {}
+        missing: set[str] = set()
+        for job_id in job_ids:
+            job = self.jobs.get(job_id)
+            if job is None or not (job.in_squeue or job.in_sacct):
+                missing.add(job_id)
+                continue
+            found[job_id] = self._status(job)
+        return StatusReport(found=found, missing=frozenset(missing), commands=2)
+
+    def _status(self, job: FakeJob) -> JobStatus:
+        return JobStatus(
+            job_id=job.job_id,
+            state=job.state,
+            slurm_state=job.state.value.upper(),
+            reason=job.reason,
+            name=job.spec.name,
+            comment=job.spec.tag,
+            alloc_gpus=job.alloc_gpus,
+            exit_code=job.exit_code,
+            elapsed_s=job.elapsed_s,
+            start_time=datetime.now(UTC) if job.state != JobState.PENDING else None,
+            source="sacct" if job.state.is_final else "squeue",
+        )
+
+    def find_by_tag(self, tag: str, since: datetime) -> list[JobStatus]:
+        self._check_up()
+        return [self._status(j) for j in self.jobs.values() if j.spec.tag == tag]
+
+    def cancel(self, job_id: str) -> None:
+        self._check_up()
+        self.cancels.append(job_id)
+        job = self.jobs.get(job_id)
+        if job is not None and not job.state.is_final:
+            job.state = JobState.CANCELLED
+            job.elapsed_s = job.elapsed_s or 0
+
+    def capacity(self) -> list[PartitionCapacity]:
+        self._check_up()
+        return [PartitionCapacity("gpu", "h100", 32, 0, 32, 0, 4, 0)]
+
+    def accounting(
+        self,
+        since: datetime,
+        until: datetime | None = None,
+        *,
+        accounts: Sequence[str] | None = None,
+        job_ids: Sequence[str] | None = None,
+    ) -> list[AccountingRecord]:
+        self._check_up()
+        return []
+
+    def ensure_account(self, account: str, user: str) -> None:
+        self._check_up()
+        self.accounts.add((account, user))
+
+    # --- what a test says Slurm does next ----------------------------------------------------
+
+    def finish(
+        self,
+        job_id: str,
+        state: JobState,
+        elapsed_s: int,
+        alloc_gpus: int | None = None,
+        exit_code: int = 0,
+    ) -> None:
+        job = self.jobs[job_id]
+        job.state, job.elapsed_s, job.exit_code = state, elapsed_s, exit_code
+        job.alloc_gpus = alloc_gpus if alloc_gpus is not None else job.spec.gpus
+        job.reason = None
+
+    def start(self, job_id: str) -> None:
+        self.jobs[job_id].state = JobState.RUNNING
+        self.jobs[job_id].reason = None
+
+    def unreachable(self) -> None:
+        self.down = HostUnreachable("fake-login", "connection refused")

@@ -1,0 +1,250 @@
+"""How the broker reacts to each thing Slurm can say, with a scripted cluster (fast, both DBs).
+
+The same behaviours are exercised against the real dev cluster in tests/e2e.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from adapters.errors import SlurmUnavailable
+from adapters.slurm.types import JobState
+from broker.db.engine import transaction
+from broker.db.models import JobRecord
+from broker.errors import (
+    ClusterUnavailable,
+    Forbidden,
+    IdempotencyConflict,
+    LimitExceeded,
+    NotFound,
+    QuotaExceeded,
+    SubmitRejected,
+)
+from broker.schemas import JobCreate
+from broker.service import projects
+from broker.service.jobs import JobFilter
+from tests.broker.harness import Env, build_env
+
+SCRIPT = "#!/bin/bash\nsrun python train.py\n"
+
+
+@pytest.fixture
+def env(database_url: str) -> Iterator[Env]:
+    environment = build_env(database_url, gpu_hours=100.0)
+    yield environment
+    environment.runtime.close()
+
+
+def job(**fields: object) -> JobCreate:
+    body: dict[str, object] = {
+        "project": "climate",
+        "script": SCRIPT,
+        "gpus": 8,
+        "time_limit_minutes": 60,
+        "cluster": "alpha",
+    }
+    body.update(fields)
+    return JobCreate.model_validate(body)
+
+
+def usage(env: Env) -> tuple[float, float]:
+    with env.runtime.sessions() as session:
+        u = projects.usage(session, env.admin, "climate")
+    return u.used_gpu_hours, u.reserved_gpu_hours
+
+
+def test_submit_reserves_and_completion_charges_what_sacct_says(env: Env) -> None:
+    submitted = env.runtime.jobs.submit(env.alice, job(), None).job
+    assert submitted.state == "pending" and submitted.slurm_job_id is not None
+    assert submitted.reserved_gpu_hours == pytest.approx(8.0)
+    assert usage(env) == pytest.approx((0.0, 8.0))
+    assert ("climate", "svc") in env.slurm["alpha"].accounts
+
+    env.slurm["alpha"].start(submitted.slurm_job_id)
+    env.runtime.poller.poll("alpha")
+    assert env.runtime.jobs.get(env.alice, submitted.id).state == "running"
+
+    env.slurm["alpha"].finish(submitted.slurm_job_id, JobState.COMPLETED, elapsed_s=900)
+    env.runtime.poller.poll("alpha")
+    done = env.runtime.jobs.get(env.alice, submitted.id)
+    assert done.state == "completed"
+    assert done.charged_gpu_hours == pytest.approx(8 * 900 / 3600)
+    assert done.reserved_gpu_hours == 0.0
+    assert usage(env) == pytest.approx((2.0, 0.0))
+    events = [e.to_state for e in env.runtime.jobs.events(env.alice, submitted.id).data]
+    assert events == ["submitting", "pending", "running", "completed"]
+
+
+def test_weight_of_the_gpu_type_applies_to_reservation_and_charge(env: Env) -> None:
+    submitted = env.runtime.jobs.submit(env.alice, job(cluster="beta", gpus=4), None).job
+    assert submitted.gpu_type == "a100"
+    assert submitted.reserved_gpu_hours == pytest.approx(4 * 1.0 * 0.5)
+    env.slurm["beta"].finish(submitted.slurm_job_id or "", JobState.COMPLETED, elapsed_s=3600)
+    env.runtime.poller.poll("beta")
+    assert env.runtime.jobs.get(env.alice, submitted.id).charged_gpu_hours == pytest.approx(2.0)
+
+
+def test_budget_too_small_is_409_with_numbers_and_nothing_reaches_slurm(env: Env) -> None:
+    with pytest.raises(QuotaExceeded) as refused:
+        env.runtime.jobs.submit(env.alice, job(gpus=8, time_limit_minutes=60 * 13), None)
+    assert refused.value.extra["limit"] == "gpu_hours"
+    assert refused.value.extra["requested"] == pytest.approx(104.0)
+    assert refused.value.extra["remaining"] == pytest.approx(100.0)
+    assert env.slurm["alpha"].submits == 0
+    assert usage(env) == (0.0, 0.0)
+
+
+def test_static_limit_is_422_naming_the_limit(env: Env) -> None:
+    with transaction(env.runtime.sessions) as session:
+        from datetime import UTC, datetime, timedelta
+
+        from broker.schemas import QuotaPut
+
+        now = datetime.now(UTC)
+        projects.put_quota(
+            session,
+            env.admin,
+            "climate",
+            QuotaPut(
+                period_start=now - timedelta(days=1),
+                period_end=now + timedelta(days=1),
+                gpu_hours=100,
+                max_gpus_per_job=4,
+            ),
+        )
+    with pytest.raises(LimitExceeded) as refused:
+        env.runtime.jobs.submit(env.alice, job(gpus=8), None)
+    assert refused.value.extra == {"limit": "gpus_per_job", "requested": 8, "allowed": 4}
+    assert env.slurm["alpha"].submits == 0
+
+
+def test_unreachable_cluster_is_503_and_nothing_stays_reserved(env: Env) -> None:
+    env.slurm["alpha"].unreachable()
+    with pytest.raises(ClusterUnavailable) as refused:
+        env.runtime.jobs.submit(env.alice, job(), "key-1")
+    assert refused.value.retry_after > 0
+    assert usage(env) == (0.0, 0.0)
+    # The key is free again: a retry once the cluster is back submits for real.
+    env.slurm["alpha"].down = None
+    retried = env.runtime.jobs.submit(env.alice, job(), "key-1")
+    assert retried.created and retried.job.state == "pending"
+
+
+def test_sbatch_refusal_is_reported_and_released(env: Env) -> None:
+    env.slurm["alpha"].refuse_next_submit = "Requested node configuration is not available"
+    with pytest.raises(SubmitRejected) as refused:
+        env.runtime.jobs.submit(env.alice, job(), None)
+    assert "node configuration" in refused.value.detail
+    assert usage(env) == (0.0, 0.0)
+
+
+def test_lost_sbatch_answer_is_attached_by_tag_never_resubmitted(env: Env) -> None:
+    env.slurm["alpha"].lose_next_submit_answer = True
+    outcome = env.runtime.jobs.submit(env.alice, job(), None)
+    assert outcome.job.state == "submit_unknown"
+    assert usage(env)[1] == pytest.approx(8.0)  # still held while unknown
+    env.runtime.poller.poll("alpha")
+    attached = env.runtime.jobs.get(env.alice, outcome.job.id)
+    assert attached.state == "pending"
+    assert attached.slurm_job_id in env.slurm["alpha"].jobs
+    assert env.slurm["alpha"].submits == 1
+
+
+def test_submitting_row_left_by_a_crash_is_attached_after_the_grace(database_url: str) -> None:
+    env = build_env(database_url, stale_submitting_seconds=0)
+    try:
+        outcome = env.runtime.jobs.submit(env.alice, job(), None)
+        # Simulate the crash: the row never learned its Slurm id.
+        with transaction(env.runtime.sessions) as session:
+            row = session.get_one(JobRecord, outcome.job.id)
+            row.state, row.slurm_job_id = "submitting", None
+        env.runtime.poller.poll("alpha")
+        attached = env.runtime.jobs.get(env.alice, outcome.job.id)
+        assert attached.state == "pending" and attached.slurm_job_id == outcome.job.slurm_job_id
+        assert env.slurm["alpha"].submits == 1
+    finally:
+        env.runtime.close()
+
+
+def test_job_slurm_forgot_becomes_unknown_only_after_several_misses(env: Env) -> None:
+    submitted = env.runtime.jobs.submit(env.alice, job(), None).job
+    env.slurm["alpha"].jobs.clear()
+    for _ in range(2):
+        env.runtime.poller.poll("alpha")
+        assert env.runtime.jobs.get(env.alice, submitted.id).state == "pending"
+    env.runtime.poller.poll("alpha")
+    gone = env.runtime.jobs.get(env.alice, submitted.id)
+    assert gone.state == "unknown" and gone.charged_gpu_hours == 0.0
+    assert usage(env) == (0.0, 0.0)
+
+
+def test_cluster_down_during_poll_changes_nothing(env: Env) -> None:
+    submitted = env.runtime.jobs.submit(env.alice, job(), None).job
+    env.slurm["alpha"].down = SlurmUnavailable(["squeue"], 1, "Unable to contact slurm controller")
+    for _ in range(5):
+        report = env.runtime.poller.poll("alpha")
+        assert not report.ok
+    assert env.runtime.jobs.get(env.alice, submitted.id).state == "pending"
+    env.slurm["alpha"].down = None
+    env.slurm["alpha"].finish(submitted.slurm_job_id or "", JobState.COMPLETED, elapsed_s=60)
+    env.runtime.poller.poll("alpha")
+    assert env.runtime.jobs.get(env.alice, submitted.id).state == "completed"
+
+
+def test_states_never_move_backwards(env: Env) -> None:
+    submitted = env.runtime.jobs.submit(env.alice, job(), None).job
+    fake = env.slurm["alpha"]
+    fake.finish(submitted.slurm_job_id or "", JobState.COMPLETED, elapsed_s=60)
+    env.runtime.poller.poll("alpha")
+    fake.jobs[submitted.slurm_job_id or ""].state = JobState.RUNNING  # a stale answer
+    env.runtime.poller.poll("alpha")
+    assert env.runtime.jobs.get(env.alice, submitted.id).state == "completed"
+
+
+def test_idempotency_key_returns_the_same_job_and_conflicts_on_a_new_body(env: Env) -> None:
+    first = env.runtime.jobs.submit(env.alice, job(), "abc")
+    again = env.runtime.jobs.submit(env.alice, job(), "abc")
+    assert again.job.id == first.job.id and not again.created
+    assert env.slurm["alpha"].submits == 1
+    with pytest.raises(IdempotencyConflict):
+        env.runtime.jobs.submit(env.alice, job(gpus=4), "abc")
+
+
+def test_visibility_and_roles(env: Env) -> None:
+    submitted = env.runtime.jobs.submit(env.alice, job(), None).job
+    with pytest.raises(NotFound):
+        env.runtime.jobs.get(env.bob, submitted.id)
+    with pytest.raises(NotFound):
+        env.runtime.jobs.cancel(env.bob, submitted.id)
+    with pytest.raises(NotFound):
+        env.runtime.jobs.submit(env.bob, job(), None)  # bob is not in climate
+    assert env.runtime.jobs.get(env.engineer, submitted.id).id == submitted.id
+    with pytest.raises(Forbidden):
+        env.runtime.jobs.cancel(env.engineer, submitted.id)
+    with pytest.raises(Forbidden):
+        env.runtime.jobs.submit(env.engineer, job(), None)
+    listed = env.runtime.jobs.list(env.bob, JobFilter(), 50, None)
+    assert listed.data == []
+
+
+def test_cancel_is_idempotent_and_settles_through_the_poller(env: Env) -> None:
+    submitted = env.runtime.jobs.submit(env.alice, job(), None).job
+    _, accepted = env.runtime.jobs.cancel(env.alice, submitted.id)
+    assert accepted and env.slurm["alpha"].cancels == [submitted.slurm_job_id]
+    env.runtime.poller.poll("alpha")
+    final = env.runtime.jobs.get(env.alice, submitted.id)
+    assert final.state == "cancelled" and final.charged_gpu_hours == 0.0
+    again, accepted_again = env.runtime.jobs.cancel(env.alice, submitted.id)
+    assert not accepted_again and again.state == "cancelled"
+
+
+def test_list_is_newest_first_and_paginates(env: Env) -> None:
+    ids = [env.runtime.jobs.submit(env.alice, job(gpus=1), None).job.id for _ in range(5)]
+    first = env.runtime.jobs.list(env.alice, JobFilter(project="climate"), 2, None)
+    assert [j.id for j in first.data] == ids[::-1][:2]
+    assert first.next_cursor is not None
+    rest = env.runtime.jobs.list(env.alice, JobFilter(project="climate"), 10, first.next_cursor)
+    assert [j.id for j in rest.data] == ids[::-1][2:]
+    assert rest.next_cursor is None
