@@ -72,6 +72,42 @@ class RejectUnknownHostKey(paramiko.MissingHostKeyPolicy):
         )
 
 
+def load_known_hosts(path: Path, into: paramiko.HostKeys) -> int:
+    """Add the keys of an OpenSSH known_hosts file (re-read at every connect, so an admin's edit
+    takes effect without a restart); returns how many were read.
+
+    Like OpenSSH, a line that does not parse is skipped with a warning instead of making the whole
+    file unusable (paramiko raises on it). ``@cert-authority`` and ``@revoked`` lines are not
+    supported and are skipped with a warning. A missing file is an empty one: every host is then
+    unknown, and refused.
+    """
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        logger.warning("known_hosts %s unreadable (%s): every host key will be refused", path, exc)
+        return 0
+    count = 0
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("@"):
+            logger.warning("%s:%d: marker lines are not supported; line ignored", path, lineno)
+            continue
+        try:
+            entry = paramiko.hostkeys.HostKeyEntry.from_line(line, lineno)
+        except Exception as exc:  # InvalidHostKey, binascii and key-format errors alike
+            logger.warning("%s:%d: unreadable host key ignored: %s", path, lineno, exc)
+            continue
+        if entry is None or entry.key is None:
+            logger.warning("%s:%d: unreadable host key line ignored", path, lineno)
+            continue
+        for hostname in entry.hostnames:
+            into.add(hostname, entry.key.get_name(), entry.key)
+            count += 1
+    return count
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -186,6 +222,7 @@ class SSHRunner:
         self._state_lock = threading.Lock()  # guards _client and the counters
         self._connect_lock = threading.Lock()  # one connection attempt at a time
         self._client: paramiko.SSHClient | None = None
+        self._last_unreachable: tuple[float, str] = (float("-inf"), "")  # under _connect_lock
         self._connections_opened = 0
         self._sessions_in_use = 0
 
@@ -285,15 +322,25 @@ class SSHRunner:
         live = self._live_transport()
         if live is not None:
             return live
-        remaining = deadline - time.monotonic()
+        waiting_since = time.monotonic()
+        remaining = deadline - waiting_since
         if remaining <= 0 or not self._connect_lock.acquire(timeout=remaining):
             raise HostUnreachable(self._label, "deadline passed while waiting for a connection")
         try:
             live = self._live_transport()  # another thread may have connected meanwhile
             if live is not None:
                 return live
+            failed_at, reason = self._last_unreachable
+            if failed_at >= waiting_since:
+                # Another thread's attempt failed while this one waited: share its answer rather
+                # than queue up one more connect timeout per waiting thread.
+                raise HostUnreachable(self._label, reason)
             self.close()
-            client = self._connect(deadline)
+            try:
+                client = self._connect(deadline)
+            except HostUnreachable as exc:
+                self._last_unreachable = (time.monotonic(), exc.reason)
+                raise
             transport = client.get_transport()
             assert transport is not None
             with self._state_lock:
@@ -333,8 +380,7 @@ class SSHRunner:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         client = paramiko.SSHClient()
-        if self._known_hosts.is_file():
-            client.load_host_keys(str(self._known_hosts))
+        load_known_hosts(self._known_hosts, client.get_host_keys())
         client.set_missing_host_key_policy(RejectUnknownHostKey(self._label, self._known_hosts))
         remaining = budget - (time.monotonic() - started)
         alarm = _Alarm(remaining, sock)  # banner, kex and auth waits each have their own timeout
@@ -388,9 +434,12 @@ class SSHRunner:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise CommandTimedOut(argv, limit, host=self._label, may_have_run=False)
+        # A half-open link (peer gone without a FIN or RST) shows only as a channel that never
+        # opens: wait for at most half the time left, so a retry on a new connection still fits.
+        open_timeout = min(remaining, max(remaining / 2, 2.0))
         try:
             with map_ssh_errors(self._label, user=self._user, stage="open"):
-                channel = transport.open_session(timeout=remaining)
+                channel = transport.open_session(timeout=open_timeout)
         except ConnectionLost as exc:
             if time.monotonic() >= deadline:
                 raise CommandTimedOut(argv, limit, host=self._label, may_have_run=False) from exc

@@ -327,6 +327,7 @@ class DatabaseCollector:
         self._lock = threading.Lock()
         self._cached: DatabaseState | None = None
         self._cached_at = 0.0
+        self._ssh_lock = threading.Lock()
         self._ssh_base: dict[str, int] = defaultdict(int)
         self._ssh_last: dict[str, tuple[int, int]] = {}
 
@@ -574,10 +575,17 @@ class DatabaseCollector:
             "Sessions this process may open at once on the cluster (clusters.NAME.max_sessions)",
             labels=["cluster"],
         )
-        runners = dict(self._runners.runners()) if self._runners is not None else {}
+        runners: dict[str, object] = {}
+        if self._runners is not None:
+            try:
+                runners = dict(self._runners.runners())
+            except Exception:  # a scrape must not fail over a registry in an odd state
+                log.warning("metrics: cannot list the SSH runners", exc_info=True)
         for cluster in sorted(set(self._settings.clusters) | set(runners)):
             runner = runners.get(cluster)
-            opened.add_metric([cluster], self._connections_opened(cluster, runner))
+            with self._ssh_lock:  # concurrent scrapes must not carry a count over twice
+                count = self._connections_opened(cluster, runner)
+            opened.add_metric([cluster], count)
             in_use.add_metric([cluster], _int_attribute(runner, "sessions_in_use"))
             configured = self._settings.clusters.get(cluster)
             if configured is not None and configured.transport == "ssh":

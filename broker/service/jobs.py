@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.errors import AdapterError, CommandFailed, SlurmUnavailable, TransportError
 from adapters.slurm.types import JobSpec, JobState
+from broker import failpoints
 from broker.clock import utcnow
 from broker.config import Settings
 from broker.db.engine import transaction
@@ -478,6 +479,7 @@ class JobService:
         try:
             self._ensure_account(cluster_name, account)
             slurm_job_id = self._clusters.client(cluster_name).submit(spec)
+            failpoints.hit("after_sbatch")
         except AdapterError as exc:
             return self._after_failed_sbatch(job_id, cluster_name, exc)
         except ValueError as exc:

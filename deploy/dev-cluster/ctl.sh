@@ -26,6 +26,7 @@ usage() {
 main() {
     local cmd=${1:-} cluster=${2:-}
     ((EUID == 0)) || die "run as root"
+    [[ $cmd == status ]] || lock_state
     case $cmd in
     status) status ;;
     stop-slurmdbd) stop_slurmdbd ;;

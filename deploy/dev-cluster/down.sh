@@ -11,17 +11,17 @@ umask 022
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 main() {
-    local purge=false
+    local purge=false slurm_daemons c
     case ${1:-} in
     "") ;;
     --purge) purge=true ;;
     *) echo "usage: $0 [--purge]" >&2; exit 2 ;;
     esac
     ((EUID == 0)) || die "run as root"
+    lock_state
 
     if [[ -d $PIDS ]]; then
         cancel_jobs
-        local c
         for c in "${CLUSTERS[@]}"; do stop_sshd "$c"; done
         # Slurm daemons all at once; munged and MariaDB last, since the others still talk to them.
         mapfile -t slurm_daemons < <(all_daemons | grep -E ':(slurmctld|slurmd|slurmdbd)$')

@@ -42,6 +42,14 @@ cluster_conf() { echo "$STATE/$1/slurm.conf"; }
 cluster_log_dir() { echo "$STATE/$1/log"; }
 require_cluster() { cluster_spec "${1:-}"; }
 
+# lock_state: up.sh, down.sh and ctl.sh may be run by several tests at once; one at a time, or two
+# of them could start the same daemon. The lock is released when the script exits.
+lock_state() {
+    [[ -d $STATE ]] || return 0
+    exec 9>"$STATE/.lock"
+    flock -w $((3 * WAIT_SECONDS)) 9 || die "timed out waiting for $STATE/.lock (another up/down/ctl.sh runs)"
+}
+
 # log MESSAGE: progress on stderr, with the seconds since the script started.
 T0_US=${EPOCHREALTIME/./}
 log() {
@@ -63,13 +71,14 @@ die() {
 }
 
 # wait_until DESCRIPTION "LOGFILE..." COMMAND...: poll COMMAND until it succeeds, at most
-# WAIT_SECONDS. COMMAND may set WAIT_DETAIL to say what it saw last; it runs in this shell.
+# WAIT_SECONDS. COMMAND runs in this shell, keeps its own stderr quiet, may set WAIT_DETAIL to say
+# what it saw last, and may die at once when waiting longer is pointless.
 wait_until() {
     local what=$1 logfiles=$2
     shift 2
     local deadline=$((SECONDS + WAIT_SECONDS))
     WAIT_DETAIL=
-    until "$@" >/dev/null 2>&1; do
+    until "$@" >/dev/null; do
         if ((SECONDS >= deadline)); then
             # shellcheck disable=SC2086 # paths never hold whitespace (up.sh checks)
             die "timed out after ${WAIT_SECONDS}s waiting for $what${WAIT_DETAIL:+ (last seen: $WAIT_DETAIL)}" $logfiles
@@ -116,7 +125,8 @@ start_daemon() {
         stop_daemons "$name:$comm"
     fi
     rm -f "$PIDS/$name.pid"
-    "$@" || die "$name failed to start: $*" "$logfile"
+    # 9>&-: a daemon must not inherit the lock (see lock_state), or it would hold it forever.
+    "$@" 9>&- || die "$name failed to start: $*" "$logfile"
     wait_until "$name to write its pid file" "$logfile" running_pid "$name" "$comm"
     echo "$sum" >"$PIDS/$name.sum"
     log "$name started (pid $(running_pid "$name" "$comm"))"
@@ -182,12 +192,22 @@ start_slurmds() {
     done
 }
 
+# alive_and NAME COMM LOGFILE CHECK...: CHECK, but fail at once if the daemon died during start-up
+# (a configuration error): no point waiting for the deadline.
+alive_and() {
+    local name=$1 comm=$2 logfile=$3
+    shift 3
+    running_pid "$name" "$comm" >/dev/null || die "$name exited during start-up" "$logfile"
+    "$@"
+}
+
 slurmctld_answers() { SLURM_CONF=$(cluster_conf "$1") scontrol ping 2>/dev/null | grep -q 'is UP'; }
 
 wait_slurmctld() {
-    local c=$1
-    wait_until "slurmctld of $c to answer scontrol ping" "$(cluster_log_dir "$c")/slurmctld.log" \
-        slurmctld_answers "$c"
+    local c=$1 logfile
+    logfile="$(cluster_log_dir "$1")/slurmctld.log"
+    wait_until "slurmctld of $c to answer scontrol ping" "$logfile" \
+        alive_and "$c-slurmctld" slurmctld "$logfile" slurmctld_answers "$c"
 }
 
 # Node states (sinfo %t) that count as up for up.sh: responding and schedulable (busy on a rerun).
@@ -234,15 +254,15 @@ start_sshd() {
     wait_until "sshd of $c to listen on port $SSH_PORT" "$(cluster_log_dir "$c")/sshd.log" port_open "$SSH_PORT"
 }
 
-# stop_sshd CLUSTER: a login node that goes down takes its open sessions with it, so end the
-# per-connection children of our listener (each is its own session, found by parent pid) too.
+# stop_sshd CLUSTER: a login node that goes down takes its sessions with it: end every process below
+# our listener (per-connection sshd and the commands they run, which would outlive them) too.
 stop_sshd() {
-    local name=$1-sshd pid children
+    local name=$1-sshd pid below
     if pid=$(running_pid "$name" sshd); then
-        children=$(pgrep -P "$pid" || true)
-        if [[ -n $children ]]; then
+        below=$(descendants "$pid" | tr '\n' ' ')
+        if [[ -n ${below// /} ]]; then
             # shellcheck disable=SC2086 # one pid per word
-            kill -TERM $children 2>/dev/null || true
+            kill -KILL $below 2>/dev/null || true
         fi
     fi
     stop_daemons "$name:sshd"
@@ -255,7 +275,8 @@ start_slurmdbd() {
     # slurmdbd looks for slurmdbd.conf in the directory of SLURM_CONF; that slurm.conf need not exist.
     start_daemon slurmdbd slurmdbd "$(conf_sum "$DBD_DIR/slurmdbd.conf")" "$DBD_DIR/slurmdbd.log" \
         env SLURM_CONF="$DBD_DIR/slurm.conf" /usr/sbin/slurmdbd
-    wait_until "slurmdbd to answer sacctmgr" "$DBD_DIR/slurmdbd.log" slurmdbd_answers
+    wait_until "slurmdbd to answer sacctmgr" "$DBD_DIR/slurmdbd.log" \
+        alive_and slurmdbd slurmdbd "$DBD_DIR/slurmdbd.log" slurmdbd_answers
 }
 
 slurmdbd_answers() { SLURM_CONF=$(cluster_conf alpha) sacctmgr -n -P show cluster format=cluster >/dev/null 2>&1; }

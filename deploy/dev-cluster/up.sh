@@ -4,7 +4,7 @@
 # configuration for them in .dev-cluster/broker.toml. See README.md beside this file.
 #
 # Idempotent: what already runs with the same configuration is reused, so a second run takes about
-# a second. Every daemon started here leaves a pid file in .dev-cluster/pids/, which down.sh uses.
+# two seconds. Every daemon started here leaves a pid file in .dev-cluster/pids/, which down.sh uses.
 set -euo pipefail
 umask 022
 # shellcheck source=lib.sh source-path=SCRIPTDIR
@@ -12,6 +12,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 main() {
     preflight
+    mkdir -p "$STATE"
+    lock_state
     "$DEV_DIR/../install-packages.sh"
     make_layout
     start_munge
@@ -104,7 +106,7 @@ start_munge() {
         chown munge:munge /etc/munge/munge.key
         chmod 600 /etc/munge/munge.key
     fi
-    su -s /bin/sh munge -c /usr/sbin/munged ||
+    su -s /bin/sh munge -c /usr/sbin/munged 9>&- ||
         die "munged failed to start" /var/log/munge/munged.log
     wait_until "munge -n | unmunge to succeed" /var/log/munge/munged.log munge_works
     # munged can only write its pid file where the munge user may write: keep a copy with ours.
@@ -129,7 +131,7 @@ ensure_mariadb() {
     fi
     start-stop-daemon --start --oknodo --background \
         --make-pidfile --pidfile "$PIDS/mariadbd.pid" --exec /usr/sbin/mariadbd -- \
-        --user=mysql --log-error="$STATE/mariadb/mariadbd.log"
+        --user=mysql --log-error="$STATE/mariadb/mariadbd.log" 9>&-
     wait_until "mariadbd to answer on its socket" "$STATE/mariadb/mariadbd.log" mariadb_answers
     log "mariadbd started (pid $(cat "$PIDS/mariadbd.pid"))"
 }
@@ -269,20 +271,32 @@ EOF
 
 sacctmgr_() { SLURM_CONF=$(cluster_conf alpha) sacctmgr "$@"; }
 
+# sacctmgr_add ARGS...: "sacctmgr -i add", where "Nothing new added" (exit 1) is success.
+sacctmgr_add() {
+    local out
+    out=$(sacctmgr_ -i add "$@" 2>&1) || grep -q 'Nothing new added' <<<"$out" ||
+        die "sacctmgr add $* failed: $out" "$DBD_DIR/slurmdbd.log"
+}
+
 # register_accounting: clusters, the account "dev", and the users slurmsvc (an Administrator, so the
-# broker may add accounts and users) and root. Queries first, adds only what is missing.
+# broker may add accounts and users) and root. Queries first; each add covers every cluster at once,
+# since each sacctmgr call costs a few hundred milliseconds.
 register_accounting() {
-    local c u clusters assocs users
+    local c u clusters assocs users all_clusters
+    all_clusters=$(IFS=,; echo "${CLUSTERS[*]}")
     clusters=$(sacctmgr_ -n -P show cluster format=cluster)
     for c in "${CLUSTERS[@]}"; do
-        grep -qx "$c" <<<"$clusters" || { sacctmgr_ -i add cluster "$c" >/dev/null && log "registered cluster $c"; }
+        grep -qx "$c" <<<"$clusters" || { sacctmgr_add cluster "$c" && log "registered cluster $c"; }
     done
     assocs=$(sacctmgr_ -n -P show assoc format=cluster,account,user)
     for c in "${CLUSTERS[@]}"; do
-        grep -qx "$c|dev|" <<<"$assocs" ||
-            sacctmgr_ -i add account dev cluster="$c" description=dev-cluster organization=dev >/dev/null
+        grep -qx "$c|dev|" <<<"$assocs" || { sacctmgr_add account dev cluster="$all_clusters" \
+            description=dev-cluster organization=dev && break; }
+    done
+    for c in "${CLUSTERS[@]}"; do
         for u in "$SVC_USER" root; do
-            grep -qx "$c|dev|$u" <<<"$assocs" || sacctmgr_ -i add user "$u" account=dev cluster="$c" >/dev/null
+            grep -qx "$c|dev|$u" <<<"$assocs" ||
+                { sacctmgr_add user name="$SVC_USER,root" account=dev cluster="$all_clusters" && break 2; }
         done
     done
     users=$(sacctmgr_ -n -P show user format=user,defaultaccount,adminlevel)

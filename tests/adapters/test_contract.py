@@ -19,9 +19,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
+import paramiko
 import pytest
 
-from adapters.errors import CommandTimedOut, HostKeyRejected, HostUnreachable, SlurmUnavailable
+from adapters.errors import (
+    CommandTimedOut,
+    ConnectionLost,
+    HostKeyRejected,
+    HostUnreachable,
+    SlurmUnavailable,
+)
 from adapters.local import LocalRunner
 from adapters.runner import CommandRunner
 from adapters.slurm.client import SlurmClient
@@ -343,14 +350,23 @@ def test_ssh_refuses_a_changed_host_key(tmp_path: Path) -> None:
     assert not caught.value.transient
 
 
-@pytest.mark.parametrize("content", ["", "[127.0.0.1]:1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB\n"])
+@pytest.mark.parametrize("content", ["empty", "other-port", "garbage"])
 def test_ssh_refuses_an_unknown_host_key(tmp_path: Path, content: str) -> None:
     dev = devcluster.cluster("beta")
+    ours = f"[{dev.host}]:{dev.port} "
+    line = next(ln for ln in dev.known_hosts.read_text().splitlines() if ln.startswith(ours))
     known = tmp_path / "known_hosts"
-    known.write_text(content)
+    known.write_text(
+        {
+            "empty": "",
+            "other-port": line.replace(ours, f"[{dev.host}]:1 ") + "\n",  # right key, other host
+            "garbage": ours + "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB\n",  # truncated key
+        }[content]
+    )
     with ssh_runner(dev, known_hosts=known) as runner, pytest.raises(HostKeyRejected) as caught:
         runner.run(["/bin/true"], timeout=10)
     assert caught.value.fingerprint.startswith("SHA256:")
+    assert "no key in" in str(caught.value)
     assert runner.connections_opened == 0
 
 
@@ -421,3 +437,49 @@ def test_ssh_stopped_sshd_is_unreachable_within_the_deadline_then_recovers() -> 
             devcluster.ctl("start-sshd", "beta")
         assert warm.run(["/bin/true"], timeout=10).exit_code == 0  # reconnected by itself
         assert warm.connections_opened == 2
+
+
+def test_ssh_retries_once_when_nothing_was_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    dev = devcluster.cluster("beta")
+    with ssh_runner(dev) as runner:
+        runner.run(["/bin/true"], timeout=10)
+        transport = runner._client.get_transport()  # type: ignore[union-attr]
+        assert transport is not None
+
+        def never_opens(*args: object, **kwargs: object) -> None:
+            raise paramiko.SSHException("Timeout opening channel.")
+
+        monkeypatch.setattr(transport, "open_session", never_opens)
+        assert runner.run(["/bin/echo", "again"], timeout=10).stdout == b"again\n"
+        assert runner.connections_opened == 2
+
+
+def test_ssh_does_not_retry_once_the_command_was_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    dev = devcluster.cluster("beta")
+    marker = Path(f"/tmp/brk-contract-sent-{uuid.uuid4().hex}")
+    with ssh_runner(dev) as runner:
+        runner.run(["/bin/true"], timeout=10)
+        transport = runner._client.get_transport()  # type: ignore[union-attr]
+        assert transport is not None
+        real_open = transport.open_session
+
+        def dies_after_exec(*args: object, **kwargs: object) -> paramiko.Channel:
+            channel = real_open(*args, **kwargs)  # type: ignore[arg-type]
+            real_exec = channel.exec_command
+
+            def exec_then_die(command: str) -> None:
+                real_exec(command)
+                transport.close()  # the link breaks after the request went out
+
+            monkeypatch.setattr(channel, "exec_command", exec_then_die)
+            return channel
+
+        monkeypatch.setattr(transport, "open_session", dies_after_exec)
+        with pytest.raises(ConnectionLost) as caught:
+            runner.run(["/bin/sh", "-c", f"sleep 0.5; touch {marker}"], timeout=10)
+        assert caught.value.may_have_run
+        assert caught.value.transient
+        monkeypatch.undo()
+        assert runner.run(["/bin/true"], timeout=10).exit_code == 0  # a new connection
+        assert runner.connections_opened == 2
+        marker.unlink(missing_ok=True)

@@ -24,7 +24,14 @@ from adapters.errors import (
     HostUnreachable,
 )
 from adapters.local import LocalRunner
-from adapters.ssh import RejectUnknownHostKey, SSHRunner, Stage, map_ssh_errors, remote_command
+from adapters.ssh import (
+    RejectUnknownHostKey,
+    SSHRunner,
+    Stage,
+    load_known_hosts,
+    map_ssh_errors,
+    remote_command,
+)
 
 WORDS = ["$(touch /tmp/x)", "a;b", "it's", 'say "hi"', "two\nlines", "", " spaced ", "\x1f", "*"]
 
@@ -228,3 +235,56 @@ def test_connect_to_a_closed_port_is_unreachable(client_key: Path, tmp_path: Pat
     )
     with pytest.raises(HostUnreachable, match="refused"):
         runner.run(["/bin/true"], timeout=5)
+
+
+def test_known_hosts_skips_bad_lines_and_reads_hashed_names(
+    host_key: paramiko.PKey, tmp_path: Path
+) -> None:
+    hashed = paramiko.HostKeys.hash_host("[10.0.0.1]:2221")
+    known = tmp_path / "known_hosts"
+    known.write_text(
+        "# comment\n"
+        "\n"
+        "[10.0.0.2]:22 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB\n"  # truncated: skipped
+        "@revoked * ssh-ed25519 AAAA\n"  # markers unsupported: skipped
+        f"{hashed} {host_key.get_name()} {host_key.get_base64()}\n"
+        f"plain,[10.0.0.3]:2200 {host_key.get_name()} {host_key.get_base64()}\n"
+    )
+    keys = paramiko.HostKeys()
+    assert load_known_hosts(known, keys) == 3
+    for name in ("[10.0.0.1]:2221", "plain", "[10.0.0.3]:2200"):
+        found = keys.lookup(name)
+        assert found is not None
+        assert found[host_key.get_name()] == host_key
+    assert keys.lookup("[10.0.0.2]:22") is None
+    assert load_known_hosts(tmp_path / "missing", keys) == 0
+
+
+def test_threads_waiting_for_a_failing_connect_share_its_answer(
+    silent_server: int, client_key: Path, tmp_path: Path
+) -> None:
+    runner = SSHRunner(
+        host="127.0.0.1",
+        port=silent_server,
+        user="svc",
+        private_key=client_key,
+        known_hosts=tmp_path / "known_hosts",
+        connect_timeout=0.8,
+    )
+    errors: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            runner.run(["/bin/true"], timeout=10)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=attempt) for _ in range(6)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert time.monotonic() - started < 2.5  # one connect timeout, not six in a row
+    assert len(errors) == 6
+    assert all(isinstance(error, HostUnreachable) for error in errors)

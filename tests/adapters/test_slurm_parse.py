@@ -316,3 +316,83 @@ def test_sinfo_counts_down_and_draining_nodes_as_unavailable() -> None:
         7,
     )
     assert (row.nodes_total, row.nodes_down) == (3, 2)
+
+
+# -- the shared captures in tests/fixtures/slurm (other field orders, '|' where it is safe) --------
+
+SHARED = Path(__file__).parents[1] / "fixtures" / "slurm"
+
+
+def shared(name: str) -> bytes:
+    return (SHARED / name).read_bytes()
+
+
+def reorder(raw: bytes, given: list[str], separator: bytes, *, trailing: bool) -> str:
+    """Rewrite a capture made with other fields into the client's format; lines that split into
+    the wrong number of fields (a '|' inside a comment) are dropped."""
+    target = SQUEUE_FIELDS if trailing else SACCT_FIELDS
+    aliases = {"StateCompact": "State"}
+    lines = []
+    for line in raw.split(b"\n"):
+        parts = line.split(separator)
+        if trailing:
+            parts = parts[:-1]
+        if len(parts) != len(given):
+            continue
+        row = {aliases.get(k, k): decode(v) for k, v in zip(given, parts, strict=True)}
+        row.setdefault("JobIDRaw", row["JobID"])
+        cells = [row.get(field, "") for field in target]
+        lines.append("".join(c + US for c in cells) if trailing else US.join(cells))
+    return "\n".join(lines) + "\n"
+
+
+def test_shared_sacct_capture() -> None:
+    given = "JobID JobName Account Partition State ExitCode AllocTRES ElapsedRaw Submit Start End"
+    text = reorder(shared("sacct.txt"), [*given.split(), "Comment"], US.encode(), trailing=False)
+    jobs = {r.job_id: r for r in parse_sacct(text)}
+    assert jobs["19"].state is JobState.TIMEOUT
+    assert jobs["19"].elapsed_s == 86
+    assert jobs["21"].state is JobState.FAILED
+    assert jobs["21"].exit_code == 3
+    assert jobs["22"].slurm_state == "CANCELLED"  # "CANCELLED by 999"
+    assert (
+        jobs["22"].comment
+        == "broker:job=6f1c2a8e-1234-4cde-9abc-0123456789ab user=alice@example.org"
+    )
+    assert {"26_0", "26_1", "26_2"} <= jobs.keys()
+    assert jobs["35"].start_time is None  # "None": never started
+    assert jobs["35"].alloc_gpus == 0
+    assert jobs["24"].alloc_gpus == 2  # -N 2 --gpus-per-node=h100:1
+
+
+def test_shared_squeue_capture_with_compact_states_and_raw_bytes() -> None:
+    given = ["JobID", "StateCompact", "Reason", "Name", "Comment", "tres-alloc", "SubmitTime"]
+    given.append("StartTime")
+    text = reorder(shared("squeue-after-timeout.txt"), given, b"|", trailing=True)
+    jobs = {s.job_id: s for s in parse_squeue(text)}
+    assert jobs["19"].state is JobState.TIMEOUT
+    assert jobs["19"].reason == "TimeLimit"
+    assert jobs["31"].reason == "JobHeldUser"
+    assert jobs["31"].state is JobState.PENDING
+    assert jobs["29"].reason == "JobArrayTaskLimit"
+    assert jobs["35"].alloc_gpus == 32
+    assert jobs["30"].name == "caf\ufffd-\ufffd-name"
+    assert "3" not in jobs  # its comment holds a '|': why the client uses 0x1f instead
+
+
+@pytest.mark.parametrize("name", ["sinfo.txt", "sinfo-drained.txt", "sinfo-beta.txt"])
+def test_shared_sinfo_captures(name: str) -> None:
+    text = decode(shared(name)).replace("|", US)
+    rows = {(r.partition, r.gpu_type): r for r in parse_sinfo(text)}
+    for row in rows.values():
+        assert row.gpus_allocated + row.gpus_idle + row.gpus_unavailable == row.gpus_total
+    if name == "sinfo-beta.txt":
+        assert rows[("gpu", "a100")].gpus_total == 8
+        assert rows[("gpu", "a100")].gpus_allocated == 3
+        return
+    gpu = rows[("gpu", "h100")]
+    assert gpu.gpus_total == 32
+    if name == "sinfo-drained.txt":  # a4 draining with 8 GPUs in use: allocated, not idle
+        assert (gpu.nodes_down, gpu.gpus_allocated, gpu.gpus_idle) == (1, 24, 8)
+    else:  # a3 "planned" (held for a pending job) is still available
+        assert (gpu.nodes_down, gpu.gpus_idle) == (0, 8)

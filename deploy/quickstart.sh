@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Everything for a first look, on a fresh Debian 12 machine as root: packages, the virtualenv,
+# the local Slurm dev cluster (alpha: 4 nodes x 8 h100, beta: 2 nodes x 4 a100, login nodes on
+# 127.0.0.1:2221 and :2222), the broker's database, a demo admin, a researcher and a project with
+# a quota. Then it serves the broker (API and poller) in the foreground; Ctrl-C stops it. The dev
+# cluster keeps running: deploy/dev-cluster/down.sh stops it.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+
+bash deploy/install-packages.sh
+bash deploy/python-env.sh postgres
+bash deploy/dev-cluster/up.sh
+
+config=$repo/.dev-cluster/broker.toml
+export BROKER_CONFIG=$config
+.venv/bin/broker db upgrade >/dev/null
+eval "$(.venv/bin/python deploy/dev-cluster/demo.py "$config")"
+
+port=${BROKER_PORT:-8080}
+url=http://127.0.0.1:$port
+cat <<MSG
+
+The broker is starting at $url (OpenAPI: $url/docs, metrics: $url/metrics).
+Demo researcher "alice" in project "demo" (1000 GPU-hours; h100 weight 1.0, a100 weight 0.5).
+In another shell:
+
+  export BROKER_URL=$url
+  export BROKER_TOKEN=$RESEARCHER_TOKEN
+  printf '#!/bin/bash\nsrun hostname\nsleep 30\n' > job.sh
+  $repo/.venv/bin/broker submit job.sh --project demo --cluster alpha --gpus 8 --time 10
+  $repo/.venv/bin/broker jobs
+  $repo/.venv/bin/broker usage demo
+
+Admin token (for 'broker project ...' and 'broker user ...'): $ADMIN_TOKEN
+
+MSG
+exec .venv/bin/broker serve --config "$config" --port "$port"

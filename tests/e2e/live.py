@@ -1,0 +1,254 @@
+"""A real broker for end-to-end tests: real dev cluster over SSH, real PostgreSQL, real HTTP.
+
+``LiveBroker`` serves in this process (uvicorn in a thread); ``BrokerProcess`` runs
+``broker serve`` as a child process, for tests that kill it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import uvicorn
+
+from broker.api.app import create_app
+from broker.config import Settings, load_settings
+from broker.db.engine import transaction
+from broker.db.migrate import upgrade
+from broker.runtime import Runtime, build_runtime
+from broker.schemas import UserCreate
+from broker.service import identity
+from tests import devcluster
+
+T = TypeVar("T")
+SLEEP_SCRIPT = "#!/bin/bash\nsleep {seconds}\n"
+# Fast cycles so tests see state changes within seconds.
+TEST_OVERRIDES = {
+    "BROKER_POLLER__INTERVAL_SECONDS": "1",
+    "BROKER_POLLER__LEASE_SECONDS": "5",
+    "BROKER_POLLER__MISSING_POLLS_BEFORE_UNKNOWN": "3",
+    "BROKER_POLLER__STALE_SUBMITTING_SECONDS": "5",
+    "BROKER_LIMITS__REQUESTS_PER_MINUTE": "0",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for(
+    probe: Callable[[], T | None], *, timeout: float, interval: float = 0.25, what: str = "it"
+) -> T:
+    """Poll ``probe`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def dev_settings(database_url: str, extra: Mapping[str, str] | None = None) -> Settings:
+    devcluster.cluster_names()  # fails the test with the set-up command if the cluster is absent
+    env = {**TEST_OVERRIDES, "BROKER_DATABASE__URL": database_url, **(extra or {})}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return load_settings(devcluster.BROKER_TOML)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@dataclass
+class Client:
+    """An HTTP client for one user of the live broker."""
+
+    base_url: str
+    token: str
+    http: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.http = httpx.Client(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=60,
+        )
+
+    def wait_state(self, job_id: str, states: set[str], timeout: float = 60) -> dict[str, Any]:
+        def probe() -> dict[str, Any] | None:
+            job: dict[str, Any] = self.http.get(f"/v1/jobs/{job_id}").json()
+            return job if job["state"] in states else None
+
+        return wait_for(probe, timeout=timeout, what=f"job {job_id} to reach {states}")
+
+
+def seed_users(runtime: Runtime) -> dict[str, str]:
+    """Users root (admin), alice and bob (researchers), eve (engineer); returns their tokens."""
+    tokens = {}
+    with transaction(runtime.sessions) as session:
+        for name, role in (
+            ("root", "admin"),
+            ("alice", "researcher"),
+            ("bob", "researcher"),
+            ("eve", "engineer"),
+        ):
+            identity.create_user(
+                session, "test", UserCreate.model_validate({"name": name, "role": role})
+            )
+            tokens[name] = identity.issue_token(session, "test", name, "e2e").token
+    return tokens
+
+
+def new_project(
+    admin: Client,
+    member: str,
+    *,
+    gpu_hours: float,
+    weights: dict[str, float] | None = None,
+    **limits: Any,
+) -> str:
+    """A project with a fresh Slurm account on both clusters and a quota open now."""
+    name = f"p{uuid.uuid4().hex[:10]}"
+    created = admin.http.post(
+        "/v1/projects",
+        json={"name": name, "slurm_accounts": {"alpha": name, "beta": name}},
+    )
+    assert created.status_code == 201, created.text
+    assert admin.http.put(f"/v1/projects/{name}/members/{member}", json={}).status_code == 200
+    now = datetime.now(UTC)
+    quota = {
+        "period_start": (now - timedelta(days=1)).isoformat(),
+        "period_end": (now + timedelta(days=30)).isoformat(),
+        "gpu_hours": gpu_hours,
+        "gpu_type_weights": weights or {"h100": 1.0, "a100": 0.5},
+        **limits,
+    }
+    put = admin.http.put(f"/v1/projects/{name}/quota", json=quota)
+    assert put.status_code == 200, put.text
+    return name
+
+
+class LiveBroker:
+    """The broker app with its poller, served by uvicorn on a free loopback port."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.runtime = build_runtime(settings)
+        upgrade(self.runtime.engine)
+        self.tokens = seed_users(self.runtime)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = create_app(self.runtime, run_poller=True)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def start(self) -> LiveBroker:
+        self._thread.start()
+        wait_for(lambda: self._server.started, timeout=20, what="uvicorn to start")
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+
+    def client(self, user: str) -> Client:
+        return Client(self.url, self.tokens[user])
+
+    def cancel_everything(self) -> None:
+        """Leave the dev cluster empty for the next test."""
+        from sqlalchemy import select
+
+        from broker.db.models import JobRecord
+        from broker.service.ledger import LIVE_STATES
+
+        with self.runtime.sessions() as session:
+            live = session.execute(
+                select(JobRecord.cluster, JobRecord.slurm_job_id).where(
+                    JobRecord.state.in_(LIVE_STATES), JobRecord.slurm_job_id.is_not(None)
+                )
+            ).all()
+        for cluster, slurm_job_id in live:
+            if slurm_job_id is not None:
+                self.runtime.clusters.client(cluster).cancel(slurm_job_id)
+
+
+def squeue_ids(runtime: Runtime, cluster: str, account: str) -> list[str]:
+    """Job ids Slurm has queued or running for ``account``: asked of Slurm directly."""
+    client = runtime.clusters.client(cluster)
+    result = client.runner.run(
+        ["squeue", "-h", "-A", account, "-t", "PD,R,CF,CG", "-o", "%i"], timeout=30
+    )
+    assert result.exit_code == 0, result.stderr_text
+    return sorted(result.stdout_text.split())
+
+
+class BrokerProcess:
+    """``broker serve`` as a child process on a free port (killable)."""
+
+    def __init__(self, database_url: str, extra_env: Mapping[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            **TEST_OVERRIDES,
+            "BROKER_DATABASE__URL": database_url,
+            "BROKER_CONFIG": str(devcluster.BROKER_TOML),
+            **(extra_env or {}),
+        }
+        self.log = Path(f"/tmp/broker-e2e-{self.port}.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> BrokerProcess:
+        cli = str(Path(sys.executable).with_name("broker"))
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [cli, "serve", "--port", str(self.port), "--log-level", "warning"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
+                return False
+
+        wait_for(healthy, timeout=30, what="broker serve to answer")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+@contextmanager
+def running(broker: BrokerProcess) -> Iterator[BrokerProcess]:
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
