@@ -194,6 +194,8 @@ class PollerSettings(_Section):
     the database): the reconciler looks for it by its tag. Keep it above the longest sbatch."""
     lease_seconds: PositiveFloat = 30.0
     accounting_lookback_hours: PositiveInt = 48
+    drift_check_seconds: PositiveFloat = 600.0
+    """How often the poller compares recent charges with sacct (broker_ledger_drift_gpu_seconds)."""
 
     @model_validator(mode="after")
     def _check_lease_outlives_a_cycle(self) -> Self:

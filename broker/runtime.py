@@ -47,6 +47,7 @@ def build_runtime(settings: Settings, *, clusters: ClusterRegistry | None = None
     sessions = make_session_factory(engine)
     metrics = BrokerMetrics()
     registry = clusters or ClusterRegistry(settings, observer=metrics.command)
+    metrics.attach(sessions, settings, registry)
     return Runtime(
         settings=settings,
         engine=engine,

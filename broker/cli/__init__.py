@@ -77,10 +77,24 @@ def serve(
 
 
 @app.command()
-def worker(config: ConfigOption = None, log_level: str = "info") -> None:
-    """Run only the poller (for deployments whose API replicas run with --no-poller)."""
+def worker(
+    config: ConfigOption = None,
+    metrics_host: Annotated[str, typer.Option(help="address of the worker's /metrics")] = (
+        "127.0.0.1"
+    ),
+    metrics_port: Annotated[
+        int, typer.Option(help="port of the worker's /metrics; 0: none")
+    ] = 9464,
+    log_level: str = "info",
+) -> None:
+    """Run only the poller (for deployments whose API replicas run with --no-poller).
+
+    Its poll, queue-wait, Slurm-command and SSH metrics are served on --metrics-port.
+    """
     import signal
     import threading
+
+    from prometheus_client import start_http_server
 
     from broker.db.migrate import upgrade
     from broker.runtime import build_runtime
@@ -88,6 +102,11 @@ def worker(config: ConfigOption = None, log_level: str = "info") -> None:
     _logging(log_level)
     runtime = build_runtime(_settings(config))
     upgrade(runtime.engine)
+    server = None
+    if metrics_port:
+        server, _ = start_http_server(
+            metrics_port, addr=metrics_host, registry=runtime.metrics.registry
+        )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -96,6 +115,8 @@ def worker(config: ConfigOption = None, log_level: str = "info") -> None:
         stop.wait()
     finally:
         runtime.close()
+        if server is not None:
+            server.shutdown()
 
 
 @db_app.command("upgrade")

@@ -23,6 +23,9 @@ class BrokerObserver(Protocol):
     def poll(self, cluster: str, ok: bool, seconds: float, status_commands: int) -> None:
         """One poll cycle of one cluster ended."""
 
+    def ledger_drift(self, cluster: str, project: str, seconds: int) -> None:
+        """Charged GPU-seconds of the broker minus what sacct implies, over recent finished jobs."""
+
 
 class NullObserver:
     """Observes nothing (tests, tools)."""
@@ -39,4 +42,7 @@ class NullObserver:
         return None
 
     def poll(self, cluster: str, ok: bool, seconds: float, status_commands: int) -> None:
+        return None
+
+    def ledger_drift(self, cluster: str, project: str, seconds: int) -> None:
         return None

@@ -52,6 +52,13 @@ class CycleReport:
     """(project id, gpu_type, final state, charged GPU-seconds) of jobs settled."""
 
 
+def charge_of(status: JobStatus, job_gpus: int, weight: float) -> tuple[int, int, int]:
+    """(allocated GPUs, elapsed seconds, charge) of a finished job as Slurm accounted it."""
+    alloc = status.alloc_gpus if status.alloc_gpus is not None else job_gpus
+    elapsed = _elapsed(status) or 0
+    return alloc, elapsed, charge_gpu_seconds(alloc, elapsed, weight)
+
+
 def _elapsed(status: JobStatus) -> int | None:
     if status.elapsed_s is not None:
         return status.elapsed_s
@@ -75,6 +82,7 @@ class Poller:
         self._clusters = clusters
         self._settings = settings
         self._observer: BrokerObserver = observer or NullObserver()
+        self._drift_checked: dict[str, float] = {}
 
     def poll(self, cluster: str) -> CycleReport:
         report = CycleReport(cluster=cluster)
@@ -85,6 +93,7 @@ class Poller:
             self._reconcile(cluster, report)
             self._retry_cancels(cluster)
             capacity = client.capacity()
+            self._check_drift(cluster)
         except AdapterError as exc:
             report.ok = False
             report.error = str(exc)[:500]
@@ -185,8 +194,7 @@ class Poller:
             if elapsed is None and job.missing_polls + 1 < threshold:
                 job.missing_polls += 1  # accounting not written yet: wait a cycle or two
                 return
-            alloc = status.alloc_gpus if status.alloc_gpus is not None else job.gpus
-            charge = charge_gpu_seconds(alloc, elapsed or 0, job.weight)
+            alloc, _, charge = charge_of(status, job.gpus, job.weight)
             transitions.settle(
                 session,
                 job,
@@ -295,6 +303,49 @@ class Poller:
         for slurm_job_id in pending_cancels:
             if slurm_job_id is not None:
                 client.cancel(slurm_job_id)
+
+    # --- the ledger against sacct -----------------------------------------------------------
+
+    def _check_drift(self, cluster: str) -> None:
+        """Recompute recent charges from sacct and report broker minus Slurm per project.
+
+        At most once per ``poller.drift_check_seconds`` per cluster, one batched ``statuses``.
+        A job sacct no longer knows counts as 0 on Slurm's side, so it shows up as drift.
+        """
+        poller = self._settings.poller
+        now = time.monotonic()
+        last = self._drift_checked.get(cluster)
+        if last is not None and now - last < poller.drift_check_seconds:
+            return
+        self._drift_checked[cluster] = now
+        since = utcnow() - timedelta(hours=poller.accounting_lookback_hours)
+        with self._sessions() as session:
+            rows = session.execute(
+                select(
+                    JobRecord.slurm_job_id,
+                    JobRecord.gpus,
+                    JobRecord.weight,
+                    JobRecord.charged_gpu_seconds,
+                    ProjectRecord.name,
+                )
+                .join(ProjectRecord, ProjectRecord.id == JobRecord.project_id)
+                .where(
+                    JobRecord.cluster == cluster,
+                    JobRecord.charged_gpu_seconds.is_not(None),
+                    JobRecord.slurm_job_id.is_not(None),
+                    JobRecord.ended_at >= since,
+                )
+            ).all()
+        if not rows:
+            return
+        status = self._clusters.client(cluster).statuses([r[0] for r in rows if r[0]])
+        drift: dict[str, int] = {}
+        for slurm_job_id, gpus, weight, charged, project in rows:
+            found = status.found.get(slurm_job_id or "")
+            slurm_side = charge_of(found, gpus, weight)[2] if found is not None else 0
+            drift[project] = drift.get(project, 0) + (charged or 0) - slurm_side
+        for project, seconds in sorted(drift.items()):
+            self._observer.ledger_drift(cluster, project, seconds)
 
     # --- the cluster's own state -----------------------------------------------------------
 

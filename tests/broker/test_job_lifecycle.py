@@ -248,3 +248,20 @@ def test_list_is_newest_first_and_paginates(env: Env) -> None:
     rest = env.runtime.jobs.list(env.alice, JobFilter(project="climate"), 10, first.next_cursor)
     assert [j.id for j in rest.data] == ids[::-1][2:]
     assert rest.next_cursor is None
+
+
+def test_drift_between_the_ledger_and_sacct_is_reported(env: Env) -> None:
+    submitted = env.runtime.jobs.submit(env.alice, job(), None).job
+    slurm_id = submitted.slurm_job_id or ""
+    env.slurm["alpha"].finish(slurm_id, JobState.COMPLETED, elapsed_s=900)
+    env.runtime.poller.poll("alpha")
+    labels = {"cluster": "alpha", "project": "climate"}
+    registry = env.runtime.metrics.registry
+    assert registry.get_sample_value("broker_ledger_drift_gpu_seconds", labels) == 0.0
+    # Accounting is corrected afterwards (e.g. slurmdbd caught up): the next check shows the gap.
+    env.slurm["alpha"].jobs[slurm_id].elapsed_s = 1000
+    env.runtime.poller._drift_checked.clear()
+    env.runtime.poller.poll("alpha")
+    assert (
+        registry.get_sample_value("broker_ledger_drift_gpu_seconds", labels) == 8 * 900 - 8 * 1000
+    )
