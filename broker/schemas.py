@@ -309,6 +309,22 @@ class MePublic(BaseModel):
     projects: list[str]
 
 
+# --- errors ---------------------------------------------------------------------------------
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document (``application/problem+json``). Extra members carry numbers:
+    ``errors`` (validation-error), ``limit``/``requested``/``allowed``/``used``/``reserved``/
+    ``remaining`` (limit-exceeded, quota-exceeded), ``cluster`` (cluster-unavailable)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+
+
 # --- clusters, reports, audit --------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker.errors import BrokerError, ClusterUnavailable, RateLimited
+from broker.schemas import Problem
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,31 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
 def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem(500, "internal", "Internal error", "the broker failed; see its log")
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the problem documents a route may answer with."""
+    return {
+        status: {
+            "model": Problem,
+            "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+            "description": _DESCRIPTIONS.get(status, "Problem"),
+        }
+        for status in statuses
+    }
+
+
+_DESCRIPTIONS = {
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not-found",
+    409: "quota-exceeded, conflict",
+    413: "payload-too-large",
+    422: "validation-error, limit-exceeded, idempotency-conflict, submit-rejected",
+    429: "rate-limited (Retry-After)",
+    503: "cluster-unavailable (Retry-After)",
+}
+COMMON = (401, 403, 404, 422, 429)
 
 
 def install(app: FastAPI) -> None:

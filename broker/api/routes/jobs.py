@@ -8,10 +8,11 @@ from fastapi import APIRouter, Header, Query, Response
 
 from adapters.slurm.types import JobState
 from broker.api.deps import CurrentActor, RuntimeDep
+from broker.api.problems import COMMON, responses
 from broker.schemas import JobCreate, JobEventsPublic, JobPublic, JobsPublic
 from broker.service.jobs import JobFilter
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(*COMMON, 409, 413, 503))
 
 
 @router.post("", status_code=201, response_model=JobPublic)

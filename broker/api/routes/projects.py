@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from broker.api.deps import CurrentActor, RuntimeDep
+from broker.api.problems import COMMON, responses
 from broker.db.engine import transaction
 from broker.schemas import (
     MemberPublic,
@@ -18,7 +19,7 @@ from broker.schemas import (
 )
 from broker.service import projects
 
-router = APIRouter(prefix="/v1/projects", tags=["projects"])
+router = APIRouter(prefix="/v1/projects", tags=["projects"], responses=responses(*COMMON, 409))
 
 
 @router.post("", status_code=201, response_model=ProjectPublic)

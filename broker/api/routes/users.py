@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from broker.api.deps import CurrentActor, RuntimeDep
+from broker.api.problems import COMMON, responses
 from broker.db.engine import transaction
 from broker.schemas import (
     MePublic,
@@ -17,7 +18,7 @@ from broker.schemas import (
 )
 from broker.service import identity
 
-router = APIRouter(tags=["users"])
+router = APIRouter(tags=["users"], responses=responses(*COMMON, 409))
 
 
 @router.get("/v1/me", response_model=MePublic)
