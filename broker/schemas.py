@@ -19,6 +19,9 @@ from pydantic import (
     model_validator,
 )
 
+from adapters.slurm.commands import batch_script
+from adapters.slurm.types import JobSpec
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 JOB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -106,6 +109,22 @@ class JobCreate(StrictModel):
             if len(val) > 4096:
                 raise ValueError(f"the value of {key} is longer than 4096 characters")
         return value
+
+    @model_validator(mode="after")
+    def _script_is_what_sbatch_will_take(self) -> JobCreate:
+        # The adapter's own rules (shebang, no #SBATCH header lines, a POSIX shell when an
+        # environment is given), applied before admission so a bad script reserves nothing.
+        probe = JobSpec(
+            script=self.script,
+            account="x",
+            partition="x",
+            gpus=1,
+            time_limit_minutes=1,
+            tag="validation",
+            environment=self.environment,
+        )
+        batch_script(probe)
+        return self
 
     @model_validator(mode="after")
     def _gpus_cover_nodes(self) -> JobCreate:

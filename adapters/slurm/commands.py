@@ -125,6 +125,14 @@ def check_spec(spec: JobSpec) -> None:
 # -- the batch script ----------------------------------------------------------------------------
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _interpreter(shebang: str) -> str:
     words = shebang[2:].split()
     if not words:
@@ -154,6 +162,8 @@ def batch_script(spec: JobSpec) -> bytes:
         raise ValueError("the job script must start with a '#!' line, e.g. '#!/bin/bash'")
     if "\0" in script:
         raise ValueError("the job script contains a NUL byte")
+    if not _encodable(script):
+        raise ValueError("the job script is not valid Unicode text (lone surrogates)")
     if "\r\n" in script:
         raise ValueError("the job script has DOS line breaks (\\r\\n); sbatch refuses them")
     lines = script.split("\n")
@@ -179,6 +189,8 @@ def batch_script(spec: JobSpec) -> bytes:
             raise ValueError(f"environment variable name {key!r} is not a valid identifier")
         if "\0" in value:
             raise ValueError(f"environment variable {key} contains a NUL byte")
+        if not _encodable(value):
+            raise ValueError(f"environment variable {key} is not valid Unicode text")
         exports.append(f"export {key}={shlex.quote(value)}")
     return "\n".join([lines[0], *exports, *lines[1:]]).encode()
 

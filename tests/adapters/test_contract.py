@@ -286,9 +286,10 @@ def test_ping_and_ensure_account(beta: Cluster) -> None:
         beta.wait_state(job_id, JobState.COMPLETED)
     finally:
         conf = {"SLURM_CONF": str(beta.dev.slurm_conf)}
-        for what in (["user", user, f"account={account}"], ["account", account]):
+        # Associations are per cluster, accounts are global: the account itself goes last.
+        for what in (["user", user, f"account={account}", "cluster=beta"], ["account", account]):
             subprocess.run(
-                ["sacctmgr", "-i", "delete", *what, "cluster=beta"],
+                ["sacctmgr", "-i", "delete", *what],
                 capture_output=True,
                 env=conf,
                 timeout=30,
@@ -475,11 +476,15 @@ def test_ssh_does_not_retry_once_the_command_was_sent(monkeypatch: pytest.Monkey
             return channel
 
         monkeypatch.setattr(transport, "open_session", dies_after_exec)
-        with pytest.raises(ConnectionLost) as caught:
-            runner.run(["/bin/sh", "-c", f"sleep 0.5; touch {marker}"], timeout=10)
-        assert caught.value.may_have_run
-        assert caught.value.transient
-        monkeypatch.undo()
-        assert runner.run(["/bin/true"], timeout=10).exit_code == 0  # a new connection
-        assert runner.connections_opened == 2
-        marker.unlink(missing_ok=True)
+        try:
+            with pytest.raises(ConnectionLost) as caught:
+                runner.run(["/bin/sh", "-c", f"sleep 0.5; touch {marker}"], timeout=10)
+            assert caught.value.may_have_run
+            assert caught.value.transient
+            # And it did run: the command outlives the connection that sent it.
+            wait_for(f"{marker} to appear", marker.exists, bool, timeout=10)
+            monkeypatch.undo()
+            assert runner.run(["/bin/true"], timeout=10).exit_code == 0  # a new connection
+            assert runner.connections_opened == 2
+        finally:
+            marker.unlink(missing_ok=True)

@@ -319,3 +319,22 @@ def test_clusters_come_from_the_last_poll(api: TestClient, env: Env) -> None:
     after = {c["name"]: c for c in api.get("/v1/clusters", headers=alice).json()["data"]}
     assert after["alpha"]["up"] and after["alpha"]["last_poll_at"]
     assert after["alpha"]["partitions"][0]["gpus_total"] == 32
+
+
+def test_scripts_slurm_would_misread_are_refused_before_anything_is_reserved(
+    api: TestClient, env: Env
+) -> None:
+    alice = token(env, "alice")
+    base = {"project": "climate", "gpus": 1, "time_limit_minutes": 10, "cluster": "alpha"}
+    for script, environment in (
+        ("#!/bin/bash\n#SBATCH --array=0-999\nsrun x\n", {}),  # would escape the quota
+        ("#!/bin/bash\r\nsrun x\r\n", {}),
+        ("#!/usr/bin/env python3\nprint(1)\n", {"A": "1"}),  # env needs a POSIX shell
+    ):
+        body = {**base, "script": script, "environment": environment}
+        problem(api.post("/v1/jobs", json=body, headers=alice), 422, "validation-error")
+    assert env.slurm["alpha"].submits == 0
+    usage = api.get("/v1/projects/climate/usage", headers=alice).json()
+    assert usage["reserved_gpu_hours"] == 0.0
+    python = {**base, "script": "#!/usr/bin/env python3\nprint(1)\n"}
+    assert api.post("/v1/jobs", json=python, headers=alice).status_code == 201

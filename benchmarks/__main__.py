@@ -1,0 +1,149 @@
+"""Run the benchmarks against the dev cluster and write the performance report.
+
+    python -m benchmarks                  # everything, ~15 min; writes docs/performance.md
+    python -m benchmarks --quick          # smoke run, < 1 min; writes benchmarks/results/quick/
+    python -m benchmarks --only polling   # some sections (latency, throughput, reads, polling)
+    python -m benchmarks --from-json benchmarks/results/performance.json   # report only
+
+Needs root (sbatch as the service account, sacctmgr, scancel, sdiag), the dev cluster up
+(``deploy/dev-cluster/up.sh``), PostgreSQL on 127.0.0.1:5432 (``$BROKER_TEST_POSTGRES``) and wrk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from benchmarks import machine
+from benchmarks.broker_process import (
+    BACKENDS,
+    BrokerServer,
+    fresh_database,
+    seed_bench_project,
+)
+from benchmarks.load import wrk_available
+from benchmarks.plan import FULL, QUICK, Plan
+from benchmarks.polling import run_polling
+from benchmarks.reads import run_reads
+from benchmarks.report import BACKEND_LABELS, write_report
+from benchmarks.slurm import REPO, Cluster, cancel_all, prepare_account
+from benchmarks.submission import BrokerTarget, run_latency, run_throughput
+
+SECTIONS = ("latency", "throughput", "reads", "polling")
+"""In the order they run. Reads come before polling so that slurmctld has purged the jobs of
+the submission sections (MinJobAge) by the time polling fills the queue with thousands."""
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _preflight(sections: Sequence[str]) -> None:
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("run as root: sbatch runs as the service account; sacctmgr, sdiag")
+    if "reads" in sections and not wrk_available():
+        problems.append("wrk is missing: apt-get install wrk (benchmarks/run.sh does)")
+    if problems:
+        raise SystemExit("benchmarks cannot run:\n  " + "\n  ".join(problems))
+
+
+def _save(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+
+
+def run(plan: Plan, sections: Sequence[str], json_path: Path, workdir: Path) -> dict[str, Any]:
+    cluster = Cluster.from_broker_toml("alpha")
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "mode": "quick" if plan.quick else "full",
+        "machine": machine.describe(),
+        "plan": asdict(plan),
+        "sections": {},
+    }
+    say(f"preparing Slurm account bench on {cluster.name}")
+    prepare_account(cluster)
+    cancel_all(cluster)
+    try:
+        if "latency" in sections or "throughput" in sections:
+            with ExitStack() as stack:
+                targets = []
+                for backend in BACKENDS:
+                    url = stack.enter_context(fresh_database(backend, workdir))
+                    token = seed_bench_project(url, cluster.name)
+                    server = stack.enter_context(BrokerServer(url, workdir, f"submit-{backend}"))
+                    targets.append(BrokerTarget(backend, BACKEND_LABELS[backend], server, token))
+                if "latency" in sections:
+                    say(f"1. submission latency: {plan.latency_rounds} rounds")
+                    results["sections"]["latency"] = run_latency(plan, cluster, targets, say)
+                    _save(results, json_path)
+                if "throughput" in sections:
+                    say(f"2. throughput: {plan.throughput_jobs} jobs per run")
+                    results["sections"]["throughput"] = run_throughput(plan, cluster, targets, say)
+                    _save(results, json_path)
+        if "reads" in sections:
+            say(f"4. API reads with {plan.read_jobs} jobs")
+            results["sections"]["reads"] = run_reads(plan, workdir, say)
+            _save(results, json_path)
+        if "polling" in sections:
+            say(f"3. polling at {', '.join(map(str, plan.poll_sizes))} live jobs")
+            results["sections"]["polling"] = run_polling(plan, cluster, workdir, say)
+    finally:
+        cancel_all(cluster)
+        results["elapsed_s"] = time.monotonic() - started
+        _save(results, json_path)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run with small counts")
+    parser.add_argument("--out", type=Path, help="where performance.md and the plots go")
+    parser.add_argument("--json", type=Path, help="where the raw results go")
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run, of: {', '.join(SECTIONS)}",
+    )
+    parser.add_argument("--from-json", type=Path, help="only write the report from these results")
+    args = parser.parse_args(argv)
+
+    out = args.out or (RESULTS / "quick" if args.quick else REPO / "docs")
+    if args.from_json:
+        document = write_report(json.loads(args.from_json.read_text()), out)
+        say(f"wrote {document}")
+        return 0
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s): {', '.join(unknown)}")
+    _preflight(sections)
+    json_path = args.json or (
+        out / "performance.json" if args.quick else RESULTS / "performance.json"
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="broker-bench-"))
+    try:
+        results = run(QUICK if args.quick else FULL, sections, json_path, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    document = write_report(results, out)
+    say(f"wrote {document} and {json_path} in {results['elapsed_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""How much each section runs: the full run (minutes, figures for docs/performance.md) and the
+quick run (seconds, a smoke test that every part works end to end)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    quick: bool
+    latency_rounds: int = 200
+    """Section 1: each round submits once per variant (a, b, c on each database)."""
+    latency_warmup: int = 5
+    throughput_jobs: int = 1000
+    throughput_clients: int = 16
+    poll_sizes: tuple[int, ...] = (10, 100, 1000, 5000)
+    poll_cycles: int = 5
+    """Measured cycles per queue size, after one first cycle that sees the new jobs."""
+    submit_workers: int = 8
+    """Parallel sbatch processes that fill the queue for section 3."""
+    read_jobs: int = 100_000
+    read_clients: int = 32
+    read_seconds: float = 20.0
+    read_warmup_seconds: float = 3.0
+    metrics_scrapes: int = 5
+    keep_free_jobs: int = 2000
+    """slurmctld job slots (of MaxJobCount) left free for whoever shares the dev cluster."""
+    room_wait_s: float = 420.0
+    """How long to wait for slurmctld to purge ended jobs (MinJobAge is 300 s) before a step."""
+
+
+FULL = Plan(quick=False)
+QUICK = Plan(
+    quick=True,
+    latency_rounds=6,
+    latency_warmup=1,
+    throughput_jobs=32,
+    poll_sizes=(10, 40),
+    poll_cycles=2,
+    read_jobs=2000,
+    read_seconds=1.0,
+    read_warmup_seconds=0.5,
+    metrics_scrapes=1,
+    room_wait_s=30.0,
+)

@@ -1,0 +1,660 @@
+"""``docs/performance.md`` and its plots, from the results of one run (``performance.json``).
+
+Everything with a number in it is generated from the results; the discussion of profiles and
+causes is kept by hand in ``benchmarks/analysis.md`` and included as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+ANALYSIS = Path(__file__).with_name("analysis.md")
+BACKEND_LABELS = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
+PLOTS = {
+    "latency": "performance-latency.png",
+    "throughput": "performance-throughput.png",
+    "polling": "performance-polling.png",
+    "reads": "performance-reads.png",
+}
+TABLE_TITLES = (
+    "Targets",
+    "Machine",
+    "1. Submission latency",
+    "2. Sustained submission throughput",
+    "3. Polling cost vs queue size",
+    "4. API reads with",
+)
+"""Headings every report has (the smoke test checks them)."""
+
+
+def ms(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if abs(value) < 10:
+        return f"{value:.2f}"
+    if abs(value) < 100:
+        return f"{value:.1f}"
+    return f"{value:.0f}"
+
+
+def ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x" if value < 10 else f"{value:.1f}x"
+
+
+def kib(value: float) -> str:
+    return f"{value / 1024:.1f} KiB" if value < 1024 * 1024 else f"{value / 1024 / 1024:.1f} MiB"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --- derived figures and targets -----------------------------------------------------------------
+
+
+def latency_derived(latency: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per database: c - a (p50, p95) in ms, b / c and c / a (p50)."""
+    variants = latency["variants"]
+    a, b = variants["a"]["summary"], variants["b"]["summary"]
+    derived = {}
+    for key, variant in variants.items():
+        if not key.startswith("c_"):
+            continue
+        c = variant["summary"]
+        derived[key.removeprefix("c_")] = {
+            "c_minus_a_p50": c["p50"] - a["p50"],
+            "c_minus_a_p95": c["p95"] - a["p95"],
+            "b_over_c": b["p50"] / c["p50"],
+            "c_over_a": c["p50"] / a["p50"],
+        }
+    return derived
+
+
+def throughput_ratios(throughput: dict[str, Any]) -> dict[str, float]:
+    runs = throughput["runs"]
+    direct = next(r for r in runs if r["kind"] == "direct")
+    return {
+        r["backend"]: r["per_second"] / direct["per_second"]
+        for r in runs
+        if r["kind"] == "broker" and direct["per_second"]
+    }
+
+
+def _yes(met: bool) -> str:
+    return "**met**" if met else "**not met**"
+
+
+def targets(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(target, what was measured, met or not) for each target of the issue."""
+    sections = results["sections"]
+    rows: list[tuple[str, str, str]] = []
+    if "latency" in sections:
+        derived = latency_derived(sections["latency"])
+        rows.append(
+            (
+                "c - a at most 15 ms at p50",
+                "; ".join(
+                    f"{BACKEND_LABELS[k]}: {ms(v['c_minus_a_p50'])} ms" for k, v in derived.items()
+                ),
+                _yes(all(v["c_minus_a_p50"] <= 15 for v in derived.values())),
+            )
+        )
+        rows.append(
+            (
+                "broker at least 5x faster than (b), b / c at p50",
+                "; ".join(
+                    f"{BACKEND_LABELS[k]}: {ratio(v['b_over_c'])}" for k, v in derived.items()
+                ),
+                _yes(all(v["b_over_c"] >= 5 for v in derived.values())),
+            )
+        )
+    if "throughput" in sections:
+        ratios = throughput_ratios(sections["throughput"])
+        rows.append(
+            (
+                "throughput at least 80 % of direct sbatch (same concurrency)",
+                "; ".join(f"{BACKEND_LABELS[k]}: {v * 100:.0f} %" for k, v in ratios.items()),
+                _yes(bool(ratios) and all(v >= 0.8 for v in ratios.values())),
+            )
+        )
+    if "polling" in sections:
+        polling = sections["polling"]
+        status = sorted(
+            {
+                n
+                for rows_ in polling["by_backend"].values()
+                for r in rows_
+                for n in r["status_commands"]
+            }
+        )
+        every = sorted(
+            {
+                n
+                for rows_ in polling["by_backend"].values()
+                for r in rows_
+                for n in r["ssh_commands"]
+            }
+        )
+        sizes = polling["sizes"]
+        rows.append(
+            (
+                f"one SSH command per cluster per poll cycle, {sizes[0]} to {sizes[-1]} jobs",
+                f"job status: {', '.join(map(str, status))} command(s) per cycle at every size; "
+                f"all commands of a cycle: {', '.join(map(str, every))} (squeue + sinfo)",
+                "**met** for job status (constant); the cycle's capacity snapshot adds one sinfo"
+                if status == [1]
+                else _yes(False),
+            )
+        )
+    if "reads" in sections:
+        reads = sections["reads"]["by_backend"]
+        jobs = max(r["jobs"] for r in reads.values())
+        rows.append(
+            (
+                f"/metrics under 100 ms at {jobs:,} jobs (cold scrape, median)",
+                "; ".join(
+                    f"{BACKEND_LABELS[k]}: {ms(v['metrics']['cold_ms_median'])} ms"
+                    for k, v in reads.items()
+                ),
+                _yes(all(v["metrics"]["cold_ms_median"] < 100 for v in reads.values())),
+            )
+        )
+    return rows
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+
+def plot_latency(latency: dict[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for variant in latency["variants"].values():
+        samples = sorted(variant["samples_ms"])
+        if not samples:
+            continue
+        fractions = [(i + 1) / len(samples) for i in range(len(samples))]
+        ax.step(samples, fractions, where="post", label=variant["label"])
+    ax.set_xscale("log")
+    ax.set_xlabel("submission latency (ms, log scale)")
+    ax.set_ylabel("fraction of submissions")
+    ax.set_title(f"One submission, {latency['rounds']} interleaved rounds")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_throughput(throughput: dict[str, Any], path: Path) -> None:
+    runs = throughput["runs"]
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    labels = [r["label"] for r in runs]
+    values = [r["per_second"] for r in runs]
+    colors = ["#4c72b0" if r["kind"] == "broker" else "#999999" for r in runs]
+    bars = ax.barh(labels, values, color=colors)
+    ax.bar_label(bars, labels=[f"{v:.1f}/s" for v in values], padding=3, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("jobs submitted per second")
+    ax.set_title(f"{throughput['jobs']} jobs")
+    ax.tick_params(axis="y", labelsize=8)
+    ax.set_xlim(0, max([*values, 1.0]) * 1.25)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_polling(polling: dict[str, Any], path: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for backend, rows in polling["by_backend"].items():
+        sizes = [r["jobs"] for r in rows]
+        left.plot(
+            sizes,
+            [r["duration_ms_median"] for r in rows],
+            marker="o",
+            label=f"poll cycle, broker on {BACKEND_LABELS[backend]}",
+        )
+    first = next(iter(polling["by_backend"].values()))
+    sizes = [r["jobs"] for r in first]
+    left.plot(
+        sizes, [r["squeue_ms_median"] for r in first], marker="s", ls="--", label="squeue over SSH"
+    )
+    left.plot(
+        sizes,
+        [r["controller_ms_median"] for r in first],
+        marker="^",
+        ls=":",
+        label="slurmctld time serving the cycle (sdiag)",
+    )
+    left.set_xscale("log")
+    left.set_yscale("log")
+    left.set_xlabel("live jobs in Slurm and the broker")
+    left.set_ylabel("ms per cycle (median)")
+    left.set_title("Poll duration vs jobs")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=7)
+    right.plot(sizes, [max(r["ssh_commands"]) for r in first], marker="o", label="SSH commands")
+    right.plot(
+        sizes, [max(r["status_commands"]) for r in first], marker="s", label="status commands"
+    )
+    right.plot(
+        sizes,
+        [r["controller_rpcs_median"] for r in first],
+        marker="^",
+        label="slurmctld RPCs (sdiag)",
+    )
+    right.set_xscale("log")
+    right.set_ylim(0, max(4.0, max(r["controller_rpcs_median"] for r in first) + 1))
+    right.set_xlabel("live jobs")
+    right.set_ylabel("per poll cycle")
+    right.set_title("Commands per cycle")
+    right.grid(True, which="both", alpha=0.3)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reads(reads: dict[str, Any], path: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    names = {"get": "GET /v1/jobs/{id}", "list": "GET /v1/jobs?project&state"}
+    backends = list(reads["by_backend"])
+    width = 0.38
+    for offset, key in enumerate(names):
+        xs = [i + (offset - 0.5) * width for i in range(len(backends))]
+        rps = [reads["by_backend"][b]["endpoints"][key]["per_second"] for b in backends]
+        p99 = [reads["by_backend"][b]["endpoints"][key]["p99_ms"] for b in backends]
+        bars = left.bar(xs, rps, width, label=names[key])
+        left.bar_label(bars, labels=[f"{v:.0f}" for v in rps], fontsize=8)
+        bars = right.bar(xs, p99, width, label=names[key])
+        right.bar_label(bars, labels=[f"{v:.0f}" for v in p99], fontsize=8)
+    for ax, title in ((left, "requests/s"), (right, "p99 latency (ms)")):
+        ax.set_xticks(range(len(backends)), [BACKEND_LABELS[b] for b in backends])
+        ax.set_title(f"{title}, {reads['clients']} clients")
+        ax.legend(fontsize=8)
+        ax.margins(y=0.15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- the document --------------------------------------------------------------------------------
+
+
+def _latency_section(latency: dict[str, Any], plot: str) -> list[str]:
+    variants = latency["variants"]
+    rows = [
+        [
+            v["label"],
+            v["summary"]["n"],
+            ms(v["summary"]["p50"]),
+            ms(v["summary"]["p95"]),
+            ms(v["summary"]["mean"]),
+            ms(v["summary"]["max"]),
+        ]
+        for v in variants.values()
+    ]
+    derived = latency_derived(latency)
+    derived_rows = [
+        [
+            BACKEND_LABELS[k],
+            ms(v["c_minus_a_p50"]),
+            ms(v["c_minus_a_p95"]),
+            ratio(v["b_over_c"]),
+            ratio(v["c_over_a"]),
+        ]
+        for k, v in derived.items()
+    ]
+    server_rows = [
+        [
+            BACKEND_LABELS[k],
+            ms(variants[f"c_{k}"]["summary"]["mean"]),
+            ms(v["submit_mean_ms"]),
+            ms(v["sbatch_mean_ms"]),
+            ms(variants["a"]["summary"]["mean"]),
+        ]
+        for k, v in latency["server_side"].items()
+    ]
+    return [
+        "## 1. Submission latency",
+        "",
+        f"{latency['rounds']} rounds after {latency['warmup_rounds']} warm-up rounds; each round "
+        "submits the same job once per variant, in an order rotated every round, so that every "
+        "variant sees the same cluster. Latency is wall time seen by the submitter: (a) from "
+        "fork to exit of `sbatch`, (b) from starting `ssh` to its exit, (c) from sending the "
+        "HTTP request to the 201 response with the Slurm job id (the job is in Slurm).",
+        "",
+        table(["variant", "n", "p50 ms", "p95 ms", "mean ms", "max ms"], rows),
+        "",
+        table(
+            ["broker on", "c - a p50 ms", "c - a p95 ms", "b / c (p50)", "c / a (p50)"],
+            derived_rows,
+        ),
+        "",
+        "Where (c)'s time goes, from the broker's own histograms over the measured rounds "
+        "(`broker_submit_latency_seconds`, "
+        "`broker_adapter_command_duration_seconds{command=sbatch}`):",
+        "",
+        table(
+            [
+                "broker on",
+                "(c) at the client, mean ms",
+                "inside the service, mean ms",
+                "of which sbatch over SSH, mean ms",
+                "(a) sbatch alone, mean ms",
+            ],
+            server_rows,
+        ),
+        "",
+        f"![submission latency CDF]({plot})",
+        "",
+    ]
+
+
+def _throughput_section(throughput: dict[str, Any], plot: str) -> list[str]:
+    rows = []
+    for r in throughput["runs"]:
+        latency = r["latency"] or {}
+        rows.append(
+            [
+                r["label"],
+                r["concurrency"],
+                r["jobs_ok"],
+                r["errors"],
+                r["jobs_live_in_slurm"],
+                f"{r['wall_s']:.1f}",
+                f"{r['per_second']:.1f}",
+                ms(latency.get("p50")),
+                ms(latency.get("p95")),
+            ]
+        )
+    ratios = throughput_ratios(throughput)
+    lines = [
+        "## 2. Sustained submission throughput",
+        "",
+        f"{throughput['jobs']} jobs per run, closed loop: each of the concurrent clients sends its "
+        "next submission when the previous one returned. The broker runs are compared with the "
+        f"same number ({throughput['clients']}) of `sbatch` loops on the login node; one "
+        "sequential loop is shown for reference. Slurm was emptied (`scancel`) between runs; "
+        '"in Slurm" is the number of the run\'s jobs squeue showed live at its end.',
+        "",
+        table(
+            [
+                "run",
+                "clients",
+                "jobs ok",
+                "errors",
+                "in Slurm",
+                "wall s",
+                "jobs/s",
+                "p50 ms",
+                "p95 ms",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    lines += [
+        f"Broker on {BACKEND_LABELS[k]} / direct sbatch with {throughput['clients']} loops: "
+        f"**{v * 100:.0f} %**.  "
+        for k, v in ratios.items()
+    ]
+    errors = [e for r in throughput["runs"] for e in r["first_errors"]]
+    if errors:
+        lines += ["", "First errors: " + "; ".join(f"`{e}`" for e in errors[:5])]
+    lines += ["", f"![throughput]({plot})", ""]
+    return lines
+
+
+def _polling_section(polling: dict[str, Any], plot: str) -> list[str]:
+    lines = [
+        "## 3. Polling cost vs queue size",
+        "",
+        "Real pending jobs in Slurm (submitted with sbatch to the `bench` account, which Slurm "
+        "keeps pending) and the same jobs in the broker's database as `pending`; the broker's "
+        "own `Poller.poll` runs one cycle at a time against them over SSH. Per size: one first "
+        f"cycle (it records each job's pending reason), then {polling['cycles_per_size']} "
+        "measured cycles, the two databases interleaved; medians. SSH commands and bytes are "
+        "counted at the runner (stdout plus stderr of every command); controller RPCs and their "
+        "service time come from `sdiag` deltas around each cycle, so RPCs of other users of the "
+        "cluster in that window would be counted too.",
+        "",
+    ]
+    for backend, rows in polling["by_backend"].items():
+        lines += [
+            f"Broker on {BACKEND_LABELS[backend]}:",
+            "",
+            table(
+                [
+                    "live jobs",
+                    "SSH commands / cycle",
+                    "status commands",
+                    "poll ms",
+                    "first cycle ms",
+                    "squeue ms",
+                    "bytes read",
+                    "slurmctld RPCs",
+                    "slurmctld ms",
+                ],
+                [
+                    [
+                        f"{r['jobs']:,}",
+                        "/".join(map(str, r["ssh_commands"]))
+                        + " ("
+                        + ", ".join(f"{k} {v}" for k, v in sorted(r["commands"].items()))
+                        + ")",
+                        "/".join(map(str, r["status_commands"])),
+                        ms(r["duration_ms_median"]),
+                        ms(r["first_cycle_ms"]),
+                        ms(r["squeue_ms_median"]),
+                        kib(r["bytes_read_median"]),
+                        f"{r['controller_rpcs_median']:.0f}",
+                        ms(r["controller_ms_median"]),
+                    ]
+                    for r in rows
+                ],
+            ),
+            "",
+        ]
+    fills = polling["fills"]
+    total = sum(f["jobs"] for f in fills)
+    seconds = sum(f["seconds"] for f in fills)
+    lines += [
+        f"Filling the queue: {total:,} jobs with parallel sbatch on the login node in "
+        f"{seconds:.0f} s ({total / seconds if seconds else 0:.0f} jobs/s).",
+        "",
+        f"![poll duration vs jobs]({plot})",
+        "",
+    ]
+    return lines
+
+
+def _reads_section(reads: dict[str, Any], plot: str) -> list[str]:
+    by_backend = reads["by_backend"]
+    jobs = max(r["jobs"] for r in by_backend.values())
+    names = {"get": "`GET /v1/jobs/{id}`", "list": "`GET /v1/jobs?project=P&state=completed`"}
+    rows = []
+    for backend, r in by_backend.items():
+        for key, e in r["endpoints"].items():
+            rows.append(
+                [
+                    BACKEND_LABELS[backend],
+                    names[key],
+                    f"{e['per_second']:.0f}",
+                    ms(e["p50_ms"]),
+                    ms(e["p90_ms"]),
+                    ms(e["p99_ms"]),
+                    f"{e['requests']:,}",
+                    e["non_2xx"] + e["socket_errors"],
+                ]
+            )
+    metric_rows = [
+        [
+            BACKEND_LABELS[b],
+            ms(r["metrics"]["cold_ms_median"]),
+            ms(r["metrics"]["cold_ms_max"]),
+            ms(r["metrics"]["warm_ms_median"]),
+            r["metrics"]["scrapes"],
+            kib(r["metrics"]["bytes"]),
+            r["metrics"]["series"],
+        ]
+        for b, r in by_backend.items()
+    ]
+    memory_rows = [
+        [
+            BACKEND_LABELS[b],
+            f"{r['rss_idle_kib'] / 1024:.0f} MiB",
+            f"{r['rss_after_kib'] / 1024:.0f} MiB",
+            f"{r['rss_peak_kib'] / 1024:.0f} MiB",
+        ]
+        for b, r in by_backend.items()
+    ]
+    return [
+        f"## 4. API reads with {jobs:,} jobs in the database",
+        "",
+        f"{jobs:,} job rows over 50 projects and 200 researchers, submitted over 180 days (80 % "
+        "completed, 8 % failed, 6 % cancelled, 4 % running, 2 % pending), inserted in bulk into "
+        "a fresh database (PostgreSQL then `ANALYZE`d, as autovacuum would). The caller is a "
+        "researcher in two of the projects: single jobs are drawn from those projects, and the "
+        "list is the first page (50, newest first) of one project's completed jobs. "
+        f"[wrk](https://github.com/wg/wrk) with {reads['clients']} keep-alive connections on 2 "
+        f"threads, {reads['seconds']:.0f} s per endpoint after a warm-up run.",
+        "",
+        table(
+            [
+                "database",
+                "endpoint",
+                "requests/s",
+                "p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "requests",
+                "errors",
+            ],
+            rows,
+        ),
+        "",
+        f"`/metrics`: a cold scrape reads the database again (the broker caches those series "
+        f"for {reads['metrics_cache_s']:g} s; each cold scrape here follows a pause longer than "
+        "that, as a Prometheus scrape every 15 s or more does); a warm one right after is "
+        "served from the cache.",
+        "",
+        table(
+            ["database", "cold p50 ms", "cold max ms", "warm p50 ms", "scrapes", "size", "samples"],
+            metric_rows,
+        ),
+        "",
+        "Resident memory of the broker process (`VmRSS`, `VmHWM` from /proc):",
+        "",
+        table(["database", "after start", "after the read load", "peak"], memory_rows),
+        "",
+        f"![API reads]({plot})",
+        "",
+    ]
+
+
+def render(results: dict[str, Any], plots: dict[str, str]) -> str:
+    machine = results["machine"]
+    sections = results["sections"]
+    lines = ["# Performance", ""]
+    if results.get("mode") == "quick":
+        lines += [
+            "> **Quick smoke run**: counts far too small for conclusions. The figures of record "
+            "come from the full run.",
+            "",
+        ]
+    lines += [
+        "Does the broker add next to nothing to Slurm, and does it load the controller no more "
+        "as the queue grows? Four measurements, run side by side in one run against the Slurm "
+        "dev cluster (`deploy/dev-cluster`), answer it. Rerun them all with "
+        "`bash benchmarks/run.sh` (as root, dev cluster up; about "
+        f"{results.get('elapsed_s', 0) / 60:.0f} minutes); `benchmarks/README.md` has the options.",
+        "",
+        "**Everything below was measured on one 2-core virtual machine** that also runs the "
+        "whole Slurm cluster (slurmctld, six slurmd, slurmdbd, MariaDB), both login-node sshd, "
+        "PostgreSQL, the broker and the load generators. On a real site the controller, the "
+        "login node, the database and the broker are separate machines: absolute figures there "
+        "will differ, the ratios and the shapes of the curves are the point here.",
+        "",
+        "## Targets",
+        "",
+        table(["target", "measured", "verdict"], targets(results)),
+        "",
+        "Causes and what was changed are under [Findings](#findings).",
+        "",
+        "## Machine",
+        "",
+        table(["", ""], [[k, v] for k, v in machine.items()]),
+        "",
+        f"Run took {results.get('elapsed_s', 0):.0f} s.",
+        "",
+    ]
+    if "latency" in sections:
+        lines += _latency_section(sections["latency"], plots["latency"])
+    if "throughput" in sections:
+        lines += _throughput_section(sections["throughput"], plots["throughput"])
+    if "polling" in sections:
+        lines += _polling_section(sections["polling"], plots["polling"])
+    if "reads" in sections:
+        lines += _reads_section(sections["reads"], plots["reads"])
+    lines += [
+        "## Method",
+        "",
+        "- Every benchmark job is the same: `#!/bin/bash` / `true`, 1 GPU (`--gres=gpu:h100:1`), "
+        "10 minutes, partition `gpu` of cluster alpha, Slurm account `bench`, submitted with the "
+        "command line the broker builds (`adapters.slurm.commands.sbatch`: `--parsable`, "
+        "`--comment` tag, script on stdin). The `bench` association has `GrpJobs=0`: Slurm "
+        "accepts each job and keeps it pending (`AssocGrpJobsLimit`), so no benchmark job takes "
+        "a GPU from anyone, and `scancel --account=bench` ends them all after each step.",
+        "- (a) runs `sbatch` as the service account `slurmsvc` on this host (the login node): "
+        "fork, setuid, exec, as a shell would. (b) runs OpenSSH's `ssh` with a fresh connection "
+        "every time (`-F /dev/null -o ControlMaster=no -o ControlPath=none`, host key checked "
+        "against the dev cluster's known_hosts, ed25519 key) to `slurmsvc@127.0.0.1:2221`. "
+        "(c) is `POST /v1/jobs` by a researcher of project `bench` (quota 10^9 GPU-hours) on a "
+        "kept-open HTTP connection: token check, quota decision and reservation under the "
+        "project's ledger lock, job row, sbatch over the broker's kept-open paramiko "
+        "connection, commit of the Slurm id, response.",
+        "- The broker runs as its own process, `broker serve --no-poller` (one uvicorn process, "
+        "as deployed), with `BROKER_LIMITS__REQUESTS_PER_MINUTE=0` and a fresh database: a "
+        "SQLite file on local disk, or a new PostgreSQL database on the local server.",
+        "- Slurm keeps ended jobs for `MinJobAge` (300 s) and holds at most `MaxJobCount` "
+        "(10,000): before each step the run waits until the step fits and leaves 2,000 job "
+        "slots free for whoever shares the dev cluster.",
+        "- Percentiles interpolate linearly between ranks. wrk's percentiles are its own.",
+        "- Raw results: `benchmarks/results/performance.json`; plots are regenerated from it "
+        "with `python -m benchmarks --from-json benchmarks/results/performance.json`.",
+        "",
+        "## Findings",
+        "",
+    ]
+    if ANALYSIS.is_file():
+        lines += [ANALYSIS.read_text().strip(), ""]
+    else:
+        lines += ["(no analysis written yet)", ""]
+    return "\n".join(lines)
+
+
+def write_report(results: dict[str, Any], out: Path) -> Path:
+    """Write ``performance.md`` and its plots into ``out``; returns the document's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    sections = results["sections"]
+    plotters = {
+        "latency": plot_latency,
+        "throughput": plot_throughput,
+        "polling": plot_polling,
+        "reads": plot_reads,
+    }
+    for name, plotter in plotters.items():
+        if name in sections:
+            plotter(sections[name], out / PLOTS[name])
+    document = out / "performance.md"
+    document.write_text(render(results, PLOTS))
+    return document
