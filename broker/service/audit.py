@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 from sqlalchemy import select
@@ -10,8 +9,8 @@ from sqlalchemy.orm import Session
 
 from broker.clock import utcnow
 from broker.db.models import AuditRecord
-from broker.errors import ValidationFailed
 from broker.schemas import AuditEntry, AuditPage
+from broker.service import cursors
 
 
 def record(
@@ -35,25 +34,19 @@ def record(
     )
 
 
-def _decode_cursor(cursor: str) -> int:
-    try:
-        return int(base64.urlsafe_b64decode(cursor.encode()).decode())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValidationFailed(
-            "invalid cursor", [{"field": "cursor", "message": "not a cursor this API issued"}]
-        ) from exc
-
-
 def page(session: Session, limit: int, cursor: str | None) -> AuditPage:
     """Newest first, keyset-paginated on the entry id."""
     query = select(AuditRecord).order_by(AuditRecord.id.desc()).limit(limit + 1)
     if cursor:
-        query = query.where(AuditRecord.id < _decode_cursor(cursor))
+        (after,) = cursors.decode(cursor, 1)
+        if not after.isdigit():
+            raise cursors.invalid()
+        query = query.where(AuditRecord.id < int(after))
     rows = list(session.scalars(query))
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
-        next_cursor = base64.urlsafe_b64encode(str(rows[-1].id).encode()).decode()
+        next_cursor = cursors.encode(str(rows[-1].id))
     return AuditPage(
         data=[
             AuditEntry(

@@ -9,7 +9,6 @@ and a lost answer is never retried blindly.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -42,7 +41,7 @@ from broker.errors import (
     ValidationFailed,
 )
 from broker.schemas import JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
-from broker.service import ledger, transitions
+from broker.service import cursors, ledger, transitions
 from broker.service.clusters import ClusterRegistry
 from broker.service.identity import Actor
 from broker.service.observer import BrokerObserver, NullObserver
@@ -139,17 +138,15 @@ def _with_names() -> Select[JobRecord, str, str]:
 
 
 def _encode_cursor(job: JobRecord) -> str:
-    return base64.urlsafe_b64encode(f"{job.submitted_at.isoformat()}|{job.id}".encode()).decode()
+    return cursors.encode(job.submitted_at.isoformat(), job.id)
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    at, job_id = cursors.decode(cursor, 2)
     try:
-        at, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
         return datetime.fromisoformat(at), job_id
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValidationFailed(
-            "invalid cursor", [{"field": "cursor", "message": "not a cursor this API issued"}]
-        ) from exc
+    except ValueError as exc:
+        raise cursors.invalid() from exc
 
 
 class JobService:

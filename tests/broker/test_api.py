@@ -338,3 +338,11 @@ def test_scripts_slurm_would_misread_are_refused_before_anything_is_reserved(
     assert usage["reserved_gpu_hours"] == 0.0
     python = {**base, "script": "#!/usr/bin/env python3\nprint(1)\n"}
     assert api.post("/v1/jobs", json=python, headers=alice).status_code == 201
+
+
+def test_foreign_cursors_are_422(api: TestClient, env: Env) -> None:
+    eve = token(env, "eve")
+    for path in ("/v1/jobs", "/v1/audit"):
+        for cursor in ("garbage!", "bm9wZQ==", "MTIzfHh8eQ=="):
+            response = api.get(path, params={"cursor": cursor}, headers=eve)
+            problem(response, 422, "validation-error")
