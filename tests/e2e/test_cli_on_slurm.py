@@ -1,0 +1,72 @@
+"""The ``broker`` command as a researcher uses it, against a live broker and the dev cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.live import LiveBroker, new_project
+
+pytestmark = pytest.mark.cluster
+BROKER = str(Path(sys.executable).with_name("broker"))
+
+
+def cli(broker: LiveBroker, user: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"BROKER_URL": broker.url, "BROKER_TOKEN": broker.tokens[user], "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        [BROKER, *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_submit_follow_and_account_from_the_command_line(broker: LiveBroker, tmp_path: Any) -> None:
+    project = new_project(broker.client("root"), "alice", gpu_hours=2)
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\nsleep 2\n")
+    done = cli(
+        broker,
+        "alice",
+        "submit",
+        str(script),
+        "--project",
+        project,
+        "--cluster",
+        "beta",
+        "--gpus",
+        "2",
+        "--time",
+        "10",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)
+    assert job["slurm_job_id"] and job["state"] in {"pending", "running"}
+
+    broker.client("alice").wait_state(job["id"], {"completed"}, timeout=90)
+    shown = cli(broker, "alice", "job", job["id"])
+    assert shown.returncode == 0 and "completed" in shown.stdout
+    usage = json.loads(cli(broker, "alice", "usage", project, "--json").stdout)
+    assert usage["used_gpu_hours"] > 0 and usage["reserved_gpu_hours"] == 0.0
+
+    too_big = cli(
+        broker,
+        "alice",
+        "submit",
+        str(script),
+        "--project",
+        project,
+        "--cluster",
+        "alpha",
+        "--gpus",
+        "8",
+        "--time",
+        "60",
+    )
+    assert too_big.returncode == 4  # refused by quota
+    assert "gpu_hours" in too_big.stderr
+    assert cli(broker, "bob", "job", job["id"]).returncode == 3  # invisible: not found
+    assert cli(broker, "eve", "cancel", job["id"]).returncode == 6  # engineers cannot write
