@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 FOLLOWED_STATES = (JobState.PENDING.value, JobState.RUNNING.value)
 TAG_LOOKBACK = timedelta(minutes=10)
+ACCOUNTING_PATIENCE_POLLS = 30
+"""Cycles a job squeue shows as ended may wait for its sacct record before it is settled without
+one (slurmdbd normally records a job within a second; sacct failing outright changes nothing)."""
 
 
 @dataclass
@@ -52,10 +55,13 @@ class CycleReport:
     """(project id, gpu_type, final state, charged GPU-seconds) of jobs settled."""
 
 
-def charge_of(status: JobStatus, job_gpus: int, weight: float) -> tuple[int, int, int]:
+def charge_of(
+    status: JobStatus, job_gpus: int, weight: float, elapsed: int | None = None
+) -> tuple[int, int, int]:
     """(allocated GPUs, elapsed seconds, charge) of a finished job as Slurm accounted it."""
     alloc = status.alloc_gpus if status.alloc_gpus is not None else job_gpus
-    elapsed = _elapsed(status) or 0
+    if elapsed is None:
+        elapsed = _elapsed(status) or 0
     return alloc, elapsed, charge_gpu_seconds(alloc, elapsed, weight)
 
 
@@ -191,20 +197,28 @@ class Poller:
     ) -> None:
         if status.state.is_final:
             elapsed = _elapsed(status)
-            if elapsed is None and job.missing_polls + 1 < threshold:
-                job.missing_polls += 1  # accounting not written yet: wait a cycle or two
-                return
-            alloc, _, charge = charge_of(status, job.gpus, job.weight)
+            reason = status.reason or f"Slurm state {status.slurm_state}"
+            if elapsed is None:
+                if job.missing_polls + 1 < ACCOUNTING_PATIENCE_POLLS:
+                    job.missing_polls += 1  # sacct has not written the job yet: wait for it
+                    return
+                # No record after all that time: charge the wall time since it started (never
+                # less than it can have used) and say so in the event.
+                started = status.start_time or job.started_at
+                elapsed = max(0, int((utcnow() - started).total_seconds())) if started else 0
+                reason = f"{reason}; sacct had no record, charged wall time since start"
+                log.warning("job %s: no accounting record; charging %d s", job.id, elapsed)
+            alloc, elapsed, charge = charge_of(status, job.gpus, job.weight, elapsed)
             transitions.settle(
                 session,
                 job,
                 status.state,
                 charge_gpu_seconds=charge,
                 lock=False,
-                reason=status.reason or f"Slurm state {status.slurm_state}",
+                reason=reason,
                 exit_code=status.exit_code,
                 alloc_gpus=alloc,
-                elapsed_s=elapsed or 0,
+                elapsed_s=elapsed,
                 started_at=job.started_at or status.start_time,
                 ended_at=status.end_time,
             )

@@ -46,6 +46,7 @@ class FakeJob:
     exit_code: int | None = None
     in_squeue: bool = True
     in_sacct: bool = True
+    started: datetime | None = None
 
 
 @dataclass
@@ -112,7 +113,7 @@ class FakeSlurm:
             alloc_gpus=job.alloc_gpus,
             exit_code=job.exit_code,
             elapsed_s=job.elapsed_s,
-            start_time=datetime.now(UTC) if job.state != JobState.PENDING else None,
+            start_time=job.started,
             source="sacct" if job.state.is_final else "squeue",
         )
 
@@ -159,12 +160,14 @@ class FakeSlurm:
     ) -> None:
         job = self.jobs[job_id]
         job.state, job.elapsed_s, job.exit_code = state, elapsed_s, exit_code
+        job.started = job.started or datetime.now(UTC)
         job.alloc_gpus = alloc_gpus if alloc_gpus is not None else job.spec.gpus
         job.reason = None
 
-    def start(self, job_id: str) -> None:
-        self.jobs[job_id].state = JobState.RUNNING
-        self.jobs[job_id].reason = None
+    def start(self, job_id: str, at: datetime | None = None) -> None:
+        job = self.jobs[job_id]
+        job.state, job.reason = JobState.RUNNING, None
+        job.started = at or datetime.now(UTC)
 
     def unreachable(self) -> None:
         self.down = HostUnreachable("fake-login", "connection refused")

@@ -265,3 +265,26 @@ def test_drift_between_the_ledger_and_sacct_is_reported(env: Env) -> None:
     assert (
         registry.get_sample_value("broker_ledger_drift_gpu_seconds", labels) == 8 * 900 - 8 * 1000
     )
+
+
+def test_ended_job_waits_for_its_accounting_and_is_never_charged_zero(env: Env) -> None:
+    """squeue says it ended, sacct has no record yet: wait, then charge wall time, never 0."""
+    from broker.service.poller import ACCOUNTING_PATIENCE_POLLS
+
+    submitted = env.runtime.jobs.submit(env.alice, job(), None).job
+    fake = env.slurm["alpha"]
+    slurm_id = submitted.slurm_job_id or ""
+    from datetime import UTC, datetime, timedelta
+
+    fake.start(slurm_id, at=datetime.now(UTC) - timedelta(minutes=30))
+    env.runtime.poller.poll("alpha")
+    fake.jobs[slurm_id].state = JobState.COMPLETED  # elapsed stays unknown, as from squeue
+    for _ in range(ACCOUNTING_PATIENCE_POLLS - 1):
+        env.runtime.poller.poll("alpha")
+    assert env.runtime.jobs.get(env.alice, submitted.id).state == "running"
+    env.runtime.poller.poll("alpha")
+    settled = env.runtime.jobs.get(env.alice, submitted.id)
+    assert settled.state == "completed"
+    assert settled.charged_gpu_hours == pytest.approx(8 * 0.5, abs=0.01)  # 8 GPUs, 30 minutes
+    events = env.runtime.jobs.events(env.alice, submitted.id).data
+    assert "sacct had no record" in (events[-1].reason or "")
