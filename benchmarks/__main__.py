@@ -1,7 +1,7 @@
 """Run the benchmarks against the dev cluster and write the performance report.
 
     python -m benchmarks                  # everything, ~15 min; writes docs/performance.md
-    python -m benchmarks --quick          # smoke run, < 1 min; writes benchmarks/results/quick/
+    python -m benchmarks --quick          # smoke run, < 1 min; writes benchmarks/out/quick/
     python -m benchmarks --only polling   # some sections (latency, throughput, reads, polling)
     python -m benchmarks --from-json benchmarks/results/performance.json   # report only
 
@@ -34,14 +34,17 @@ from benchmarks.broker_process import (
 from benchmarks.load import wrk_available
 from benchmarks.plan import FULL, QUICK, Plan
 from benchmarks.polling import run_polling
+from benchmarks.procstat import MachineCpu, background_busy
 from benchmarks.reads import run_reads
 from benchmarks.report import BACKEND_LABELS, write_report
-from benchmarks.slurm import REPO, Cluster, cancel_all, prepare_account
+from benchmarks.slurm import REPO, Cluster, cancel_all, prepare_account, wait_for_quiet
 from benchmarks.submission import BrokerTarget, run_latency, run_throughput
 
-SECTIONS = ("latency", "throughput", "reads", "polling")
-"""In the order they run. Reads come before polling so that slurmctld has purged the jobs of
-the submission sections (MinJobAge) by the time polling fills the queue with thousands."""
+SECTIONS = ("polling", "reads", "latency", "throughput")
+"""In the order they run. Polling comes first, so that its squeue reads a queue without the
+thousands of jobs the other sections cancel (slurmctld keeps them for MinJobAge, 300 s); the
+reads need no Slurm job, which gives slurmctld time to purge the polling jobs before the
+submissions start."""
 RESULTS = REPO / "benchmarks" / "results"
 
 
@@ -59,6 +62,24 @@ def _preflight(sections: Sequence[str]) -> None:
         raise SystemExit("benchmarks cannot run:\n  " + "\n  ".join(problems))
 
 
+class _SectionCpu:
+    """Busy and stolen shares of the machine's CPU over each section."""
+
+    def __init__(self, results: dict[str, Any]) -> None:
+        self._store: dict[str, dict[str, float]] = results.setdefault("section_cpu", {})
+        self._started = MachineCpu.now()
+
+    def start(self) -> None:
+        self._started = MachineCpu.now()
+
+    def end(self, name: str) -> None:
+        now = MachineCpu.now()
+        self._store[name] = {
+            "busy": now.busy_since(self._started),
+            "steal": now.steal_since(self._started),
+        }
+
+
 def _save(results: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
@@ -69,14 +90,30 @@ def run(plan: Plan, sections: Sequence[str], json_path: Path, workdir: Path) -> 
     started = time.monotonic()
     results: dict[str, Any] = {
         "mode": "quick" if plan.quick else "full",
-        "machine": machine.describe(),
+        "machine": machine.describe(cluster),
         "plan": asdict(plan),
         "sections": {},
+        "background_busy": {},
     }
+    cpu = _SectionCpu(results)
     say(f"preparing Slurm account bench on {cluster.name}")
     prepare_account(cluster)
     cancel_all(cluster)
     try:
+        if "polling" in sections:
+            say(f"3. polling at {', '.join(map(str, plan.poll_sizes))} live jobs")
+            results["background_busy"]["polling"] = background_busy(plan.background_sample_s)
+            cpu.start()
+            results["sections"]["polling"] = run_polling(plan, cluster, workdir, say)
+            cpu.end("polling")
+            _save(results, json_path)
+        if "reads" in sections:
+            say(f"4. API reads with {plan.read_jobs} jobs")
+            results["background_busy"]["reads"] = background_busy(plan.background_sample_s)
+            cpu.start()
+            results["sections"]["reads"] = run_reads(plan, workdir, say)
+            cpu.end("reads")
+            _save(results, json_path)
         if "latency" in sections or "throughput" in sections:
             with ExitStack() as stack:
                 targets = []
@@ -87,19 +124,33 @@ def run(plan: Plan, sections: Sequence[str], json_path: Path, workdir: Path) -> 
                     targets.append(BrokerTarget(backend, BACKEND_LABELS[backend], server, token))
                 if "latency" in sections:
                     say(f"1. submission latency: {plan.latency_rounds} rounds")
-                    results["sections"]["latency"] = run_latency(plan, cluster, targets, say)
+                    held = wait_for_quiet(
+                        cluster, plan.quiet_jobs, timeout=plan.room_wait_s, say=say
+                    )
+                    results["background_busy"]["latency"] = background_busy(
+                        plan.background_sample_s
+                    )
+                    cpu.start()
+                    latency = run_latency(plan, cluster, targets, say)
+                    cpu.end("latency")
+                    results["sections"]["latency"] = {**latency, "controller_jobs_at_start": held}
                     _save(results, json_path)
                 if "throughput" in sections:
-                    say(f"2. throughput: {plan.throughput_jobs} jobs per run")
-                    results["sections"]["throughput"] = run_throughput(plan, cluster, targets, say)
+                    say(f"2. throughput: {plan.throughput_jobs} jobs per variant")
+                    held = wait_for_quiet(
+                        cluster, plan.quiet_jobs, timeout=plan.room_wait_s, say=say
+                    )
+                    results["background_busy"]["throughput"] = background_busy(
+                        plan.background_sample_s
+                    )
+                    cpu.start()
+                    throughput = run_throughput(plan, cluster, targets, say)
+                    cpu.end("throughput")
+                    results["sections"]["throughput"] = {
+                        **throughput,
+                        "controller_jobs_at_start": held,
+                    }
                     _save(results, json_path)
-        if "reads" in sections:
-            say(f"4. API reads with {plan.read_jobs} jobs")
-            results["sections"]["reads"] = run_reads(plan, workdir, say)
-            _save(results, json_path)
-        if "polling" in sections:
-            say(f"3. polling at {', '.join(map(str, plan.poll_sizes))} live jobs")
-            results["sections"]["polling"] = run_polling(plan, cluster, workdir, say)
     finally:
         cancel_all(cluster)
         results["elapsed_s"] = time.monotonic() - started
@@ -122,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--from-json", type=Path, help="only write the report from these results")
     args = parser.parse_args(argv)
 
-    out = args.out or (RESULTS / "quick" if args.quick else REPO / "docs")
+    out = args.out or (REPO / "benchmarks" / "out" / "quick" if args.quick else REPO / "docs")
     if args.from_json:
         document = write_report(json.loads(args.from_json.read_text()), out)
         say(f"wrote {document}")
@@ -136,10 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out / "performance.json" if args.quick else RESULTS / "performance.json"
     )
     workdir = Path(tempfile.mkdtemp(prefix="broker-bench-"))
-    try:
-        results = run(QUICK if args.quick else FULL, sections, json_path, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    results = run(QUICK if args.quick else FULL, sections, json_path, workdir)
+    shutil.rmtree(workdir, ignore_errors=True)  # kept, with the brokers' logs, if the run failed
     document = write_report(results, out)
     say(f"wrote {document} and {json_path} in {results['elapsed_s']:.0f} s")
     return 0

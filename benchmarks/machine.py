@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from benchmarks.broker_process import postgres_version
-from benchmarks.slurm import REPO
+from benchmarks.slurm import REPO, Cluster
 
 
 def _first_line(argv: list[str]) -> str:
@@ -62,7 +62,7 @@ def _git() -> str:
     return f"{commit}{' + uncommitted changes' if dirty else ''}"
 
 
-def describe() -> dict[str, str]:
+def describe(cluster: Cluster) -> dict[str, str]:
     try:
         postgres = postgres_version()
     except Exception as exc:  # the run fails later with the real error; this is a description
@@ -72,7 +72,7 @@ def describe() -> dict[str, str]:
         "cpu": f"{_cpu_model()}, {os.cpu_count()} cores",
         "memory": f"{_memory_gib():.0f} GiB",
         "os": f"{_os_name()}, Linux {platform.release()}",
-        "slurm": _first_line(["sbatch", "--version"]),
+        "slurm": cluster.admin("sbatch", "--version").stdout.strip(),
         "openssh": _first_line(["ssh", "-V"]),
         "python": platform.python_version(),
         "sqlite": sqlite3.sqlite_version,

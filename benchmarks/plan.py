@@ -12,8 +12,17 @@ class Plan:
     latency_rounds: int = 200
     """Section 1: each round submits once per variant (a, b, c on each database)."""
     latency_warmup: int = 5
+    latency_pause_s: float = 0.05
+    """Between two submissions, so that each meets a controller done with the one before."""
     throughput_jobs: int = 1000
     throughput_clients: int = 16
+    throughput_batches: int = 4
+    """Each variant's jobs go in this many batches, the variants taking turns, so that all of
+    them meet the controller in the same states (it slows down as it holds more jobs)."""
+    quiet_jobs: int = 1500
+    quiet_own_jobs: int = 100
+    """Before polling: wait until slurmctld holds at most this many jobs of the service account."""
+    """Before the latency and throughput sections: wait until slurmctld holds at most this many."""
     poll_sizes: tuple[int, ...] = (10, 100, 1000, 5000)
     poll_cycles: int = 5
     """Measured cycles per queue size, after one first cycle that sees the new jobs."""
@@ -24,6 +33,10 @@ class Plan:
     read_seconds: float = 20.0
     read_warmup_seconds: float = 3.0
     metrics_scrapes: int = 5
+    single_requests: int = 100
+    """Sequential requests per endpoint, one client, for the cost of one request."""
+    background_sample_s: float = 3.0
+    """Before each section: how long to watch what the machine does without the benchmark."""
     keep_free_jobs: int = 2000
     """slurmctld job slots (of MaxJobCount) left free for whoever shares the dev cluster."""
     room_wait_s: float = 420.0
@@ -36,11 +49,16 @@ QUICK = Plan(
     latency_rounds=6,
     latency_warmup=1,
     throughput_jobs=32,
+    throughput_batches=2,
+    quiet_jobs=1_000_000,
+    quiet_own_jobs=1_000_000,
     poll_sizes=(10, 40),
     poll_cycles=2,
     read_jobs=2000,
     read_seconds=1.0,
     read_warmup_seconds=0.5,
     metrics_scrapes=1,
+    single_requests=5,
+    background_sample_s=0.5,
     room_wait_s=30.0,
 )

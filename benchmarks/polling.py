@@ -46,6 +46,7 @@ from benchmarks.slurm import (
     live_jobs,
     rpc_delta,
     rpc_stats,
+    wait_for_quiet,
     wait_for_room,
 )
 from broker.clock import utcnow
@@ -68,6 +69,8 @@ class CommandCall:
     seconds: float
     bytes_read: int
     """stdout plus stderr of the command, as it came back over the connection."""
+    lines: int
+    """Lines of stdout: one per job for squeue."""
 
 
 class MeteredRunner:
@@ -92,6 +95,7 @@ class MeteredRunner:
             command=Path(argv[0]).name,
             seconds=result.duration_s,
             bytes_read=len(result.stdout) + len(result.stderr),
+            lines=result.stdout.count(b"\n"),
         )
         with self._lock:
             self._calls.append(call)
@@ -194,6 +198,7 @@ def _cycle(target: PollTarget, cluster: Cluster) -> dict[str, Any]:
         "bytes_read": sum(c.bytes_read for c in calls),
         "squeue_s": sum(c.seconds for c in calls if c.command == "squeue"),
         "squeue_bytes": sum(c.bytes_read for c in calls if c.command == "squeue"),
+        "squeue_lines": sum(c.lines for c in calls if c.command == "squeue"),
         "controller_rpcs": sum(count for count, _ in rpcs.values()),
         "controller_ms": sum(total for _, total in rpcs.values()) / 1000,
         "rpcs": {name: count for name, (count, _) in rpcs.items()},
@@ -218,6 +223,7 @@ def _summarise(size: int, first: dict[str, Any], cycles: list[dict[str, Any]]) -
         "squeue_ms_median": median("squeue_s") * 1000,
         "bytes_read_median": median("bytes_read"),
         "squeue_bytes_median": median("squeue_bytes"),
+        "squeue_lines_median": median("squeue_lines"),
         "controller_rpcs_median": median("controller_rpcs"),
         "controller_ms_median": median("controller_ms"),
         "rpcs_last_cycle": cycles[-1]["rpcs"],
@@ -227,6 +233,11 @@ def _summarise(size: int, first: dict[str, Any], cycles: list[dict[str, Any]]) -
 def run_polling(plan: Plan, cluster: Cluster, workdir: Path, say: Say) -> dict[str, Any]:
     """Grow the queue through ``plan.poll_sizes`` and measure poll cycles at each size."""
     largest = max(plan.poll_sizes)
+    # Above SQUEUE_MAX_IDS ids the broker reads every job of its account that slurmctld still
+    # holds: start once the ended jobs of earlier runs are gone, so that only this step's count.
+    own = wait_for_quiet(
+        cluster, plan.quiet_own_jobs, timeout=plan.room_wait_s, user=cluster.user, say=say
+    )
     held = wait_for_room(
         cluster, largest, keep_free=plan.keep_free_jobs, timeout=plan.room_wait_s, say=say
     )
@@ -272,6 +283,7 @@ def run_polling(plan: Plan, cluster: Cluster, workdir: Path, say: Say) -> dict[s
         "sizes": sorted(plan.poll_sizes),
         "cycles_per_size": plan.poll_cycles,
         "controller_jobs_at_start": held,
+        "service_account_jobs_at_start": own,
         "fills": fills,
         "by_backend": results,
     }

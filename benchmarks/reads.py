@@ -46,6 +46,25 @@ def _check(server: BrokerServer, token: str, path: str) -> int:
     return len(body["data"]) if "data" in body else 1
 
 
+def _one_at_a_time(
+    server: BrokerServer, token: str, paths: dict[str, str], count: int
+) -> dict[str, float]:
+    """Median milliseconds of ``count`` sequential requests per path, one client, no load: the
+    cost of one request, from ``/healthz`` (no database, no token) up."""
+    medians = {}
+    with httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    ) as http:
+        for name, path in paths.items():
+            samples = []
+            for _ in range(count):
+                started = time.perf_counter()
+                http.get(path).raise_for_status()
+                samples.append(time.perf_counter() - started)
+            medians[name] = statistics.median(samples) * 1000
+    return medians
+
+
 def _scrapes(server: BrokerServer, count: int) -> dict[str, Any]:
     cold: list[float] = []
     warm: list[float] = []
@@ -117,6 +136,17 @@ def run_reads(plan: Plan, workdir: Path, say: Say) -> dict[str, Any]:
                         f"p99 {result.p99_ms:.0f} ms"
                         + (f", {result.non_2xx} non-2xx" if result.non_2xx else "")
                     )
+                single = _one_at_a_time(
+                    server,
+                    history.token,
+                    {
+                        "/healthz": "/healthz",
+                        "/v1/me": "/v1/me",
+                        "get": paths["get"][0],
+                        "list": paths["list"][0],
+                    },
+                    plan.single_requests,
+                )
                 metrics = _scrapes(server, plan.metrics_scrapes)
                 say(f"  {backend} /metrics: {metrics['cold_ms_median']:.0f} ms cold")
                 memory_after = server.memory_kib()
@@ -124,6 +154,7 @@ def run_reads(plan: Plan, workdir: Path, say: Say) -> dict[str, Any]:
             "jobs": history.jobs,
             "seed_s": seeded_s,
             "endpoints": endpoints,
+            "one_client_ms": single,
             "metrics": metrics,
             "rss_idle_kib": memory_idle.get("VmRSS", 0),
             "rss_after_kib": memory_after.get("VmRSS", 0),

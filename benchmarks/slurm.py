@@ -14,6 +14,7 @@ import os
 import pwd
 import re
 import shlex
+import statistics
 import subprocess
 import time
 import tomllib
@@ -143,13 +144,20 @@ def parse_job_id(stdout: str) -> str:
 
 
 class LocalSbatch:
-    """(a) sbatch on the login node itself, run as the service account (fork, setuid, exec:
-    what a shell on the login node does)."""
+    """(a) sbatch on the login node itself, as the service account: ``setpriv`` drops from root
+    to it and execs sbatch (spawned without copying this process; about 1.2 ms more than a bare
+    exec, as much as ``bash -c`` costs, see docs/performance.md)."""
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         account = pwd.getpwnam(cluster.user)
         self._home = account.pw_dir
+        self._as_user = [
+            "/usr/bin/setpriv",
+            f"--reuid={account.pw_uid}",
+            f"--regid={account.pw_gid}",
+            "--init-groups",
+        ]
         self._env = {
             "SLURM_CONF": str(cluster.slurm_conf),
             "PATH": "/usr/bin:/bin",
@@ -159,20 +167,40 @@ class LocalSbatch:
         }
 
     def submit(self, spec: JobSpec) -> str:
-        argv = commands.sbatch(self.cluster.bin_dir, spec)
+        argv = [*self._as_user, *commands.sbatch(self.cluster.bin_dir, spec)]
         done = subprocess.run(
             argv,
             input=commands.batch_script(spec),
             capture_output=True,
             env=self._env,
             cwd=self._home,
-            user=self.cluster.user,
             timeout=60,
             check=False,
         )
         if done.returncode != 0:
             raise ClusterError(f"sbatch exited {done.returncode}: {done.stderr.decode().strip()}")
         return parse_job_id(done.stdout.decode())
+
+
+def spawn_overheads(cluster: Cluster, count: int = 100) -> dict[str, float]:
+    """Median milliseconds to spawn and reap ``true`` directly, through the ``setpriv`` that
+    (a) uses, and through ``bash -c`` (what a shell costs): the share of (a) that is not sbatch."""
+    account = pwd.getpwnam(cluster.user)
+    setpriv = ["/usr/bin/setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}"]
+    variants = {
+        "true": ["/usr/bin/true"],
+        "setpriv true": [*setpriv, "--init-groups", "/usr/bin/true"],
+        "bash -c true": ["/bin/bash", "-c", "/usr/bin/true"],
+    }
+    medians = {}
+    for name, argv in variants.items():
+        samples = []
+        for _ in range(count):
+            started = time.perf_counter()
+            subprocess.run(argv, capture_output=True, check=True)
+            samples.append(time.perf_counter() - started)
+        medians[name] = statistics.median(samples) * 1000
+    return medians
 
 
 class SshSbatch:
@@ -284,9 +312,11 @@ def cancel_all(cluster: Cluster, timeout: float = 120) -> None:
         time.sleep(0.5)
 
 
-def controller_job_records(cluster: Cluster) -> int:
-    """Jobs slurmctld holds in memory, all users, finished ones included (until ``MinJobAge``)."""
-    out = cluster.admin_ok("squeue", "-h", "--all", "--states=all", "-o", "%i")
+def controller_job_records(cluster: Cluster, user: str | None = None) -> int:
+    """Jobs slurmctld holds in memory, of all users or of ``user``, finished ones included
+    (until ``MinJobAge``)."""
+    who = ["--user", user] if user else []
+    out = cluster.admin_ok("squeue", "-h", "--all", "--states=all", *who, "-o", "%i")
     return len(out.split())
 
 
@@ -328,6 +358,30 @@ def wait_for_room(
             )
             announced = True
         time.sleep(5)
+
+
+def wait_for_quiet(
+    cluster: Cluster,
+    at_most: int,
+    *,
+    timeout: float,
+    user: str | None = None,
+    say: Callable[[str], None] = print,
+) -> int:
+    """Wait (at most ``timeout`` s) until slurmctld holds at most ``at_most`` jobs (of ``user``,
+    if given), so that a step starts on a controller not still carrying the jobs of the step
+    before (it keeps them for ``MinJobAge``; submitting gets slower the more it holds, and
+    ``squeue --me`` lists them). Returns the jobs held when the wait ended; never fails: others
+    on the cluster may keep it busier than that."""
+    deadline = time.monotonic() + timeout
+    held = controller_job_records(cluster, user)
+    if held > at_most:
+        whose = f" of {user}" if user else ""
+        say(f"  waiting for slurmctld to purge ended jobs{whose}: {held} held, for {at_most}")
+    while held > at_most and time.monotonic() < deadline:
+        time.sleep(5)
+        held = controller_job_records(cluster, user)
+    return held
 
 
 def rpc_stats(cluster: Cluster) -> dict[str, tuple[int, int]]:

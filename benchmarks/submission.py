@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx
@@ -18,6 +18,7 @@ from adapters.slurm.types import JobSpec
 from benchmarks.broker_process import BrokerServer, scrape
 from benchmarks.load import LoadResult, Operation, closed_loop
 from benchmarks.plan import Plan
+from benchmarks.procstat import MachineCpu, process_cpu_s
 from benchmarks.slurm import (
     Cluster,
     ClusterError,
@@ -27,6 +28,7 @@ from benchmarks.slurm import (
     bench_spec,
     cancel_all,
     live_jobs,
+    spawn_overheads,
     wait_for_room,
 )
 from benchmarks.stats import Summary
@@ -120,6 +122,7 @@ def run_latency(
                 started = time.perf_counter()
                 submit(spec)
                 samples[key].append(time.perf_counter() - started)
+                time.sleep(plan.latency_pause_s)
             if (round_index + 1) % 50 == 0:
                 say(f"  {round_index + 1}/{plan.latency_rounds} rounds")
         after = {t.backend: _server_side(t.server.url) for t in targets}
@@ -129,6 +132,7 @@ def run_latency(
             broker.close()
         cancel_all(cluster)
     return {
+        "spawn_ms": spawn_overheads(cluster),
         "rounds": plan.latency_rounds,
         "warmup_rounds": plan.latency_warmup,
         "jobs_live_in_slurm_at_end": in_slurm,
@@ -150,30 +154,81 @@ def run_latency(
     }
 
 
-def _load_entry(
-    label: str, kind: str, backend: str | None, result: LoadResult, in_slurm: int
-) -> dict[str, Any]:
-    return {
-        "label": label,
-        "kind": kind,
-        "backend": backend,
-        "concurrency": result.concurrency,
-        "jobs_ok": result.ok,
-        "errors": len(result.errors),
-        "first_errors": result.errors[:3],
-        "jobs_live_in_slurm": in_slurm,
-        "wall_s": result.wall_s,
-        "per_second": result.per_second,
-        "latency": asdict(Summary.of_seconds(result.latencies_s)) if result.ok else None,
-    }
+@dataclass
+class _Variant:
+    """One way of submitting in the throughput section, and what its batches added up to."""
+
+    label: str
+    kind: str
+    target: BrokerTarget | None
+    concurrency: int
+    make: Callable[[], Operation]
+    latencies_s: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    in_slurm: int = 0
+    busy_s: float = 0.0
+    steal_s: float = 0.0
+    machine_s: float = 0.0
+    slurmctld_cpu_s: float = 0.0
+    broker_cpu_s: float = 0.0
+
+    def add(
+        self,
+        result: LoadResult,
+        in_slurm: int,
+        before: tuple[MachineCpu, float, float],
+        after: tuple[MachineCpu, float, float],
+    ) -> None:
+        self.latencies_s += result.latencies_s
+        self.errors += result.errors
+        self.wall_s += result.wall_s
+        self.in_slurm += in_slurm
+        total = after[0].total_s - before[0].total_s
+        self.machine_s += total
+        self.busy_s += after[0].busy_since(before[0]) * total
+        self.steal_s += after[0].steal_since(before[0]) * total
+        self.slurmctld_cpu_s += after[1] - before[1]
+        self.broker_cpu_s += after[2] - before[2]
+
+    def entry(self) -> dict[str, Any]:
+        ok = len(self.latencies_s)
+        per_job_ms = 1000 / max(ok, 1)
+        return {
+            "label": self.label,
+            "kind": self.kind,
+            "backend": self.target.backend if self.target else None,
+            "concurrency": self.concurrency,
+            "jobs_ok": ok,
+            "errors": len(self.errors),
+            "first_errors": self.errors[:3],
+            "jobs_live_in_slurm": self.in_slurm,
+            "wall_s": self.wall_s,
+            "per_second": ok / self.wall_s if self.wall_s else 0.0,
+            "latency": asdict(Summary.of_seconds(self.latencies_s)) if ok else None,
+            "machine_busy": self.busy_s / self.machine_s if self.machine_s else 0.0,
+            "machine_steal": self.steal_s / self.machine_s if self.machine_s else 0.0,
+            "slurmctld_cpu_ms_per_job": self.slurmctld_cpu_s * per_job_ms,
+            "broker_cpu_ms_per_job": self.broker_cpu_s * per_job_ms if self.target else None,
+        }
+
+
+def _cpu_now(slurmctld: int, broker: int | None) -> tuple[MachineCpu, float, float]:
+    return (
+        MachineCpu.now(),
+        process_cpu_s(slurmctld),
+        process_cpu_s(broker) if broker else 0.0,
+    )
 
 
 def run_throughput(
     plan: Plan, cluster: Cluster, targets: Sequence[BrokerTarget], say: Say
 ) -> dict[str, Any]:
     """Section 2: ``plan.throughput_jobs`` jobs from ``plan.throughput_clients`` concurrent
-    clients through each broker, against the same number of sbatch loops on the login node."""
-    jobs, clients = plan.throughput_jobs, plan.throughput_clients
+    clients through each broker, against the same number of sbatch loops on the login node.
+    Each variant submits in ``plan.throughput_batches`` batches and the variants take turns (in
+    an order rotated every batch); Slurm is emptied after every batch."""
+    jobs, clients, batches = plan.throughput_jobs, plan.throughput_clients, plan.throughput_batches
 
     def direct() -> Operation:
         local = LocalSbatch(cluster)
@@ -194,33 +249,45 @@ def run_throughput(
 
         return make
 
-    runs: list[tuple[str, str, str | None, int, Callable[[], Operation]]] = [
-        (f"sbatch on the login node, {clients} parallel loops", "direct", None, clients, direct),
+    variants = [
+        _Variant(
+            f"sbatch on the login node, {clients} parallel loops", "direct", None, clients, direct
+        )
     ]
-    for target in targets:
-        runs.append(
-            (
-                f"broker on {target.label}, {clients} HTTP clients",
-                "broker",
-                target.backend,
-                clients,
-                through(target),
-            )
-        )
-    runs.append(("sbatch on the login node, one loop", "direct_serial", None, 1, direct))
-    entries = []
-    for label, kind, backend, concurrency, make in runs:
-        wait_for_room(
-            cluster, jobs, keep_free=plan.keep_free_jobs, timeout=plan.room_wait_s, say=say
-        )
-        try:
-            result = closed_loop(jobs, concurrency, make)
-            in_slurm = live_jobs(cluster)
-        finally:
-            cancel_all(cluster)
+    variants += [
+        _Variant(f"broker on {t.label}, {clients} HTTP clients", "broker", t, clients, through(t))
+        for t in targets
+    ]
+    variants.append(
+        _Variant("sbatch on the login node, one loop", "direct_serial", None, 1, direct)
+    )
+    wait_for_room(
+        cluster,
+        jobs * len(variants),
+        keep_free=plan.keep_free_jobs,
+        timeout=plan.room_wait_s,
+        say=say,
+    )
+    slurmctld = int(cluster.slurmctld_pid_file.read_text().strip())
+    sizes = [jobs // batches + (1 if i < jobs % batches else 0) for i in range(batches)]
+    for index, size in enumerate(sizes):
+        shift = index % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            broker = variant.target.server.pid if variant.target else None
+            before = _cpu_now(slurmctld, broker)
+            try:
+                result = closed_loop(size, variant.concurrency, variant.make)
+                after = _cpu_now(slurmctld, broker)
+                in_slurm = live_jobs(cluster)
+            finally:
+                cancel_all(cluster)
+            variant.add(result, in_slurm, before, after)
+        say(f"  batch {index + 1}/{batches} done")
+    entries = [variant.entry() for variant in variants]
+    for entry in entries:
         say(
-            f"  {label}: {result.ok} jobs in {result.wall_s:.1f} s = {result.per_second:.1f}/s"
-            + (f", {len(result.errors)} errors" if result.errors else "")
+            f"  {entry['label']}: {entry['jobs_ok']} jobs in {entry['wall_s']:.1f} s = "
+            f"{entry['per_second']:.1f}/s"
+            + (f", {entry['errors']} errors" if entry["errors"] else "")
         )
-        entries.append(_load_entry(label, kind, backend, result, in_slurm))
-    return {"jobs": jobs, "clients": clients, "runs": entries}
+    return {"jobs": jobs, "clients": clients, "batches": batches, "runs": entries}

@@ -283,8 +283,8 @@ class SlurmClient:
     # -- internals -------------------------------------------------------------------------------
 
     def _squeue(self, job_ids: Sequence[str] | None) -> list[JobStatus]:
-        if job_ids is not None and len(job_ids) > commands.MAX_IDS_PER_ARGUMENT:
-            job_ids = None  # too long for one argument: read all of our jobs and filter here
+        if job_ids is not None and len(job_ids) > commands.SQUEUE_MAX_IDS:
+            job_ids = None  # cheaper to read all of our jobs and filter here (SQUEUE_MAX_IDS)
         argv = commands.squeue(self.bin_dir, job_ids)
 
         def read(result: CommandResult) -> list[JobStatus]:

@@ -39,6 +39,12 @@ SINFO_FIELDS: tuple[str, ...] = ("NodeList", "Partition", "StateLong", "Gres", "
 MAX_IDS_PER_ARGUMENT = 10_000
 """Linux caps one argv element at 128 KiB; 10,000 ids of up to 12 characters stay well below."""
 
+SQUEUE_MAX_IDS = 500
+"""Above this many ids the client reads all of its own jobs (``squeue --me``) and keeps the ones it
+asked for: squeue matches each job against the ``--jobs`` list one id at a time (jobs x ids), which
+took 200 ms for 2,000 ids and 0.5-0.8 s for 5,000 on the dev cluster, against 50-100 ms for the
+whole list (docs/performance.md, polling)."""
+
 STATUS_LOOKBACK = "now-30days"
 """sacct start time for status look-ups by id: a job that ended within 30 days is found. Without
 ``-S`` sacct starts at midnight today; it is always given explicitly here."""

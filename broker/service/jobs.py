@@ -149,6 +149,25 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise cursors.invalid() from exc
 
 
+def _sbatch_spec(job: JobRecord, body: JobCreate, user_name: str) -> JobSpec:
+    """What sbatch is given for an admitted job (built in the admission transaction)."""
+    return JobSpec(
+        script=body.script,
+        account=job.account,
+        partition=job.partition,
+        gpus=job.gpus,
+        gpu_type=job.gpu_type,
+        time_limit_minutes=job.time_limit_minutes,
+        tag=job.tag,
+        name=job.name,
+        nodes=job.nodes,
+        cpus_per_gpu=job.cpus_per_gpu,
+        mem_per_gpu_gb=job.mem_per_gpu_gb,
+        environment=dict(body.environment),
+        comment=f"user={user_name}",
+    )
+
+
 class JobService:
     def __init__(
         self,
@@ -276,10 +295,12 @@ class JobService:
         fingerprint = request_fingerprint(body)
         with transaction(self._sessions) as session:
             job, replayed = self._admit(session, actor, body, idempotency_key, fingerprint)
-            job_id = job.id
+            job_id, cluster_name = job.id, job.cluster
+            spec = _sbatch_spec(job, body, actor.name)
         if replayed:
             return SubmitOutcome(self._await_submitted(actor, job_id), created=False)
-        return SubmitOutcome(self._run_sbatch(job_id, body, actor.name), created=True)
+        submitted = self._run_sbatch(job_id, cluster_name, spec, body.project, actor.name)
+        return SubmitOutcome(submitted, created=True)
 
     def _admit(
         self,
@@ -454,27 +475,11 @@ class JobService:
             except AdapterError as exc:
                 log.warning("account %s on %s not created yet: %s", account, cluster_name, exc)
 
-    def _run_sbatch(self, job_id: str, body: JobCreate, user_name: str) -> JobPublic:
-        with self._sessions() as session:
-            job = session.get_one(JobRecord, job_id)
-            cluster_name, account, tag = job.cluster, job.account, job.tag
-            spec = JobSpec(
-                script=body.script,
-                account=account,
-                partition=job.partition,
-                gpus=job.gpus,
-                gpu_type=job.gpu_type,
-                time_limit_minutes=job.time_limit_minutes,
-                tag=tag,
-                name=job.name,
-                nodes=job.nodes,
-                cpus_per_gpu=job.cpus_per_gpu,
-                mem_per_gpu_gb=job.mem_per_gpu_gb,
-                environment=dict(body.environment),
-                comment=f"user={user_name}",
-            )
+    def _run_sbatch(
+        self, job_id: str, cluster_name: str, spec: JobSpec, project: str, user_name: str
+    ) -> JobPublic:
         try:
-            self._ensure_account(cluster_name, account)
+            self._ensure_account(cluster_name, spec.account)
             slurm_job_id = self._clusters.client(cluster_name).submit(spec)
             failpoints.hit("after_sbatch")
         except AdapterError as exc:
@@ -491,8 +496,10 @@ class JobService:
                 f"sbatch accepted as {slurm_job_id}",
                 slurm_job_id=slurm_job_id,
             )
+            # The caller's project and name are the job's: no second read to answer.
+            public = job_public(job, project, user_name)
         log.info("job %s submitted to %s as %s", job_id, cluster_name, slurm_job_id)
-        return self._public(job_id)
+        return public
 
     def _after_failed_sbatch(self, job_id: str, cluster_name: str, exc: AdapterError) -> JobPublic:
         if exc.may_have_run:

@@ -13,7 +13,7 @@ import pytest
 from adapters.errors import CommandFailed, HostUnreachable, SlurmOutputError, SlurmUnavailable
 from adapters.runner import CommandResult, CommandRunner
 from adapters.slurm.client import SlurmClient
-from adapters.slurm.commands import SACCT_FIELDS, SQUEUE_FIELDS
+from adapters.slurm.commands import SACCT_FIELDS, SQUEUE_FIELDS, SQUEUE_MAX_IDS
 from adapters.slurm.types import JobSpec, JobState
 
 US = "\x1f"
@@ -114,6 +114,22 @@ def test_statuses_take_two_commands_whatever_the_number_of_jobs(count: int) -> N
     assert report.missing == frozenset(ids[3:])
     assert "1" not in jobs_arg(runner.calls[1][0])  # a live job is not looked up in sacct
     assert "2" in jobs_arg(runner.calls[1][0])
+
+
+@pytest.mark.parametrize(("count", "filtered_by_squeue"), [(3, True), (SQUEUE_MAX_IDS + 1, False)])
+def test_many_ids_read_all_own_jobs_and_keep_the_asked_ones(
+    count: int, filtered_by_squeue: bool
+) -> None:
+    others = squeue_line("7", "PENDING") + squeue_line("8", "RUNNING")  # not asked for
+    runner = ScriptedRunner({"squeue": (0, squeue_line("1", "RUNNING") + others, "")})
+    ids = ["1"] + [str(100_000 + n) for n in range(count - 1)]
+    runner.replies["sacct"] = (0, "", "")
+    report = client_for(runner).statuses(ids)
+
+    assert (jobs_arg(runner.calls[0][0]) == ids) is filtered_by_squeue
+    assert "--me" in runner.calls[0][0]
+    assert set(report.found) == {"1"}
+    assert report.missing == frozenset(ids[1:])
 
 
 def test_only_live_jobs_take_one_command() -> None:
