@@ -11,7 +11,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
 bash deploy/install-packages.sh
-bash deploy/python-env.sh dev
+bash deploy/python-env.sh dev,bench
 BROKER_TEST_POSTGRES=$(bash deploy/postgres-for-tests.sh)
 export BROKER_TEST_POSTGRES
 
