@@ -20,15 +20,17 @@ class Plan:
     """Each variant's jobs go in this many batches, the variants taking turns, so that all of
     them meet the controller in the same states (it slows down as it holds more jobs)."""
     quiet_jobs: int = 1500
+    """Before the latency and throughput sections: wait until slurmctld holds at most this many."""
     quiet_own_jobs: int = 100
     """Before polling: wait until slurmctld holds at most this many jobs of the service account."""
-    """Before the latency and throughput sections: wait until slurmctld holds at most this many."""
     poll_sizes: tuple[int, ...] = (10, 100, 1000, 5000)
     poll_cycles: int = 5
     """Measured cycles per queue size, after one first cycle that sees the new jobs."""
     submit_workers: int = 8
     """Parallel sbatch processes that fill the queue for section 3."""
     read_jobs: int = 100_000
+    read_projects: int = 50
+    read_researchers: int = 200
     read_clients: int = 32
     read_seconds: float = 20.0
     read_warmup_seconds: float = 3.0
@@ -49,16 +51,18 @@ QUICK = Plan(
     latency_rounds=6,
     latency_warmup=1,
     throughput_jobs=32,
-    throughput_batches=2,
+    throughput_batches=1,
     quiet_jobs=1_000_000,
     quiet_own_jobs=1_000_000,
     poll_sizes=(10, 40),
     poll_cycles=2,
     read_jobs=2000,
+    read_projects=5,
+    read_researchers=10,
     read_seconds=1.0,
-    read_warmup_seconds=0.5,
+    read_warmup_seconds=0.0,
     metrics_scrapes=1,
     single_requests=5,
-    background_sample_s=0.5,
+    background_sample_s=0.2,
     room_wait_s=30.0,
 )

@@ -99,7 +99,12 @@ def run_reads(plan: Plan, workdir: Path, say: Say) -> dict[str, Any]:
             db = open_database(url)
             started = time.perf_counter()
             try:
-                history = seed_history(db, jobs=plan.read_jobs)
+                history = seed_history(
+                    db,
+                    jobs=plan.read_jobs,
+                    projects=plan.read_projects,
+                    researchers=plan.read_researchers,
+                )
             finally:
                 db.close()
             seeded_s = time.perf_counter() - started
@@ -116,13 +121,14 @@ def run_reads(plan: Plan, workdir: Path, say: Say) -> dict[str, Any]:
                 endpoints = {}
                 for key, key_paths in paths.items():
                     page = _check(server, history.token, key_paths[0])
-                    run_wrk(
-                        server.url,
-                        key_paths,
-                        history.token,
-                        connections=plan.read_clients,
-                        duration_s=plan.read_warmup_seconds,
-                    )
+                    if plan.read_warmup_seconds > 0:
+                        run_wrk(
+                            server.url,
+                            key_paths,
+                            history.token,
+                            connections=plan.read_clients,
+                            duration_s=plan.read_warmup_seconds,
+                        )
                     result = run_wrk(
                         server.url,
                         key_paths,
@@ -163,6 +169,8 @@ def run_reads(plan: Plan, workdir: Path, say: Say) -> dict[str, Any]:
     return {
         "clients": plan.read_clients,
         "seconds": plan.read_seconds,
+        "projects": plan.read_projects,
+        "researchers": plan.read_researchers,
         "metrics_cache_s": METRICS_CACHE_S,
         "by_backend": results,
     }

@@ -573,7 +573,8 @@ def _reads_section(reads: dict[str, Any], plot: str) -> list[str]:
     return [
         f"## 4. API reads with {jobs:,} jobs in the database",
         "",
-        f"{jobs:,} job rows over 50 projects and 200 researchers, submitted over 180 days (80 % "
+        f"{jobs:,} job rows over {reads.get('projects', 50)} projects and "
+        f"{reads.get('researchers', 200)} researchers, submitted over 180 days (80 % "
         "completed, 8 % failed, 6 % cancelled, 4 % running, 2 % pending), inserted in bulk into "
         "a fresh database (PostgreSQL then `ANALYZE`d, as autovacuum would). The caller is a "
         "researcher in two of the projects: single jobs are drawn from those projects, and the "
