@@ -11,6 +11,7 @@ from datetime import UTC
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
+from broker.clock import utcnow
 from broker.config import Settings
 from broker.service import lease
 from broker.service.poller import Poller
@@ -45,8 +46,6 @@ class PollerSchedule:
         return True
 
     def start(self) -> None:
-        from broker.clock import utcnow
-
         for cluster in sorted(self._settings.clusters):
             self._scheduler.add_job(
                 self.tick,

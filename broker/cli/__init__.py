@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from broker.cli import client
+from broker.config import Settings
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -29,7 +30,7 @@ ConfigOption = Annotated[
 ]
 
 
-def _settings(config: Path | None):  # type: ignore[no-untyped-def]
+def _settings(config: Path | None) -> Settings:
     from broker.config import ConfigError, load_settings
 
     try:

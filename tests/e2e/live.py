@@ -44,6 +44,19 @@ TEST_OVERRIDES = {
 }
 
 
+def job_body(
+    project: str, cluster: str, *, seconds: int, gpus: int = 1, minutes: int = 10
+) -> dict[str, Any]:
+    """A POST /v1/jobs body for a job that sleeps ``seconds``."""
+    return {
+        "project": project,
+        "cluster": cluster,
+        "gpus": gpus,
+        "time_limit_minutes": minutes,
+        "script": SLEEP_SCRIPT.format(seconds=seconds),
+    }
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

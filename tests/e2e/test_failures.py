@@ -18,10 +18,10 @@ from broker.db.models import JobRecord, ProjectRecord
 from tests import devcluster
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.e2e.live import (
-    SLEEP_SCRIPT,
     BrokerProcess,
     Client,
     LiveBroker,
+    job_body,
     new_project,
     running,
     seed_users,
@@ -32,22 +32,12 @@ from tests.e2e.live import (
 pytestmark = pytest.mark.cluster
 
 
-def _job_body(project: str, cluster: str, seconds: int, gpus: int = 1) -> dict[str, Any]:
-    return {
-        "project": project,
-        "cluster": cluster,
-        "gpus": gpus,
-        "time_limit_minutes": 10,
-        "script": SLEEP_SCRIPT.format(seconds=seconds),
-    }
-
-
 def test_stopped_sshd_gives_503_with_retry_after_and_reserves_nothing(broker: LiveBroker) -> None:
     alice = broker.client("alice")
     project = new_project(broker.client("root"), "alice", gpu_hours=10)
     devcluster.ctl("stop-sshd", "beta")
     try:
-        refused = alice.http.post("/v1/jobs", json=_job_body(project, "beta", 1))
+        refused = alice.http.post("/v1/jobs", json=job_body(project, "beta", seconds=1))
         assert refused.status_code == 503, refused.text
         assert refused.json()["type"] == "cluster-unavailable"
         assert int(refused.headers["Retry-After"]) > 0
@@ -57,7 +47,7 @@ def test_stopped_sshd_gives_503_with_retry_after_and_reserves_nothing(broker: Li
         devcluster.ctl("start-sshd", "beta")
     assert squeue_ids(broker.runtime, "beta", project) == []
     # Back up: the runner reconnects by itself.
-    accepted = alice.http.post("/v1/jobs", json=_job_body(project, "beta", 1))
+    accepted = alice.http.post("/v1/jobs", json=job_body(project, "beta", seconds=1))
     assert accepted.status_code == 201, accepted.text
 
 
@@ -69,7 +59,7 @@ def _poll_times(client: Client, cluster: str) -> tuple[bool, str | None]:
 def test_stopped_slurmctld_finalises_nothing_and_states_converge(broker: LiveBroker) -> None:
     alice = broker.client("alice")
     project = new_project(broker.client("root"), "alice", gpu_hours=10)
-    job = alice.http.post("/v1/jobs", json=_job_body(project, "alpha", 15, gpus=2)).json()
+    job = alice.http.post("/v1/jobs", json=job_body(project, "alpha", seconds=15, gpus=2)).json()
     alice.wait_state(job["id"], {"running"}, timeout=60)
     devcluster.ctl("stop-slurmctld", "alpha")
     try:
@@ -123,7 +113,7 @@ def test_crash_between_sbatch_and_recording_is_attached_by_tag(crash_database: s
     admin, alice = Client(doomed.url, tokens["root"]), Client(doomed.url, tokens["alice"])
     project = new_project(admin, "alice", gpu_hours=10)
     with pytest.raises(httpx.HTTPError):
-        alice.http.post("/v1/jobs", json=_job_body(project, "alpha", 3, gpus=2))
+        alice.http.post("/v1/jobs", json=job_body(project, "alpha", seconds=3, gpus=2))
     assert doomed.proc is not None and doomed.proc.wait(timeout=30) == 86
 
     with sessions() as session:

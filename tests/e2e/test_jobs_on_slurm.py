@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from broker.service import ledger
-from tests.e2e.live import SLEEP_SCRIPT, LiveBroker, new_project, squeue_ids
+from tests.e2e.live import LiveBroker, job_body, new_project, squeue_ids
 
 pytestmark = pytest.mark.cluster
 
@@ -33,14 +33,7 @@ def test_job_runs_completes_and_is_charged_what_sacct_accounted(
 ) -> None:
     admin, alice = broker.client("root"), broker.client("alice")
     project = new_project(admin, "alice", gpu_hours=100)
-    body = {
-        "project": project,
-        "cluster": cluster,
-        "gpus": gpus,
-        "time_limit_minutes": 10,
-        "script": SLEEP_SCRIPT.format(seconds=3),
-        "name": "e2e",
-    }
+    body = {**job_body(project, cluster, seconds=3, gpus=gpus, minutes=10), "name": "e2e"}
     created = submit(broker, "alice", body)
     assert created.status_code == 201, created.text
     job = created.json()
@@ -74,13 +67,7 @@ def test_job_runs_completes_and_is_charged_what_sacct_accounted(
 
 def test_budget_too_small_is_409_and_no_slurm_job_exists(broker: LiveBroker) -> None:
     project = new_project(broker.client("root"), "alice", gpu_hours=1)
-    body = {
-        "project": project,
-        "cluster": "alpha",
-        "gpus": 8,
-        "time_limit_minutes": 60,
-        "script": SLEEP_SCRIPT.format(seconds=1),
-    }
+    body = job_body(project, "alpha", seconds=1, gpus=8, minutes=60)
     refused = submit(broker, "alice", body)
     assert refused.status_code == 409
     problem = refused.json()
@@ -92,13 +79,7 @@ def test_budget_too_small_is_409_and_no_slurm_job_exists(broker: LiveBroker) -> 
 def test_parallel_submits_admit_exactly_what_the_budget_holds(broker: LiveBroker) -> None:
     """30 concurrent requests, budget for exactly 5: 5 Slurm jobs, and the ledger is exact."""
     project = new_project(broker.client("root"), "alice", gpu_hours=5)
-    body = {
-        "project": project,
-        "cluster": "alpha",
-        "gpus": 1,
-        "time_limit_minutes": 60,
-        "script": SLEEP_SCRIPT.format(seconds=300),
-    }
+    body = job_body(project, "alpha", seconds=300, gpus=1, minutes=60)
     with ThreadPoolExecutor(max_workers=30) as pool:
         statuses = list(pool.map(lambda _: submit(broker, "alice", body).status_code, range(30)))
     assert sorted(statuses) == [201] * 5 + [409] * 25
@@ -119,13 +100,7 @@ def test_parallel_submits_admit_exactly_what_the_budget_holds(broker: LiveBroker
 
 def test_parallel_submits_with_one_idempotency_key_make_one_slurm_job(broker: LiveBroker) -> None:
     project = new_project(broker.client("root"), "alice", gpu_hours=100)
-    body = {
-        "project": project,
-        "cluster": "alpha",
-        "gpus": 1,
-        "time_limit_minutes": 10,
-        "script": SLEEP_SCRIPT.format(seconds=300),
-    }
+    body = job_body(project, "alpha", seconds=300, gpus=1, minutes=10)
     with ThreadPoolExecutor(max_workers=10) as pool:
         responses = list(
             pool.map(lambda _: submit(broker, "alice", body, key="same-key"), range(10))
@@ -140,13 +115,7 @@ def test_parallel_submits_with_one_idempotency_key_make_one_slurm_job(broker: Li
 
 def test_others_jobs_are_invisible_and_engineers_cannot_write(broker: LiveBroker) -> None:
     project = new_project(broker.client("root"), "alice", gpu_hours=10)
-    body = {
-        "project": project,
-        "cluster": "beta",
-        "gpus": 1,
-        "time_limit_minutes": 5,
-        "script": SLEEP_SCRIPT.format(seconds=120),
-    }
+    body = job_body(project, "beta", seconds=120, gpus=1, minutes=5)
     job = submit(broker, "alice", body).json()
     bob, eve = broker.client("bob"), broker.client("eve")
     assert bob.http.get(f"/v1/jobs/{job['id']}").status_code == 404
@@ -160,13 +129,7 @@ def test_others_jobs_are_invisible_and_engineers_cannot_write(broker: LiveBroker
 def test_cancel_pending_then_again_after_it_ended(broker: LiveBroker) -> None:
     alice = broker.client("alice")
     project = new_project(broker.client("root"), "alice", gpu_hours=100)
-    body = {
-        "project": project,
-        "cluster": "alpha",
-        "gpus": 1,
-        "time_limit_minutes": 10,
-        "script": SLEEP_SCRIPT.format(seconds=300),
-    }
+    body = job_body(project, "alpha", seconds=300, gpus=1, minutes=10)
     job = submit(broker, "alice", body).json()
     assert alice.http.delete(f"/v1/jobs/{job['id']}").status_code == 202
     cancelled = alice.wait_state(job["id"], {"cancelled"}, timeout=60)
