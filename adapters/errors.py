@@ -153,3 +153,33 @@ class SlurmOutputError(AdapterError):
     def __init__(self, argv: Sequence[str], detail: str) -> None:
         self.argv = list(argv)
         super().__init__(f"cannot parse output of {argv[0] if argv else '?'}: {detail}")
+
+
+class RunAsRefused(CommandFailed):
+    """sudo would not run the command as ``user``: no such user on the login node, a user outside
+    the group the sudoers rule allows, or no rule at all. Nothing ran."""
+
+    transient = False
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        exit_code: int,
+        stderr: str,
+        *,
+        user: str,
+        host: str | None = None,
+    ) -> None:
+        super().__init__(argv, exit_code, stderr, host=host)
+        self.user = user
+
+
+class SubmitMisrouted(CommandFailed):
+    """sbatch reported the job on another cluster (``id;cluster``); that job was cancelled."""
+
+    transient = False
+
+    def __init__(self, argv: Sequence[str], job_id: str, cluster: str) -> None:
+        super().__init__(argv, 0, f"sbatch placed job {job_id} on cluster {cluster}")
+        self.job_id = job_id
+        self.cluster = cluster

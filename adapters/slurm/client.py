@@ -12,10 +12,17 @@ import posixpath
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from typing import TypeVar
 
-from adapters.errors import CommandFailed, SlurmOutputError, SlurmUnavailable
+from adapters.errors import (
+    CommandFailed,
+    RunAsRefused,
+    SlurmOutputError,
+    SlurmUnavailable,
+    SubmitMisrouted,
+)
 from adapters.runner import CommandResult, CommandRunner
 from adapters.slurm import commands
 from adapters.slurm.parse import (
@@ -67,6 +74,13 @@ _UNAVAILABLE_IF_FAILED = (
     "database is busy",
 )
 _NOT_UNAVAILABLE = ("invalid job id",)
+# What sudo prints when it will not run a command as the user (sudo 1.9): nothing ran.
+_RUN_AS_REFUSED = (
+    "sudo: unknown user",
+    "a password is required",
+    "is not allowed to execute",
+    "sudo: a terminal is required",
+)
 _CANCEL_DONE_MARKERS = ("invalid job id specified", "already completing or completed")
 
 
@@ -103,6 +117,31 @@ def _status_from_record(record: AccountingRecord) -> JobStatus:
 def _has_tag(comment: str | None, tag: str) -> bool:
     words = (comment or "").split(maxsplit=1)
     return bool(words) and words[0] == tag
+
+
+@dataclass(frozen=True, slots=True)
+class FileChunk:
+    """Bytes of a file read as its owner: ``data`` from ``offset``, and the file's ``size``."""
+
+    offset: int
+    size: int
+    data: bytes
+
+
+def _run_as_of(argv: Sequence[str]) -> str | None:
+    """The user a ``sudo -n -u USER -- ...`` argv runs as, or None for a plain command."""
+    if len(argv) > 3 and posixpath.basename(argv[0]) == "sudo" and argv[2] == "-u":
+        return argv[3]
+    return None
+
+
+def _program(argv: Sequence[str]) -> str:
+    """The program's name for logs and metrics: ``sbatch`` for ``sudo ... -- /usr/bin/sbatch``."""
+    if _run_as_of(argv) is not None and "--" in argv:
+        rest = argv[list(argv).index("--") + 1 :]
+        if rest:
+            return posixpath.basename(rest[0])
+    return posixpath.basename(argv[0])
 
 
 def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
@@ -155,7 +194,20 @@ class SlurmClient:
             self._require_success(result)
             job_id, cluster = parse_sbatch(decode(result.stdout))
             if cluster is not None and cluster != self.cluster:
-                logger.warning("sbatch on %s reported cluster %s", self.cluster, cluster)
+                # The job went to another cluster than the one admitted: it must not run.
+                logger.error(
+                    "%s: sbatch placed %s on cluster %s as %s; cancelling it",
+                    self.cluster,
+                    spec.tag,
+                    cluster,
+                    job_id,
+                )
+                self._command(
+                    self._maybe_as(spec.run_as, commands.scancel_on(self.bin_dir, job_id, cluster)),
+                    self._read_cancel(job_id),
+                    side_effects=True,
+                )
+                raise SubmitMisrouted(argv, job_id, cluster)
             return job_id
 
         job_id = self._command(argv, read, stdin=script, side_effects=True)
@@ -210,11 +262,13 @@ class SlurmClient:
                 by_id[record.job_id] = _status_from_record(record)
         return sorted(by_id.values(), key=lambda s: (len(s.job_id), s.job_id))
 
-    def cancel(self, job_id: str) -> None:
-        """``scancel``; idempotent: a job that already ended or that Slurm no longer knows is
-        cancelled as far as the caller is concerned."""
-        argv = commands.scancel(self.bin_dir, job_id)
+    def cancel(self, job_id: str, *, as_user: str | None = None) -> None:
+        """``scancel`` (as ``as_user`` when given); idempotent: a job that already ended or that
+        Slurm no longer knows is cancelled as far as the caller is concerned."""
+        argv = self._maybe_as(as_user, commands.scancel(self.bin_dir, job_id))
+        self._command(argv, self._read_cancel(job_id), side_effects=True)
 
+    def _read_cancel(self, job_id: str) -> Callable[[CommandResult], None]:
         def read(result: CommandResult) -> None:
             if result.exit_code == 0:
                 return
@@ -224,7 +278,49 @@ class SlurmClient:
                 return
             self._require_success(result)
 
-        self._command(argv, read, side_effects=True)
+        return read
+
+    # -- files of the researcher -----------------------------------------------------------------
+
+    def prepare_directory(self, user: str, path: str) -> None:
+        """Create ``path`` as ``user``, private to them (idempotent). Raises ``RunAsRefused`` when
+        the user cannot be acted as on this login node."""
+        argv = commands.as_user(user, commands.mkdir_private(path))
+        self._command(argv, self._require_success_read, side_effects=True)
+
+    def read_file(self, user: str, path: str, offset: int, limit: int) -> FileChunk | None:
+        """Up to ``limit`` bytes of ``path`` from ``offset``, read as ``user`` (Unix permissions
+        apply); ``None`` when the file does not exist (yet). Two commands: its size, its bytes."""
+        size_argv = commands.as_user(user, commands.file_size(path))
+
+        def read_size(result: CommandResult) -> int | None:
+            if result.exit_code != 0 and "no such file" in result.stderr_text.lower():
+                return None
+            self._require_success(result)
+            text = result.stdout_text.strip()
+            if not text.isdigit():
+                raise CommandFailed(result.argv, result.exit_code, f"stat printed {text!r}")
+            return int(text)
+
+        size = self._command(size_argv, read_size)
+        if size is None:
+            return None
+        if offset >= size:
+            return FileChunk(offset=offset, size=size, data=b"")
+        data_argv = commands.as_user(user, commands.read_bytes(path, offset, limit))
+
+        def read_data(result: CommandResult) -> bytes:
+            self._require_success(result)
+            return result.stdout
+
+        return FileChunk(offset=offset, size=size, data=self._command(data_argv, read_data))
+
+    @staticmethod
+    def _maybe_as(user: str | None, argv: list[str]) -> list[str]:
+        return argv if user is None else commands.as_user(user, argv)
+
+    def _require_success_read(self, result: CommandResult) -> None:
+        self._require_success(result)
 
     # -- cluster ---------------------------------------------------------------------------------
 
@@ -257,15 +353,54 @@ class SlurmClient:
             out += self._sacct(start=start, end=end, accounts=accounts, job_ids=chunk)
         return out
 
-    def ensure_account(self, account: str, user: str) -> None:
-        """Make ``account`` exist on this cluster and let ``user`` submit to it; idempotent."""
-        for argv in (
-            commands.sacctmgr_add_account(self.bin_dir, cluster=self.cluster, account=account),
-            commands.sacctmgr_add_user(
-                self.bin_dir, cluster=self.cluster, account=account, user=user
-            ),
-        ):
+    def ensure_account(
+        self,
+        account: str,
+        user: str | None = None,
+        *,
+        parent: str | None = None,
+        coordinator: str | None = None,
+    ) -> None:
+        """Make ``account`` exist on this cluster (below ``parent``), let ``user`` submit to it,
+        and make ``coordinator`` its coordinator so slurmctld lets it cancel there; idempotent."""
+        argvs = [
+            commands.sacctmgr_add_account(
+                self.bin_dir, cluster=self.cluster, account=account, parent=parent
+            )
+        ]
+        if coordinator is not None:
+            argvs.append(
+                commands.sacctmgr_add_coordinator(self.bin_dir, account=account, user=coordinator)
+            )
+        if user is not None:
+            argvs.append(
+                commands.sacctmgr_add_user(
+                    self.bin_dir, cluster=self.cluster, account=account, user=user
+                )
+            )
+        for argv in argvs:
             self._command(argv, self._read_sacctmgr_add, side_effects=True)
+
+    def ensure_association(self, account: str, user: str) -> None:
+        """Let ``user`` submit to ``account`` on this cluster; idempotent."""
+        argv = commands.sacctmgr_add_user(
+            self.bin_dir, cluster=self.cluster, account=account, user=user
+        )
+        self._command(argv, self._read_sacctmgr_add, side_effects=True)
+
+    def remove_association(self, account: str, user: str) -> None:
+        """Take ``account`` away from ``user`` on this cluster; idempotent."""
+        argv = commands.sacctmgr_remove_user(
+            self.bin_dir, cluster=self.cluster, account=account, user=user
+        )
+
+        def read(result: CommandResult) -> None:
+            text = (result.stdout_text + result.stderr_text).lower()
+            if result.exit_code == 0 or "nothing deleted" in text:
+                return
+            raise CommandFailed(result.argv, result.exit_code, result.stderr_text)
+
+        self._command(argv, read, side_effects=True)
 
     def ping(self) -> None:
         """Cheap liveness check of slurmctld (``scontrol ping``); raises ``SlurmUnavailable``."""
@@ -347,13 +482,18 @@ class SlurmClient:
         side_effects: bool = False,
     ) -> T:
         """Run one command, classify its failure, parse it; count, log and observe it."""
-        name = posixpath.basename(argv[0])
+        name = _program(argv)
         started = time.monotonic()
         error: BaseException | None = None
         exit_code: int | None = None
         try:
             result = self.runner.run(argv, stdin=stdin, timeout=self.timeout)
             exit_code = result.exit_code
+            run_as = _run_as_of(argv)
+            if run_as is not None and result.exit_code != 0:
+                lowered = result.stderr_text.lower()
+                if any(marker in lowered for marker in _RUN_AS_REFUSED):
+                    raise RunAsRefused(argv, result.exit_code, result.stderr_text, user=run_as)
             line = unavailable_line(result.stderr_text, failed=result.exit_code != 0)
             if line is not None and side_effects and result.exit_code == 0:
                 # sbatch and scancel retry by themselves; exit 0 means the work was done.

@@ -247,6 +247,14 @@ def sbatch(bin_dir: str, spec: JobSpec) -> list[str]:
         argv.append(f"--cpus-per-gpu={spec.cpus_per_gpu}")
     if spec.mem_per_gpu_gb is not None:
         argv.append(f"--mem-per-gpu={spec.mem_per_gpu_gb}G")
+    if spec.workdir is not None:
+        argv.append(f"--chdir={check_path(spec.workdir)}")
+    if spec.stdout_path is not None:
+        argv.append(f"--output={check_path(spec.stdout_path)}")
+    if spec.stderr_path is not None:
+        argv.append(f"--error={check_path(spec.stderr_path)}")
+    if spec.run_as is not None:
+        return as_user(spec.run_as, argv)
     return argv
 
 
@@ -329,8 +337,12 @@ def sinfo(bin_dir: str) -> list[str]:
     ]
 
 
-def sacctmgr_add_account(bin_dir: str, *, cluster: str, account: str) -> list[str]:
-    return [
+def sacctmgr_add_account(
+    bin_dir: str, *, cluster: str, account: str, parent: str | None = None
+) -> list[str]:
+    """Create ``account`` on ``cluster``, below ``parent`` when given (a coordinator of the parent
+    may create accounts there and nowhere else)."""
+    argv = [
         _bin(bin_dir, "sacctmgr"),
         "--immediate",
         "add",
@@ -338,6 +350,9 @@ def sacctmgr_add_account(bin_dir: str, *, cluster: str, account: str) -> list[st
         check_word("account", account),
         f"cluster={check_word('cluster', cluster)}",
     ]
+    if parent is not None:
+        argv.append(f"parent={check_word('account', parent)}")
+    return argv
 
 
 def sacctmgr_add_user(bin_dir: str, *, cluster: str, account: str, user: str) -> list[str]:
@@ -354,3 +369,94 @@ def sacctmgr_add_user(bin_dir: str, *, cluster: str, account: str, user: str) ->
 
 def scontrol_ping(bin_dir: str) -> list[str]:
     return [_bin(bin_dir, "scontrol"), "ping"]
+
+
+# -- acting as the researcher -------------------------------------------------------------------
+
+SUDO = "/usr/bin/sudo"
+COREUTILS_DIR = "/usr/bin"
+"""Where ``mkdir``, ``stat`` and ``dd`` live on the login node (the sudoers rule names them)."""
+
+REFUSED_RUN_AS = frozenset({"root"})
+"""Never acted as, whatever the configuration says (the sudoers rule refuses them too)."""
+
+_PATH = re.compile(r"/[A-Za-z0-9_.@%+=:,/-]{1,1023}")
+
+
+def check_path(value: str) -> str:
+    """An absolute path the broker built itself: no spaces, quotes, ``..`` or control characters."""
+    if not _PATH.fullmatch(value) or "/../" in f"{value}/" or "//" in value:
+        raise ValueError(f"path {value!r} is not a plain absolute path")
+    return value
+
+
+def as_user(user: str, argv: Sequence[str], *, sudo: str = SUDO) -> list[str]:
+    """``argv`` run as ``user`` through ``sudo -n`` (never a password prompt, never a shell).
+
+    ``--`` ends sudo's options, so nothing in ``argv`` can be read as one.
+    """
+    check_user(user)
+    if user in REFUSED_RUN_AS:
+        raise ValueError(f"jobs never run as {user}")
+    return [sudo, "-n", "-u", user, "--", *argv]
+
+
+def mkdir_private(path: str) -> list[str]:
+    """Create ``path`` (and parents) readable by its owner only.
+
+    With the service account's ``umask=0077`` from sudoers, parents made by ``-p`` are private too.
+    """
+    return [posixpath.join(COREUTILS_DIR, "mkdir"), "-p", "-m", "0700", check_path(path)]
+
+
+def file_size(path: str) -> list[str]:
+    return [posixpath.join(COREUTILS_DIR, "stat"), "--format=%s", "--", check_path(path)]
+
+
+def read_bytes(path: str, offset: int, limit: int) -> list[str]:
+    """At most ``limit`` bytes of ``path`` from byte ``offset``, skipping what comes before."""
+    if offset < 0 or limit < 1:
+        raise ValueError("offset must be >= 0 and limit >= 1")
+    return [
+        posixpath.join(COREUTILS_DIR, "dd"),
+        f"if={check_path(path)}",
+        "iflag=skip_bytes,count_bytes",
+        f"skip={offset}",
+        f"count={limit}",
+        "status=none",
+    ]
+
+
+def scancel_on(bin_dir: str, job_id: str, cluster: str) -> list[str]:
+    """``scancel`` of a job on a named cluster (one that sbatch reported routing to)."""
+    return [
+        _bin(bin_dir, "scancel"),
+        f"--clusters={check_word('cluster', cluster)}",
+        check_job_id(job_id),
+    ]
+
+
+def sacctmgr_add_coordinator(bin_dir: str, *, account: str, user: str) -> list[str]:
+    """Make ``user`` coordinator of ``account``: slurmctld learns of coordinator rights on accounts
+    created after the parent's ``add coordinator`` only this way (SLURM-NOTES, TRAP)."""
+    return [
+        _bin(bin_dir, "sacctmgr"),
+        "--immediate",
+        "add",
+        "coordinator",
+        f"account={check_word('account', account)}",
+        f"names={check_user(user)}",
+    ]
+
+
+def sacctmgr_remove_user(bin_dir: str, *, cluster: str, account: str, user: str) -> list[str]:
+    """Remove ``user``'s association with ``account`` on ``cluster`` (not the user itself)."""
+    return [
+        _bin(bin_dir, "sacctmgr"),
+        "--immediate",
+        "remove",
+        "user",
+        check_user(user),
+        f"account={check_word('account', account)}",
+        f"cluster={check_word('cluster', cluster)}",
+    ]

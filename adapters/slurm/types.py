@@ -64,6 +64,14 @@ class JobSpec:
     environment: Mapping[str, str] = field(default_factory=dict)
     comment: str | None = None
     """Extra text appended after the tag in ``--comment`` (e.g. ``user=alice``)."""
+    run_as: str | None = None
+    """Unix user the job is submitted as (through ``sudo -n -u``); ``None``: the login user."""
+    workdir: str | None = None
+    """``--chdir``: the job's working directory (it must exist, or the job runs in /tmp)."""
+    stdout_path: str | None = None
+    """``--output``; the directory must exist, or the job fails before its script runs."""
+    stderr_path: str | None = None
+    """``--error``."""
 
 
 @dataclass(frozen=True, slots=True)

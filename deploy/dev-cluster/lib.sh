@@ -13,6 +13,16 @@ PIDS=$STATE/pids
 CLUSTERS=(alpha beta)
 SVC_USER=slurmsvc
 SVC_HOME=$STATE/home/$SVC_USER
+# Researchers: real Unix accounts that jobs run as. The service account may act as members of
+# RESEARCH_GROUP only (sudoers); OUTSIDER exists but is not in the group, so sudo must refuse it.
+RESEARCH_GROUP=broker-users
+RESEARCHERS=(alice bob)
+OUTSIDER=carol
+# The Slurm account under which the broker creates projects' accounts; the service account is its
+# coordinator, not a Slurm administrator.
+PARENT_ACCOUNT=broker
+SUDOERS_FILE=/etc/sudoers.d/broker-$SVC_USER
+SUDO_LOG=/var/log/sudo-broker.log
 SSH_DIR=$STATE/ssh
 DBD_DIR=$STATE/slurmdbd
 DBD_PORT=16819

@@ -20,6 +20,8 @@ main() {
     ensure_mariadb
     ensure_accounting_db
     ensure_service_account
+    ensure_researchers
+    write_sudoers
     local c
     for c in "${CLUSTERS[@]}"; do write_cluster_config "$c"; done
     write_slurmdbd_conf
@@ -278,11 +280,13 @@ sacctmgr_add() {
         die "sacctmgr add $* failed: $out" "$DBD_DIR/slurmdbd.log"
 }
 
-# register_accounting: clusters, the account "dev", and the users slurmsvc (an Administrator, so the
-# broker may add accounts and users) and root. Queries first; each add covers every cluster at once,
-# since each sacctmgr call costs a few hundred milliseconds.
+# register_accounting: the clusters; the account "dev" with root and slurmsvc (for the adapter's
+# own tests and the benchmarks); the parent account "broker", of which slurmsvc is coordinator, so
+# the broker can create projects' accounts below it and give researchers associations there. slurmsvc
+# is no Slurm administrator. Queries first; each add covers every cluster at once, since each
+# sacctmgr call costs a few hundred milliseconds.
 register_accounting() {
-    local c u clusters assocs users all_clusters
+    local c u clusters assocs users coords all_clusters
     all_clusters=$(IFS=,; echo "${CLUSTERS[*]}")
     clusters=$(sacctmgr_ -n -P show cluster format=cluster)
     for c in "${CLUSTERS[@]}"; do
@@ -294,15 +298,70 @@ register_accounting() {
             description=dev-cluster organization=dev && break; }
     done
     for c in "${CLUSTERS[@]}"; do
+        grep -qx "$c|$PARENT_ACCOUNT|" <<<"$assocs" || { sacctmgr_add account "$PARENT_ACCOUNT" \
+            cluster="$all_clusters" parent=root description=broker-projects organization=broker && break; }
+    done
+    for c in "${CLUSTERS[@]}"; do
         for u in "$SVC_USER" root; do
             grep -qx "$c|dev|$u" <<<"$assocs" ||
                 { sacctmgr_add user name="$SVC_USER,root" account=dev cluster="$all_clusters" && break 2; }
         done
     done
     users=$(sacctmgr_ -n -P show user format=user,defaultaccount,adminlevel)
-    grep -qx "$SVC_USER|dev|Administrator" <<<"$users" ||
-        sacctmgr_ -i modify user "$SVC_USER" set defaultaccount=dev adminlevel=Administrator >/dev/null
+    grep -qx "$SVC_USER|dev|None" <<<"$users" ||
+        sacctmgr_ -i modify user "$SVC_USER" set defaultaccount=dev adminlevel=None >/dev/null
     grep -qx "root|dev|.*" <<<"$users" || sacctmgr_ -i modify user root set defaultaccount=dev >/dev/null
+    coords=$(sacctmgr_ -n -P show account "$PARENT_ACCOUNT" withcoordinator format=account,coordinators)
+    grep -q "$SVC_USER" <<<"$coords" ||
+        sacctmgr_add coordinator account="$PARENT_ACCOUNT" names="$SVC_USER"
+}
+
+# ensure_researchers: the Unix accounts jobs run as (SLURM-NOTES: Debian's useradd makes homes
+# 0755; a researcher's home is private). OUTSIDER is a user outside the group, for refusal tests.
+ensure_researchers() {
+    local u home
+    getent group "$RESEARCH_GROUP" >/dev/null || groupadd "$RESEARCH_GROUP"
+    for u in "${RESEARCHERS[@]}" "$OUTSIDER"; do
+        if ! getent passwd "$u" >/dev/null; then
+            useradd --create-home --shell /bin/bash "$u"
+            log "created researcher account $u"
+        fi
+        home=$(getent passwd "$u" | cut -d: -f6)
+        chmod 0700 "$home"
+    done
+    for u in "${RESEARCHERS[@]}"; do
+        in_group "$u" || usermod -aG "$RESEARCH_GROUP" "$u"
+    done
+    if in_group "$OUTSIDER"; then gpasswd -d "$OUTSIDER" "$RESEARCH_GROUP" >/dev/null; fi
+    # The service account and root never belong to the group: a member who can become root makes
+    # the service account root (SLURM-NOTES, "TRAP").
+    for u in "$SVC_USER" root; do
+        if in_group "$u"; then die "$u must not be a member of $RESEARCH_GROUP"; fi
+    done
+}
+
+in_group() { id -nG "$1" | tr ' ' '\n' | grep -qx "$RESEARCH_GROUP"; }
+
+# write_sudoers: the one narrow path from the service account to a researcher (docs/operations.md,
+# "Jobs run as the researcher"). Checked with visudo before it is installed.
+write_sudoers() {
+    local tmp
+    tmp=$(mktemp)
+    sudoers_rule >"$tmp"
+    visudo -cqf "$tmp" || { rm -f "$tmp"; die "the sudoers rule for $SVC_USER does not parse"; }
+    chmod 0440 "$tmp"
+    if cmp -s "$tmp" "$SUDOERS_FILE"; then rm -f "$tmp"; else mv -f "$tmp" "$SUDOERS_FILE"; fi
+}
+
+sudoers_rule() {
+    cat <<EOF
+# Written by deploy/dev-cluster/up.sh. The broker's service account may run exactly these programs,
+# as members of $RESEARCH_GROUP only (never root, never another service account), without a
+# password or a tty. SLURM_CONF is the only variable kept; every run is logged to $SUDO_LOG.
+Defaults:$SVC_USER env_keep += "SLURM_CONF", umask = 0077, logfile = "$SUDO_LOG", !lecture
+Cmnd_Alias BROKER_CMDS = /usr/bin/sbatch, /usr/bin/scancel, /usr/bin/mkdir, /usr/bin/stat, /usr/bin/dd
+$SVC_USER ALL = (%$RESEARCH_GROUP, !root, !$SVC_USER) NOPASSWD: BROKER_CMDS
+EOF
 }
 
 ensure_ssh_keys() {
