@@ -162,6 +162,8 @@ class LimitsSettings(_Section):
     """Requests a minute per user (token bucket); 0 turns the limit off."""
     request_burst: PositiveInt = 60
     """Requests a user may send at once before the per-minute rate applies."""
+    max_output_bytes: PositiveInt = 1_048_576
+    """Most bytes of a job's output one ``GET /v1/jobs/{id}/output`` returns."""
 
     @model_validator(mode="after")
     def _check_consistent(self) -> Self:
@@ -212,6 +214,18 @@ class PollerSettings(_Section):
         return self
 
 
+class IdentitySettings(_Section):
+    """Who jobs run as on the clusters (API.md, "Identity on the clusters")."""
+
+    unix_user_defaults_to_name: bool = False
+    """A user created without ``unix_user`` gets their broker name as Unix account."""
+    service_accounts: list[str] = Field(default_factory=list)
+    """Unix accounts jobs never run as, besides root and every cluster's login ``user``."""
+    foreign_jobs: Literal["cancel", "charge"] = "cancel"
+    """Jobs in a project's Slurm account that the broker did not submit: cancelled within one poll
+    cycle and charged for what they used, or only charged."""
+
+
 class DefaultsSettings(_Section):
     cluster: str = ""
     """The cluster of a request that names none and whose project names none; empty: no default."""
@@ -239,6 +253,12 @@ class ClusterSettings(_Section):
     """Slurm's name for the cluster; empty: the table name."""
     default_partition: str
     manage_accounts: bool = False
+    parent_account: str = ""
+    """With ``manage_accounts``: the Slurm account the service account coordinates, under which
+    projects' accounts are created (empty: Slurm's root, which needs a Slurm administrator)."""
+    output_dir: str = "/home/{unix_user}/.broker/jobs"
+    """Each job's working directory and output files, per researcher; ``{unix_user}`` and
+    ``{cluster}`` are filled in. Created as the researcher, mode 0700."""
     connect_timeout_seconds: PositiveFloat = 10.0
     command_timeout_seconds: PositiveFloat = 30.0
     max_sessions: PositiveInt = 8
@@ -315,6 +335,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     poller: PollerSettings = Field(default_factory=PollerSettings)
     defaults: DefaultsSettings = Field(default_factory=DefaultsSettings)
+    identity: IdentitySettings = Field(default_factory=IdentitySettings)
     clusters: dict[Name, ClusterSettings] = Field(default_factory=dict)
 
     @classmethod

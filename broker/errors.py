@@ -11,6 +11,7 @@
     +-- Conflict                        409 conflict            e.g. creating a project that exists
     +-- PayloadTooLarge                 413 payload-too-large
     +-- SubmitRejected                  422 submit-rejected     sbatch refused the job
+    +-- NoClusterIdentity               422 no-cluster-identity no Unix account to run the job as
     +-- ClusterUnavailable              503 cluster-unavailable Retry-After; nothing reserved
     +-- RateLimited                     429 rate-limited        Retry-After
 
@@ -97,6 +98,15 @@ class SubmitRejected(BrokerError):
     status = 422
     type = "submit-rejected"
     title = "Slurm refused the job"
+
+
+class NoClusterIdentity(BrokerError):
+    status = 422
+    type = "no-cluster-identity"
+    title = "No Unix account to run the job as on this cluster"
+
+    def __init__(self, cluster: str, detail: str) -> None:
+        super().__init__(detail, cluster=cluster)
 
 
 class ClusterUnavailable(BrokerError):

@@ -11,8 +11,10 @@ from broker.config import Settings
 from broker.db.engine import make_engine, make_session_factory
 from broker.metrics import BrokerMetrics
 from broker.scheduler import PollerSchedule
+from broker.service.cluster_identity import ClusterIdentities
 from broker.service.clusters import ClusterRegistry
 from broker.service.jobs import JobService
+from broker.service.output import JobOutputReader
 from broker.service.poller import Poller
 
 
@@ -23,6 +25,8 @@ class Runtime:
     sessions: sessionmaker[Session]
     clusters: ClusterRegistry
     jobs: JobService
+    identities: ClusterIdentities
+    output: JobOutputReader
     poller: Poller
     metrics: BrokerMetrics
     schedule: PollerSchedule | None = field(default=None)
@@ -48,12 +52,15 @@ def build_runtime(settings: Settings, *, clusters: ClusterRegistry | None = None
     metrics = BrokerMetrics()
     registry = clusters or ClusterRegistry(settings, observer=metrics.command)
     metrics.attach(sessions, settings, registry)
+    identities = ClusterIdentities(registry, settings)
     return Runtime(
         settings=settings,
         engine=engine,
         sessions=sessions,
         clusters=registry,
-        jobs=JobService(sessions, registry, settings, observer=metrics),
+        jobs=JobService(sessions, registry, settings, observer=metrics, identities=identities),
+        identities=identities,
+        output=JobOutputReader(sessions, registry, settings),
         poller=Poller(sessions, registry, settings, observer=metrics),
         metrics=metrics,
     )

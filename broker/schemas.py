@@ -155,6 +155,21 @@ class JobPublic(BaseModel):
     ended_at: Timestamp | None
     reserved_gpu_hours: float
     charged_gpu_hours: float | None
+    unix_user: str | None = None
+    """The Unix account the job runs as on its cluster."""
+
+
+class JobOutputPublic(BaseModel):
+    """A piece of a job's stdout or stderr, from byte ``offset``; poll ``next_offset`` to follow."""
+
+    stream: Literal["stdout", "stderr"]
+    offset: int
+    next_offset: int
+    size: int
+    eof: bool
+    """True when the job is final and everything up to ``size`` was returned."""
+    data: str
+    """The bytes read, decoded as UTF-8 with replacement characters."""
 
 
 class JobsPublic(BaseModel):
@@ -281,16 +296,27 @@ class UsagePublic(BaseModel):
 # --- users and tokens ----------------------------------------------------------------------
 
 
+UNIX_USER_PATTERN = r"^[a-z_][a-z0-9_-]{0,31}$"
+UnixUser = Annotated[str, Field(pattern=UNIX_USER_PATTERN)]
+
+
 class UserCreate(StrictModel):
     name: Name
     role: Role
     email: str | None = Field(default=None, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")
+    unix_user: UnixUser | None = None
+    """The Unix account the user's jobs run as on every cluster."""
+
+
+class UserPatch(StrictModel):
+    unix_user: UnixUser | None
 
 
 class UserPublic(BaseModel):
     name: str
     role: str
     email: str | None
+    unix_user: str | None
     projects: list[str]
     created_at: Timestamp
 

@@ -59,6 +59,8 @@ class UserRecord(Base):
     role: Mapped[str] = mapped_column(String(16))
     email: Mapped[str | None] = mapped_column(String(254))
     created_at: Mapped[datetime]
+    unix_user: Mapped[str | None] = mapped_column(String(32))
+    """The Unix account this user's jobs run as on every cluster (None: cannot submit)."""
 
 
 class TokenRecord(Base):
@@ -168,6 +170,11 @@ class JobRecord(Base):
     cancel_requested_at: Mapped[datetime | None]
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_sha256: Mapped[str] = mapped_column(String(64))
+    unix_user: Mapped[str | None] = mapped_column(String(32))
+    """Who the job runs as on the cluster (None only for jobs from before identities)."""
+    stdout_path: Mapped[str | None] = mapped_column(String(1024))
+    """Where the job's output goes on the cluster, set by the broker at submission."""
+    stderr_path: Mapped[str | None] = mapped_column(String(1024))
 
 
 class JobEventRecord(Base):

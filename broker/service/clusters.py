@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from adapters.local import LocalRunner
 from adapters.runner import CommandRunner
-from adapters.slurm.client import CommandObserver, SlurmClient
+from adapters.slurm.client import CommandObserver, FileChunk, SlurmClient
 from adapters.slurm.types import (
     AccountingRecord,
     JobSpec,
@@ -42,7 +42,7 @@ class ClusterClient(Protocol):
 
     def find_by_tag(self, tag: str, since: datetime) -> list[JobStatus]: ...
 
-    def cancel(self, job_id: str) -> None: ...
+    def cancel(self, job_id: str, *, as_user: str | None = None) -> None: ...
 
     def capacity(self) -> list[PartitionCapacity]: ...
 
@@ -55,7 +55,22 @@ class ClusterClient(Protocol):
         job_ids: Sequence[str] | None = None,
     ) -> list[AccountingRecord]: ...
 
-    def ensure_account(self, account: str, user: str) -> None: ...
+    def ensure_account(
+        self,
+        account: str,
+        user: str | None = None,
+        *,
+        parent: str | None = None,
+        coordinator: str | None = None,
+    ) -> None: ...
+
+    def ensure_association(self, account: str, user: str) -> None: ...
+
+    def remove_association(self, account: str, user: str) -> None: ...
+
+    def prepare_directory(self, user: str, path: str) -> None: ...
+
+    def read_file(self, user: str, path: str, offset: int, limit: int) -> FileChunk | None: ...
 
 
 def build_runner(name: str, cluster: ClusterSettings) -> CommandRunner:

@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from broker.clock import utcnow
+from broker.config import Settings
 from broker.db.models import MembershipRecord, ProjectRecord, TokenRecord, UserRecord
 from broker.errors import Conflict, Forbidden, NotFound, Unauthenticated
 from broker.schemas import (
@@ -24,10 +25,12 @@ from broker.schemas import (
     TokenPublic,
     TokensPublic,
     UserCreate,
+    UserPatch,
     UserPublic,
     UsersPublic,
 )
 from broker.service import audit
+from broker.service.cluster_identity import check_unix_user
 
 TOKEN_PREFIX = "brk_"  # noqa: S105 - a public prefix, not a secret
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -42,6 +45,8 @@ class Actor:
     name: str
     role: str
     project_ids: frozenset[int]
+    unix_user: str | None = None
+    """The Unix account the caller's jobs run as (None: the caller cannot submit)."""
 
     @property
     def is_admin(self) -> bool:
@@ -84,7 +89,13 @@ def authenticate(session: Session, token: str) -> Actor:
             select(MembershipRecord.project_id).where(MembershipRecord.user_id == user.id)
         )
     )
-    return Actor(user_id=user.id, name=user.name, role=user.role, project_ids=project_ids)
+    return Actor(
+        user_id=user.id,
+        name=user.name,
+        role=user.role,
+        project_ids=project_ids,
+        unix_user=user.unix_user,
+    )
 
 
 def me(session: Session, actor: Actor) -> MePublic:
@@ -108,6 +119,7 @@ def _user_public(session: Session, user: UserRecord) -> UserPublic:
         name=user.name,
         role=user.role,
         email=user.email,
+        unix_user=user.unix_user,
         projects=_project_names(session, user.id),
         created_at=user.created_at,
     )
@@ -120,18 +132,75 @@ def get_user_record(session: Session, name: str) -> UserRecord:
     return user
 
 
-def create_user(session: Session, actor_name: str, body: UserCreate) -> UserPublic:
-    """Create a user. ``actor_name`` is recorded in the audit log (``cli`` for bootstrap)."""
+def create_user(
+    session: Session, actor_name: str, body: UserCreate, settings: Settings | None = None
+) -> UserPublic:
+    """Create a user. ``actor_name`` is recorded in the audit log (``cli`` for bootstrap).
+
+    ``settings`` decide which Unix accounts are refused (root and the service accounts) and whether
+    ``unix_user`` defaults to the user's name.
+    """
     if session.scalar(select(UserRecord.id).where(UserRecord.name == body.name)) is not None:
         raise Conflict(f"user {body.name} already exists")
-    user = UserRecord(name=body.name, role=body.role, email=body.email, created_at=utcnow())
+    unix_user = body.unix_user
+    if unix_user is None and settings is not None and settings.identity.unix_user_defaults_to_name:
+        unix_user = body.name
+    if unix_user is not None:
+        check_unix_user(settings, unix_user)
+    user = UserRecord(
+        name=body.name,
+        role=body.role,
+        email=body.email,
+        unix_user=unix_user,
+        created_at=utcnow(),
+    )
     session.add(user)
     try:
         session.flush()
     except IntegrityError as exc:
         raise Conflict(f"user {body.name} already exists") from exc
-    audit.record(session, actor_name, "user.create", "user", body.name, {"role": body.role})
+    audit.record(
+        session,
+        actor_name,
+        "user.create",
+        "user",
+        body.name,
+        {"role": body.role, "unix_user": unix_user},
+    )
     return _user_public(session, user)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityChange:
+    """A user's Unix account changed: their projects' associations move from old to new."""
+
+    user: UserPublic
+    old_unix_user: str | None
+    new_unix_user: str | None
+    project_accounts: list[dict[str, str]]
+
+
+def patch_user(
+    session: Session, actor_name: str, name: str, body: UserPatch, settings: Settings | None
+) -> IdentityChange:
+    """Set (or clear) the Unix account a user's jobs run as; jobs already submitted keep theirs."""
+    user = get_user_record(session, name)
+    if body.unix_user is not None:
+        check_unix_user(settings, body.unix_user)
+    old = user.unix_user
+    user.unix_user = body.unix_user
+    audit.record(
+        session, actor_name, "user.patch", "user", name, {"unix_user": [old, body.unix_user]}
+    )
+    accounts = [
+        dict(a)
+        for a in session.scalars(
+            select(ProjectRecord.slurm_accounts)
+            .join(MembershipRecord, MembershipRecord.project_id == ProjectRecord.id)
+            .where(MembershipRecord.user_id == user.id)
+        )
+    ]
+    return IdentityChange(_user_public(session, user), old, body.unix_user, accounts)
 
 
 def list_users(session: Session) -> UsersPublic:

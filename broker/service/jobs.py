@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import posixpath
 import threading
 import time
 import uuid
@@ -21,7 +22,14 @@ from datetime import datetime
 from sqlalchemy import Select, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.errors import AdapterError, CommandFailed, SlurmUnavailable, TransportError
+from adapters.errors import (
+    AdapterError,
+    CommandFailed,
+    RunAsRefused,
+    SlurmUnavailable,
+    SubmitMisrouted,
+    TransportError,
+)
 from adapters.slurm.types import JobSpec, JobState
 from broker import failpoints
 from broker.clock import utcnow
@@ -42,6 +50,7 @@ from broker.errors import (
 )
 from broker.schemas import JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
 from broker.service import cursors, ledger, transitions
+from broker.service.cluster_identity import ClusterIdentities
 from broker.service.clusters import ClusterRegistry
 from broker.service.identity import Actor
 from broker.service.observer import BrokerObserver, NullObserver
@@ -126,6 +135,7 @@ def job_public(job: JobRecord, project: str, user: str) -> JobPublic:
         charged_gpu_hours=(
             None if job.charged_gpu_seconds is None else gpu_hours(job.charged_gpu_seconds)
         ),
+        unix_user=job.unix_user,
     )
 
 
@@ -165,6 +175,10 @@ def _sbatch_spec(job: JobRecord, body: JobCreate, user_name: str) -> JobSpec:
         mem_per_gpu_gb=job.mem_per_gpu_gb,
         environment=dict(body.environment),
         comment=f"user={user_name}",
+        run_as=job.unix_user,
+        workdir=posixpath.dirname(job.stdout_path) if job.stdout_path else None,
+        stdout_path=job.stdout_path,
+        stderr_path=job.stderr_path,
     )
 
 
@@ -175,11 +189,13 @@ class JobService:
         clusters: ClusterRegistry,
         settings: Settings,
         observer: BrokerObserver | None = None,
+        identities: ClusterIdentities | None = None,
     ) -> None:
         self._sessions = sessions
         self._clusters = clusters
         self._settings = settings
         self._observer: BrokerObserver = observer or NullObserver()
+        self._identities = identities or ClusterIdentities(clusters, settings)
         self._accounts_ensured: set[tuple[str, str]] = set()
         self._accounts_lock = threading.Lock()
 
@@ -293,8 +309,16 @@ class JobService:
                 [{"field": "Idempotency-Key", "message": "1 to 200 characters"}],
             )
         fingerprint = request_fingerprint(body)
+        with self._sessions() as session:
+            project = visible_project(session, actor, body.project)
+            self._require_submitter(actor, project)
+            cluster_name, _, _ = self._placement(project, body)
+        # Before anything is reserved: the researcher's Unix account must be usable there.
+        directory = self._identities.prepare(cluster_name, actor.unix_user)
         with transaction(self._sessions) as session:
-            job, replayed = self._admit(session, actor, body, idempotency_key, fingerprint)
+            job, replayed = self._admit(
+                session, actor, body, idempotency_key, fingerprint, directory
+            )
             job_id, cluster_name = job.id, job.cluster
             spec = _sbatch_spec(job, body, actor.name)
         if replayed:
@@ -309,10 +333,10 @@ class JobService:
         body: JobCreate,
         idempotency_key: str | None,
         fingerprint: str,
+        directory: str,
     ) -> tuple[JobRecord, bool]:
         project = visible_project(session, actor, body.project)
-        if not (actor.is_admin or (actor.role == "researcher" and project.id in actor.project_ids)):
-            raise Forbidden(f"{actor.role}s cannot submit jobs")
+        self._require_submitter(actor, project)
         cluster_name, partition, gpu_type = self._placement(project, body)
         account = project.slurm_accounts.get(cluster_name)
         if account is None:
@@ -378,6 +402,9 @@ class JobService:
             missing_polls=0,
             idempotency_key=idempotency_key,
             request_sha256=fingerprint,
+            unix_user=actor.unix_user,
+            stdout_path=f"{directory}/{job_id}.out",
+            stderr_path=f"{directory}/{job_id}.err",
         )
         session.add(job)
         session.flush()  # the job row must exist before its first event references it
@@ -392,6 +419,11 @@ class JobService:
         )
         session.flush()
         return job, False
+
+    @staticmethod
+    def _require_submitter(actor: Actor, project: ProjectRecord) -> None:
+        if not (actor.is_admin or (actor.role == "researcher" and project.id in actor.project_ids)):
+            raise Forbidden(f"{actor.role}s cannot submit jobs")
 
     def _placement(self, project: ProjectRecord, body: JobCreate) -> tuple[str, str, str]:
         """Cluster, partition and GPU type of a request, with the defaults filled in."""
@@ -462,7 +494,10 @@ class JobService:
         with self._accounts_lock:
             if key in self._accounts_ensured:
                 return
-        self._clusters.client(cluster_name).ensure_account(account, cluster.user)
+        parent = cluster.parent_account or None
+        self._clusters.client(cluster_name).ensure_account(
+            account, parent=parent, coordinator=cluster.user if parent else None
+        )
         with self._accounts_lock:
             self._accounts_ensured.add(key)
 
@@ -480,6 +515,8 @@ class JobService:
     ) -> JobPublic:
         try:
             self._ensure_account(cluster_name, spec.account)
+            if spec.run_as is not None:
+                self._identities.ensure_association(cluster_name, spec.account, spec.run_as)
             slurm_job_id = self._clusters.client(cluster_name).submit(spec)
             failpoints.hit("after_sbatch")
         except AdapterError as exc:
@@ -561,10 +598,10 @@ class JobService:
                     .where(JobRecord.id == job_id)
                     .values(cancel_requested_at=utcnow())
                 )
-            slurm_job_id, cluster_name = job.slurm_job_id, job.cluster
+            slurm_job_id, cluster_name, unix_user = job.slurm_job_id, job.cluster, job.unix_user
         if slurm_job_id is not None:
             try:
-                self._clusters.client(cluster_name).cancel(slurm_job_id)
+                self._clusters.client(cluster_name).cancel(slurm_job_id, as_user=unix_user)
             except AdapterError as exc:
                 log.warning(
                     "scancel of %s on %s failed, poller retries: %s",
@@ -585,6 +622,10 @@ _OUTCOMES: dict[type[BrokerError], str] = {
 
 def _slurm_reason(exc: AdapterError) -> str:
     """Slurm's own one-line reason from sbatch's stderr (never the raw stderr)."""
+    if isinstance(exc, RunAsRefused):
+        return f"the cluster would not run the job as {exc.user}"
+    if isinstance(exc, SubmitMisrouted):
+        return f"sbatch placed the job on cluster {exc.cluster}; it was cancelled there"
     if isinstance(exc, CommandFailed):
         for line in exc.stderr.splitlines():
             if "submission failed:" in line:

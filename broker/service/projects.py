@@ -153,6 +153,17 @@ def remove_member(session: Session, actor: Actor, project_name: str, user_name: 
     audit.record(session, actor.name, "member.remove", "project", project.name, {"user": user.name})
 
 
+def member_identity(
+    session: Session, project_name: str, user_name: str
+) -> tuple[dict[str, str], str | None]:
+    """The project's Slurm accounts and the user's Unix account: what a membership change grants
+    or revokes on the clusters."""
+    project = session.scalar(select(ProjectRecord).where(ProjectRecord.name == project_name))
+    user = get_user_record(session, user_name)
+    accounts = {} if project is None else {k: str(v) for k, v in project.slurm_accounts.items()}
+    return accounts, user.unix_user
+
+
 def put_quota(session: Session, actor: Actor, project_name: str, body: QuotaPut) -> QuotaPublic:
     """Replace the project's quota. Running jobs are untouched; new jobs see the new limits."""
     actor.require_admin()

@@ -13,8 +13,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from adapters.errors import AdapterError, CommandFailed, HostUnreachable
+from adapters.errors import AdapterError, CommandFailed, HostUnreachable, RunAsRefused
 from adapters.runner import CommandResult
+from adapters.slurm.client import FileChunk
 from adapters.slurm.types import (
     AccountingRecord,
     JobSpec,
@@ -61,6 +62,15 @@ class FakeSlurm:
     submits: int = 0
     cancels: list[str] = field(default_factory=list)
     accounts: set[tuple[str, str]] = field(default_factory=set)
+    """(account, user) associations."""
+    created_accounts: set[tuple[str, str | None]] = field(default_factory=set)
+    """(account, parent) the broker created."""
+    cancelled_as: list[str | None] = field(default_factory=list)
+    unix_users: set[str] = field(default_factory=lambda: {"alice", "bob"})
+    """Unix accounts sudo lets the service account act as."""
+    directories: set[tuple[str, str]] = field(default_factory=set)
+    files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    """Path -> (owner, content): what jobs wrote."""
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -121,9 +131,10 @@ class FakeSlurm:
         self._check_up()
         return [self._status(j) for j in self.jobs.values() if j.spec.tag == tag]
 
-    def cancel(self, job_id: str) -> None:
+    def cancel(self, job_id: str, *, as_user: str | None = None) -> None:
         self._check_up()
         self.cancels.append(job_id)
+        self.cancelled_as.append(as_user)
         job = self.jobs.get(job_id)
         if job is not None and not job.state.is_final:
             job.state = JobState.CANCELLED
@@ -144,9 +155,44 @@ class FakeSlurm:
         self._check_up()
         return []
 
-    def ensure_account(self, account: str, user: str) -> None:
+    def ensure_account(
+        self,
+        account: str,
+        user: str | None = None,
+        *,
+        parent: str | None = None,
+        coordinator: str | None = None,
+    ) -> None:
+        self._check_up()
+        self.created_accounts.add((account, parent))
+        if user is not None:
+            self.accounts.add((account, user))
+
+    def ensure_association(self, account: str, user: str) -> None:
         self._check_up()
         self.accounts.add((account, user))
+
+    def remove_association(self, account: str, user: str) -> None:
+        self._check_up()
+        self.accounts.discard((account, user))
+
+    def prepare_directory(self, user: str, path: str) -> None:
+        self._check_up()
+        if user not in self.unix_users:
+            raise RunAsRefused(
+                ["sudo", "-n", "-u", user], 1, f"sudo: unknown user {user}", user=user
+            )
+        self.directories.add((user, path))
+
+    def read_file(self, user: str, path: str, offset: int, limit: int) -> FileChunk | None:
+        self._check_up()
+        owner_and_data = self.files.get(path)
+        if owner_and_data is None:
+            return None
+        owner, data = owner_and_data
+        if owner != user:
+            raise CommandFailed(["dd"], 1, f"dd: failed to open '{path}': Permission denied")
+        return FileChunk(offset=offset, size=len(data), data=data[offset : offset + limit])
 
     # --- what a test says Slurm does next ----------------------------------------------------
 

@@ -74,14 +74,14 @@ def build_env(database_url: str, *, gpu_hours: float = 1000.0, **poller: Any) ->
     runtime = build_runtime(settings, clusters=ClusterRegistry(settings, client_factory=factory))
     upgrade(runtime.engine)
     with transaction(runtime.sessions) as session:
-        for name, role in (
-            ("root", "admin"),
-            ("alice", "researcher"),
-            ("bob", "researcher"),
-            ("eve", "engineer"),
+        for name, role, unix_user in (
+            ("root", "admin", None),
+            ("alice", "researcher", "alice"),
+            ("bob", "researcher", "bob"),
+            ("eve", "engineer", None),
         ):
-            body = UserCreate.model_validate({"name": name, "role": role})
-            identity.create_user(session, "test", body)
+            body = UserCreate.model_validate({"name": name, "role": role, "unix_user": unix_user})
+            identity.create_user(session, "test", body, settings)
     admin = _actor(runtime, "root")
     now = datetime.now(UTC)
     with transaction(runtime.sessions) as session:

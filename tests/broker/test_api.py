@@ -120,6 +120,7 @@ def test_submit_through_http(api: TestClient, env: Env) -> None:
         "ended_at",
         "reserved_gpu_hours",
         "charged_gpu_hours",
+        "unix_user",
     }
     assert job["state"] == "pending" and job["slurm_job_id"]
     assert job["user"] == "alice" and job["name"] == "job" and job["partition"] == "gpu"

@@ -60,7 +60,9 @@ def test_submit_reserves_and_completion_charges_what_sacct_says(env: Env) -> Non
     assert submitted.state == "pending" and submitted.slurm_job_id is not None
     assert submitted.reserved_gpu_hours == pytest.approx(8.0)
     assert usage(env) == pytest.approx((0.0, 8.0))
-    assert ("climate", "svc") in env.slurm["alpha"].accounts
+    # The job runs as alice: her association with the project's account, not the service account's.
+    assert ("climate", "alice") in env.slurm["alpha"].accounts
+    assert ("climate", "svc") not in env.slurm["alpha"].accounts
 
     env.slurm["alpha"].start(submitted.slurm_job_id)
     env.runtime.poller.poll("alpha")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response
 
 from adapters.slurm.types import JobState
 from broker.api.deps import CurrentActor, RuntimeDep
 from broker.api.problems import COMMON, responses
-from broker.schemas import JobCreate, JobEventsPublic, JobPublic, JobsPublic
+from broker.schemas import JobCreate, JobEventsPublic, JobOutputPublic, JobPublic, JobsPublic
 from broker.service.jobs import JobFilter
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(*COMMON, 409, 413, 503))
@@ -73,3 +73,21 @@ def cancel_job(
 @router.get("/{job_id}/events", response_model=JobEventsPublic)
 def job_events(job_id: str, actor: CurrentActor, runtime: RuntimeDep) -> JobEventsPublic:
     return runtime.jobs.events(actor, job_id)
+
+
+@router.get("/{job_id}/output", response_model=JobOutputPublic)
+def job_output(
+    job_id: str,
+    actor: CurrentActor,
+    runtime: RuntimeDep,
+    stream: Literal["stdout", "stderr"] = "stdout",
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1)] = 65536,
+    task: Annotated[int | None, Query(ge=0)] = None,
+) -> JobOutputPublic:
+    """What the job printed, from byte ``offset``, read on the cluster as the job's Unix user.
+
+    Poll with ``offset=next_offset`` to follow a running job; ``eof`` is true once the job is final
+    and everything was read. The job's submitter and admins only (404 for everyone else).
+    """
+    return runtime.output.read(actor, job_id, stream, offset, limit, task)

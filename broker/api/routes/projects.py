@@ -47,13 +47,18 @@ def put_member(
     name: str, user: str, body: MemberPut, actor: CurrentActor, runtime: RuntimeDep
 ) -> MemberPublic:
     with transaction(runtime.sessions) as session:
-        return projects.put_member(session, actor, name, user, body)
+        member = projects.put_member(session, actor, name, user, body)
+        accounts, unix_user = projects.member_identity(session, name, user)
+    runtime.identities.grant(accounts, unix_user)
+    return member
 
 
 @router.delete("/{name}/members/{user}", status_code=204)
 def remove_member(name: str, user: str, actor: CurrentActor, runtime: RuntimeDep) -> Response:
     with transaction(runtime.sessions) as session:
         projects.remove_member(session, actor, name, user)
+        accounts, unix_user = projects.member_identity(session, name, user)
+    runtime.identities.revoke(accounts, unix_user)
     return Response(status_code=204)
 
 

@@ -13,6 +13,7 @@ from broker.schemas import (
     TokenIssued,
     TokensPublic,
     UserCreate,
+    UserPatch,
     UserPublic,
     UsersPublic,
 )
@@ -31,7 +32,20 @@ def whoami(actor: CurrentActor, runtime: RuntimeDep) -> MePublic:
 def create_user(body: UserCreate, actor: CurrentActor, runtime: RuntimeDep) -> UserPublic:
     actor.require_admin()
     with transaction(runtime.sessions) as session:
-        return identity.create_user(session, actor.name, body)
+        return identity.create_user(session, actor.name, body, runtime.settings)
+
+
+@router.patch("/v1/users/{name}", response_model=UserPublic)
+def patch_user(name: str, body: UserPatch, actor: CurrentActor, runtime: RuntimeDep) -> UserPublic:
+    """Set the Unix account the user's jobs run as; their projects' associations follow."""
+    actor.require_admin()
+    with transaction(runtime.sessions) as session:
+        change = identity.patch_user(session, actor.name, name, body, runtime.settings)
+    if change.old_unix_user != change.new_unix_user:
+        for accounts in change.project_accounts:
+            runtime.identities.revoke(accounts, change.old_unix_user)
+            runtime.identities.grant(accounts, change.new_unix_user)
+    return change.user
 
 
 @router.get("/v1/users", response_model=UsersPublic)
