@@ -13,7 +13,7 @@ from broker.config import load_settings
 from broker.db.engine import make_engine, make_session_factory, transaction
 from broker.db.migrate import upgrade
 from broker.errors import Conflict
-from broker.schemas import MemberPut, ProjectCreate, QuotaPut, UserCreate
+from broker.schemas import MemberPut, ProjectCreate, QuotaPut, UserCreate, UserPatch
 from broker.service import identity, projects
 
 PROJECT = "demo"
@@ -26,12 +26,17 @@ def main(config_path: str) -> None:
     sessions = make_session_factory(engine)
     tokens: dict[str, str] = {}
     with transaction(sessions) as session:
-        for name, role in (("admin", "admin"), ("alice", "researcher")):
+        # alice's jobs run as the dev cluster's Unix user alice (deploy/dev-cluster/up.sh).
+        for name, role, unix_user in (("admin", "admin", None), ("alice", "researcher", "alice")):
             try:
-                body = UserCreate.model_validate({"name": name, "role": role})
-                identity.create_user(session, "quickstart", body)
+                body = UserCreate.model_validate(
+                    {"name": name, "role": role, "unix_user": unix_user}
+                )
+                identity.create_user(session, "quickstart", body, settings)
             except Conflict:
-                pass
+                identity.patch_user(
+                    session, "quickstart", name, UserPatch(unix_user=unix_user), settings
+                )
             issued = identity.issue_token(session, "quickstart", name, "quickstart demo")
             tokens[name] = issued.token
         admin = identity.authenticate(session, tokens["admin"])

@@ -436,6 +436,8 @@ slurm_bin_dir = "/usr/bin"
 slurm_conf = "$STATE/$c/slurm.conf"
 default_partition = "gpu"
 manage_accounts = true
+parent_account = "$PARENT_ACCOUNT"
+output_dir = "/home/{unix_user}/.broker/jobs"
 EOF
             for p in "${PARTITIONS[@]}"; do
                 printf '\n[clusters.%s.partitions.%s]\ngpu_type = "%s"\n' "$c" "$p" "$GPU_TYPE"

@@ -117,18 +117,18 @@ class Client:
 
 
 def seed_users(runtime: Runtime) -> dict[str, str]:
-    """Users root (admin), alice and bob (researchers), eve (engineer); returns their tokens."""
+    """Users root (admin), alice and bob (researchers, whose jobs run as the dev cluster's Unix
+    users alice and bob), eve (engineer); returns their tokens."""
     tokens = {}
     with transaction(runtime.sessions) as session:
-        for name, role in (
-            ("root", "admin"),
-            ("alice", "researcher"),
-            ("bob", "researcher"),
-            ("eve", "engineer"),
+        for name, role, unix_user in (
+            ("root", "admin", None),
+            ("alice", "researcher", "alice"),
+            ("bob", "researcher", "bob"),
+            ("eve", "engineer", None),
         ):
-            identity.create_user(
-                session, "test", UserCreate.model_validate({"name": name, "role": role})
-            )
+            body = UserCreate.model_validate({"name": name, "role": role, "unix_user": unix_user})
+            identity.create_user(session, "test", body, runtime.settings)
             tokens[name] = identity.issue_token(session, "test", name, "e2e").token
     return tokens
 
