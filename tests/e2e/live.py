@@ -245,6 +245,8 @@ class BrokerProcess:
             **os.environ,
             **environment_for(broker_overrides(database_url, overrides)),
             "BROKER_CONFIG": str(devcluster.BROKER_TOML),
+            # This checkout's code, also when the venv's package points at another one.
+            "PYTHONPATH": str(devcluster.REPO),
             **(extra_env or {}),
         }
         self.log = Path(f"/tmp/broker-e2e-{self.port}.log")
@@ -273,6 +275,12 @@ class BrokerProcess:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown of any kind (``start`` brings it back on the same port)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
             self.proc.wait(timeout=30)
 
 
