@@ -5,7 +5,8 @@ database; faults hit one dev cluster (``alpha`` by default) and the one slurmdbd
 of the dev cluster share: every fault is short and every daemon is started again in ``finally``.
 
 Invariants checked once every job is final (``Report.violations`` lists each breach with figures):
-- every logical job a client was answered for is one broker job, holding its key, in Slurm;
+- every logical job a client was answered for is one broker job, holding its key, in Slurm (a
+  202, sbatch's answer lost, may end ``submit_failed`` when the reconciler finds no Slurm job);
 - no key is held by two broker jobs;
 - each broker job maps to at most one Slurm job carrying its tag, and it is the one the broker
   recorded; every Slurm job in the project's account carries the tag of a broker job;
@@ -199,7 +200,7 @@ def _submit_until_answered(
             time.sleep(0.5)
             continue
         job.status = response.status_code
-        if response.status_code in (200, 201):
+        if response.status_code in (200, 201, 202):  # 202: sbatch's answer lost, or queued
             job.job_id = response.json()["id"]
         else:
             log.info("key %s answered %s: %s", job.key, response.status_code, response.text[:200])
@@ -374,6 +375,8 @@ def _check_logical_jobs(report: Report, by_id: dict[str, JobRecord]) -> None:
         job = by_id.get(logical.job_id)
         if job is None:
             report.violations.append(f"key {logical.key}: answered job {logical.job_id} is lost")
+        elif logical.status == 202 and job.state == "submit_failed":
+            continue  # sbatch's outcome was unknown and the reconciler found no job: key released
         elif job.idempotency_key != logical.key:
             report.violations.append(
                 f"key {logical.key}: job {job.id} holds key {job.idempotency_key!r}"
