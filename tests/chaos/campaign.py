@@ -399,7 +399,19 @@ def _sacct(url: str, cluster: str, account: str, since: datetime) -> list[Accoun
     runtime = build_runtime(dev_settings(url))
     try:
         client = runtime.clusters.client(cluster)
-        return _retry(lambda: client.accounting(since, accounts=[account]))
+        # After a slurmdbd restart slurmctld replays the job ends it queued: until then sacct
+        # shows ended jobs with End=Unknown, no comment and an elapsed time that keeps growing.
+        # Compare with what sacct settles on, not with that.
+        deadline = time.monotonic() + 120
+        while True:
+            records = _retry(lambda: client.accounting(since, accounts=[account]))
+            unsettled = [r.job_id for r in records if not r.state.is_final or r.end_time is None]
+            if not unsettled or time.monotonic() > deadline:
+                if unsettled:
+                    log.warning("sacct still shows jobs %s without an end", unsettled)
+                return records
+            log.info("sacct has not settled for jobs %s yet", unsettled)
+            time.sleep(5)
     finally:
         runtime.clusters.close()
         runtime.engine.dispose()
