@@ -104,7 +104,11 @@ class ConnectionLost(TransportError):
 
 
 class CommandFailed(AdapterError):
-    """The command ran and failed; ``stderr`` is for logs, never for API clients."""
+    """The command ran and failed; ``stderr`` is for logs, never for API clients.
+
+    ``reason`` is the command's own one-line explanation when the adapter could read one from
+    stderr (for Slurm: ``adapters.slurm.stderr``), short and fit to show a user; else ``None``.
+    """
 
     transient = False
 
@@ -115,10 +119,12 @@ class CommandFailed(AdapterError):
         stderr: str,
         *,
         host: str | None = None,
+        reason: str | None = None,
     ) -> None:
         self.argv = list(argv)
         self.exit_code = exit_code
         self.stderr = stderr
+        self.reason = reason
         super().__init__(
             f"{argv[0] if argv else '?'} exited {exit_code}: {_excerpt(stderr)}", host=host
         )
@@ -141,9 +147,10 @@ class SlurmUnavailable(CommandFailed):
         stderr: str,
         *,
         host: str | None = None,
+        reason: str | None = None,
         may_have_run: bool = False,
     ) -> None:
-        super().__init__(argv, exit_code, stderr, host=host)
+        super().__init__(argv, exit_code, stderr, host=host, reason=reason)
         self.may_have_run = may_have_run
 
 
@@ -170,7 +177,13 @@ class RunAsRefused(CommandFailed):
         user: str,
         host: str | None = None,
     ) -> None:
-        super().__init__(argv, exit_code, stderr, host=host)
+        super().__init__(
+            argv,
+            exit_code,
+            stderr,
+            host=host,
+            reason=f"the cluster would not run the job as {user}",
+        )
         self.user = user
 
 
@@ -180,6 +193,11 @@ class SubmitMisrouted(CommandFailed):
     transient = False
 
     def __init__(self, argv: Sequence[str], job_id: str, cluster: str) -> None:
-        super().__init__(argv, 0, f"sbatch placed job {job_id} on cluster {cluster}")
+        super().__init__(
+            argv,
+            0,
+            f"sbatch placed job {job_id} on cluster {cluster}",
+            reason=f"sbatch placed the job on cluster {cluster}; it was cancelled there",
+        )
         self.job_id = job_id
         self.cluster = cluster

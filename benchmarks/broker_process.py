@@ -3,7 +3,7 @@
 The broker under load always runs as its own process (``broker serve``, one uvicorn process as
 deployed), so that its throughput, latency and resident memory are the server's alone; the load
 generators run in other processes or threads. The database is new for every run: a SQLite file or
-a PostgreSQL database created here and dropped afterwards.
+a PostgreSQL database (``tests.pgdb``, shared with the tests), dropped afterwards.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,22 +28,20 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.slurm import BENCH_ACCOUNT, BROKER_TOML
 from broker.clock import utcnow
-from broker.config import Settings, load_settings
+from broker.config import Settings, environment_for, load_settings
 from broker.db.engine import make_engine, make_session_factory, transaction
 from broker.db.migrate import upgrade
 from broker.schemas import MemberPut, ProjectCreate, QuotaPut, UserCreate
 from broker.service import identity, projects
 from broker.service.identity import Actor
+from tests.pgdb import throwaway_database
 
 Backend = Literal["sqlite", "postgres"]
 BACKENDS: tuple[Backend, ...] = ("sqlite", "postgres")
 
-POSTGRES_ADMIN_URL = os.environ.get(
-    "BROKER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-BENCH_OVERRIDES = {
-    "BROKER_POLLER__ENABLED": "false",
-    "BROKER_LIMITS__REQUESTS_PER_MINUTE": "0",
+BENCH_OVERRIDES: dict[str, Any] = {
+    "poller": {"enabled": False},
+    "limits": {"requests_per_minute": 0},
 }
 """No poller in the server under load (polling is measured on its own) and no rate limit."""
 
@@ -70,39 +68,18 @@ def fresh_database(backend: Backend, workdir: Path) -> Iterator[str]:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
         return
-    import psycopg
-
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with throwaway_database("broker_bench") as url:
+        yield url
 
 
-def postgres_version() -> str:
-    import psycopg
-
-    with psycopg.connect(POSTGRES_ADMIN_URL, connect_timeout=5) as conn:
-        row = conn.execute("SHOW server_version").fetchone()
-    return str(row[0]) if row else "?"
+def bench_overrides(database_url: str) -> dict[str, Any]:
+    """``BENCH_OVERRIDES`` with the database: what ``load_settings`` and the server are given."""
+    return {**BENCH_OVERRIDES, "database": {"url": database_url}}
 
 
 def bench_settings(database_url: str) -> Settings:
     """The dev cluster's broker.toml with the benchmark overrides, read as the server reads it."""
-    env = {**BENCH_OVERRIDES, "BROKER_DATABASE__URL": database_url}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        return load_settings(BROKER_TOML)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return load_settings(BROKER_TOML, bench_overrides(database_url))
 
 
 @dataclass
@@ -190,9 +167,8 @@ class BrokerServer:
         self.log = workdir / f"broker-{label}-{self.port}.log"
         self._env = {
             **os.environ,
-            **BENCH_OVERRIDES,
+            **environment_for(bench_overrides(database_url)),
             "BROKER_CONFIG": str(BROKER_TOML),
-            "BROKER_DATABASE__URL": database_url,
         }
         self._proc: subprocess.Popen[bytes] | None = None
 

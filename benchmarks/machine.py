@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks.broker_process import postgres_version
 from benchmarks.slurm import REPO, Cluster
+from tests.pgdb import server_version
 
 
 def _first_line(argv: list[str]) -> str:
@@ -64,7 +64,7 @@ def _git() -> str:
 
 def describe(cluster: Cluster) -> dict[str, str]:
     try:
-        postgres = postgres_version()
+        postgres = server_version()
     except Exception as exc:  # the run fails later with the real error; this is a description
         postgres = f"unavailable ({type(exc).__name__})"
     return {

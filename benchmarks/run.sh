@@ -4,19 +4,16 @@
 #                                     # docs/performance-*.png and benchmarks/results/performance.json
 #   bash benchmarks/run.sh --quick    # smoke run (under a minute) into benchmarks/out/quick/
 # Other arguments go to `python -m benchmarks` (--only, --out, --from-json; see --help).
-# It installs what it needs (wrk, the venv's bench extra), makes sure PostgreSQL answers and brings
-# the Slurm dev cluster up (idempotent; a cluster already up is left as it is).
+# It installs what it needs (deploy/install-packages.sh, wrk among them; the venv's bench extra),
+# makes sure PostgreSQL answers and brings the Slurm dev cluster up (idempotent; a cluster already
+# up is left as it is).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 ((EUID == 0)) || { echo "benchmarks/run.sh: run as root (sbatch as slurmsvc, sacctmgr, sdiag)" >&2; exit 1; }
 
-if ! command -v wrk >/dev/null; then
-    echo "benchmarks/run.sh: installing wrk" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
-fi
+bash deploy/install-packages.sh # wrk and everything else the benchmarks run
 bash deploy/python-env.sh dev,bench
 BROKER_TEST_POSTGRES=$(bash deploy/postgres-for-tests.sh)
 export BROKER_TEST_POSTGRES

@@ -1,9 +1,10 @@
 """The broker's configuration: one TOML file, overridden key by key by ``BROKER_*`` variables.
 
 ``load_settings`` reads the file (the path given, or ``$BROKER_CONFIG``), lays the environment
-over it (``BROKER_DATABASE__URL`` sets ``database.url``; ``__`` separates the levels) and validates
-the result. Every section forbids unknown keys, so a typo fails at start-up instead of being
-ignored; a bad configuration raises ``ConfigError`` listing each bad key by its dotted path::
+over it (``BROKER_DATABASE__URL`` sets ``database.url``; ``__`` separates the levels), then the
+caller's ``overrides`` if any, and validates the result. Every section forbids unknown keys, so
+a typo fails at start-up instead of being ignored; a bad configuration raises ``ConfigError``
+listing each bad key by its dotted path::
 
     invalid configuration in /etc/broker/config.toml:
       clusters.alpha.port: Input should be a valid integer, unable to parse string as an integer
@@ -383,17 +384,22 @@ class Settings(BaseSettings):
         return self
 
 
-def load_settings(path: str | Path | None = None) -> Settings:
-    """Read the configuration file, apply ``BROKER_*`` overrides and validate.
+def load_settings(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """Read the configuration file, apply ``BROKER_*`` variables, then ``overrides``, and validate.
 
-    ``path`` defaults to ``$BROKER_CONFIG``. Raises ``ConfigError`` when the file is missing or
-    unreadable, is not TOML, or holds (with the environment) any bad key.
+    ``path`` defaults to ``$BROKER_CONFIG``. ``overrides`` is a nested mapping laid over the file
+    table by table, like the environment (``{"poller": {"interval_seconds": 1}}`` changes that key
+    only); it is for programs that configure a broker of their own (tests, benchmarks) without
+    touching the process environment. Raises ``ConfigError`` when the file is missing or
+    unreadable, is not TOML, or holds (with the environment and the overrides) any bad key.
     """
     config_path = _config_path(path)
     file_values = _read_toml(config_path)
     # BaseSettings.__init__ takes options such as _env_file as keyword arguments: a top-level
     # key spelt like one must fail as unknown, not configure pydantic-settings.
-    hidden = sorted(key for key in file_values if key.startswith("_"))
+    hidden = sorted(key for key in [*file_values, *(overrides or {})] if key.startswith("_"))
     if hidden:
         raise ConfigError(
             f"invalid configuration in {config_path}:",
@@ -403,13 +409,36 @@ def load_settings(path: str | Path | None = None) -> Settings:
         env_values = EnvSettingsSource(Settings)()
     except SettingsError as exc:
         raise ConfigError(f"invalid {ENV_PREFIX}* environment variable: {exc}") from None
+    values = _overlay(file_values, env_values)
+    if overrides:
+        values = _overlay(values, overrides)
     try:
-        return Settings.model_validate(_overlay(file_values, env_values))
+        return Settings.model_validate(values)
     except ValidationError as exc:
         # Not chained: pydantic's own message echoes the bad values, which may be secrets.
         raise ConfigError(
             f"invalid configuration in {config_path}:", list(_describe_all(exc.errors()))
         ) from None
+
+
+def environment_for(overrides: Mapping[str, Any]) -> dict[str, str]:
+    """The ``BROKER_*`` variables that apply ``overrides`` (as ``load_settings`` takes them) to
+    a broker started as a separate process: ``{"poller": {"enabled": False}}`` gives
+    ``{"BROKER_POLLER__ENABLED": "false"}``."""
+    variables: dict[str, str] = {}
+
+    def walk(prefix: str, table: Mapping[str, Any]) -> None:
+        for key, value in table.items():
+            name = f"{prefix}{ENV_NESTED_DELIMITER}{key}" if prefix else key
+            if isinstance(value, Mapping):
+                walk(name, value)
+            elif isinstance(value, bool):
+                variables[(ENV_PREFIX + name).upper()] = "true" if value else "false"
+            else:
+                variables[(ENV_PREFIX + name).upper()] = str(value)
+
+    walk("", overrides)
+    return variables
 
 
 def _config_path(path: str | Path | None) -> Path:

@@ -20,7 +20,17 @@ REPO = Path(__file__).resolve().parents[1]
 BROKER_TOML = REPO / ".dev-cluster" / "broker.toml"
 CTL = REPO / "deploy" / "dev-cluster" / "ctl.sh"
 
-Action = Literal["stop-sshd", "start-sshd", "stop-slurmctld", "start-slurmctld"]
+Action = Literal[
+    "stop-sshd",
+    "start-sshd",
+    "stop-slurmctld",
+    "start-slurmctld",
+    "stop-slurmdbd",
+    "start-slurmdbd",
+    "status",
+]
+GLOBAL_ACTIONS = ("stop-slurmdbd", "start-slurmdbd", "status")
+"""Actions on the one slurmdbd (or on everything) that take no cluster."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +90,15 @@ def cluster(name: str) -> DevCluster:
     )
 
 
-def ctl(action: Action, cluster_name: str, *, timeout: float = 90.0) -> None:
-    """Run ``ctl.sh ACTION CLUSTER``; it returns once the daemon is stopped or answers again."""
+def ctl(action: Action, cluster_name: str = "", *, timeout: float = 90.0) -> None:
+    """Run ``ctl.sh ACTION [CLUSTER]``; it returns once the daemon is stopped or answers again.
+    ``status`` raises unless every daemon runs."""
     if not CTL.is_file():
         _missing(str(CTL))
+    if (action in GLOBAL_ACTIONS) == bool(cluster_name):
+        raise ValueError(f"ctl.sh {action} takes {'no' if cluster_name else 'a'} cluster name")
     done = subprocess.run(
-        [str(CTL), action, cluster_name],
+        [str(CTL), action, *([cluster_name] if cluster_name else [])],
         capture_output=True,
         text=True,
         timeout=timeout,

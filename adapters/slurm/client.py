@@ -1,8 +1,9 @@
 """``SlurmClient``: Slurm commands run through any ``CommandRunner``, with typed results.
 
 The client builds argv lists (``commands``), runs them through the runner it was given (local
-subprocess or SSH: the client does not know which), checks stderr for the controller or the
-database being unreachable even when the exit code is 0, and parses the output (``parse``).
+subprocess or SSH: the client does not know which), classifies stderr (``stderr``: the controller
+or the database unreachable, even when the exit code is 0; a job unknown; a refusal and its
+reason) and parses the output (``parse``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from adapters.slurm.parse import (
     parse_sinfo,
     parse_squeue,
 )
+from adapters.slurm.stderr import StderrKind, StderrVerdict, classify
 from adapters.slurm.types import (
     AccountingRecord,
     JobSpec,
@@ -47,53 +49,6 @@ T = TypeVar("T")
 
 CommandObserver = Callable[[str, float, BaseException | None], None]
 """Called after every command with (command name such as ``sbatch``, seconds, error or None)."""
-
-# Lower-case fragments of stderr lines that mean "Slurm could not be asked", not "the answer is
-# no", as Slurm 22.05 prints them when slurmctld or slurmdbd is down, restarting or overloaded.
-# A query that prints one of these may have printed partial output: it counts as unavailable
-# even when it exits 0.
-_UNAVAILABLE_MARKERS = (
-    "socket timed out",
-    "unable to contact slurm controller",
-    "slurm_load_",  # slurm_load_jobs/partitions/node error: ... (except an invalid job id)
-    "connection refused",
-    "connection timed out",
-    "connection reset",
-    "problem talking to the database",
-    "zero bytes were transmitted",
-    "communication connection failure",
-    "backup controller in standby",
-    "slurmdbd not responding",
-    "failed to open persistent connection",
-)
-# These are also printed while a command retries by itself and then succeeds ("Slurm temporarily
-# unable to accept job, sleeping and retrying"): they count only when the command failed.
-_UNAVAILABLE_IF_FAILED = (
-    "temporarily unable to accept job",
-    "resource temporarily unavailable",
-    "database is busy",
-)
-_NOT_UNAVAILABLE = ("invalid job id",)
-# What sudo prints when it will not run a command as the user (sudo 1.9): nothing ran.
-_RUN_AS_REFUSED = (
-    "sudo: unknown user",
-    "a password is required",
-    "is not allowed to execute",
-    "sudo: a terminal is required",
-)
-_CANCEL_DONE_MARKERS = ("invalid job id specified", "already completing or completed")
-
-
-def unavailable_line(stderr: str, *, failed: bool = True) -> str | None:
-    """The first stderr line saying the controller or database could not be reached, if any."""
-    markers = _UNAVAILABLE_MARKERS + (_UNAVAILABLE_IF_FAILED if failed else ())
-    for line in stderr.splitlines():
-        lowered = line.lower()
-        if any(marker in lowered for marker in markers) and not any(
-            marker in lowered for marker in _NOT_UNAVAILABLE
-        ):
-            return line.strip()
-    return None
 
 
 def _status_from_record(record: AccountingRecord) -> JobStatus:
@@ -272,9 +227,9 @@ class SlurmClient:
         def read(result: CommandResult) -> None:
             if result.exit_code == 0:
                 return
-            stderr = result.stderr_text.lower()
-            if any(marker in stderr for marker in _CANCEL_DONE_MARKERS):
-                logger.debug("%s: job %s already ended: %s", self.cluster, job_id, stderr.strip())
+            verdict = classify(result.stderr_text, exit_code=result.exit_code)
+            if verdict.kind in (StderrKind.JOB_UNKNOWN, StderrKind.JOB_ENDED):
+                logger.debug("%s: job %s already ended: %s", self.cluster, job_id, verdict.line)
                 return
             self._require_success(result)
 
@@ -427,7 +382,8 @@ class SlurmClient:
                 result.exit_code != 0
                 and job_ids is not None
                 and len(job_ids) == 1
-                and "invalid job id specified" in result.stderr_text.lower()
+                and classify(result.stderr_text, exit_code=result.exit_code).kind
+                is StderrKind.JOB_UNKNOWN
             ):
                 return []  # squeue asked slurmctld for that one job, which it does not know
             self._require_success(result)
@@ -466,12 +422,18 @@ class SlurmClient:
             return
         if "nothing new added" in result.stdout_text.lower() and not result.stderr_text.strip():
             return
-        raise CommandFailed(result.argv, result.exit_code, result.stderr_text or result.stdout_text)
+        text = result.stderr_text or result.stdout_text
+        raise CommandFailed(
+            result.argv, result.exit_code, text, reason=classify(text, exit_code=1).reason
+        )
 
     @staticmethod
     def _require_success(result: CommandResult) -> None:
         if result.exit_code != 0:
-            raise CommandFailed(result.argv, result.exit_code, result.stderr_text)
+            verdict = classify(result.stderr_text, exit_code=result.exit_code)
+            raise CommandFailed(
+                result.argv, result.exit_code, result.stderr_text, reason=verdict.reason
+            )
 
     def _command(
         self,
@@ -489,21 +451,21 @@ class SlurmClient:
         try:
             result = self.runner.run(argv, stdin=stdin, timeout=self.timeout)
             exit_code = result.exit_code
+            verdict: StderrVerdict = classify(result.stderr_text, exit_code=result.exit_code)
             run_as = _run_as_of(argv)
-            if run_as is not None and result.exit_code != 0:
-                lowered = result.stderr_text.lower()
-                if any(marker in lowered for marker in _RUN_AS_REFUSED):
-                    raise RunAsRefused(argv, result.exit_code, result.stderr_text, user=run_as)
-            line = unavailable_line(result.stderr_text, failed=result.exit_code != 0)
-            if line is not None and side_effects and result.exit_code == 0:
+            if run_as is not None and verdict.kind is StderrKind.RUN_AS_REFUSED:
+                raise RunAsRefused(argv, result.exit_code, result.stderr_text, user=run_as)
+            unavailable = verdict.kind is StderrKind.UNAVAILABLE
+            if unavailable and side_effects and result.exit_code == 0:
                 # sbatch and scancel retry by themselves; exit 0 means the work was done.
-                logger.warning("%s: %s succeeded after: %s", self.cluster, name, line)
-            elif line is not None:
+                logger.warning("%s: %s succeeded after: %s", self.cluster, name, verdict.line)
+            elif unavailable:
                 raise SlurmUnavailable(
                     argv,
                     result.exit_code,
                     result.stderr_text,
-                    may_have_run=side_effects and "socket timed out" in line.lower(),
+                    reason=verdict.reason,
+                    may_have_run=side_effects and verdict.may_have_acted,
                 )
             try:
                 return read(result)

@@ -25,9 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from adapters.errors import (
     AdapterError,
     CommandFailed,
-    RunAsRefused,
     SlurmUnavailable,
-    SubmitMisrouted,
     TransportError,
 )
 from adapters.slurm.types import JobSpec, JobState
@@ -621,15 +619,6 @@ _OUTCOMES: dict[type[BrokerError], str] = {
 
 
 def _slurm_reason(exc: AdapterError) -> str:
-    """Slurm's own one-line reason from sbatch's stderr (never the raw stderr)."""
-    if isinstance(exc, RunAsRefused):
-        return f"the cluster would not run the job as {exc.user}"
-    if isinstance(exc, SubmitMisrouted):
-        return f"sbatch placed the job on cluster {exc.cluster}; it was cancelled there"
-    if isinstance(exc, CommandFailed):
-        for line in exc.stderr.splitlines():
-            if "submission failed:" in line:
-                return line.split("submission failed:", 1)[1].strip()[:200]
-            if line.startswith("sbatch: error: "):
-                return line.removeprefix("sbatch: error: ").strip()[:200]
-    return "sbatch failed"
+    """Slurm's own one-line reason, as the adapter read it from stderr (never the raw stderr)."""
+    reason = exc.reason if isinstance(exc, CommandFailed) else None
+    return (reason or "sbatch failed")[:200]

@@ -26,7 +26,7 @@ from adapters.slurm.parse import (
 )
 from adapters.slurm.types import JobState
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "slurm"
 US = "\x1f"
 
 
@@ -50,7 +50,7 @@ def sinfo_line(node: str, partition: str, state: str, gres: str, used: str) -> s
 
 
 def test_squeue_capture_gives_each_job_its_state_reason_and_gpus() -> None:
-    jobs = {s.job_id: s for s in parse_squeue(fixture("alpha-squeue.out"))}
+    jobs = {s.job_id: s for s in parse_squeue(fixture("client-squeue.txt"))}
 
     assert {j: s.slurm_state for j, s in jobs.items()} == {
         "13": "COMPLETED",
@@ -76,7 +76,7 @@ def test_squeue_capture_gives_each_job_its_state_reason_and_gpus() -> None:
 
 
 def test_sacct_capture_gives_exit_codes_gpus_elapsed_and_times() -> None:
-    jobs = {r.job_id: r for r in parse_sacct(fixture("alpha-sacct.out"))}
+    jobs = {r.job_id: r for r in parse_sacct(fixture("client-sacct.txt"))}
 
     ok = jobs["13"]
     assert (ok.state, ok.exit_code, ok.alloc_gpus, ok.gpu_type) == (
@@ -105,7 +105,7 @@ def test_sacct_capture_gives_exit_codes_gpus_elapsed_and_times() -> None:
 
 
 def test_sinfo_capture_sums_gpus_per_partition() -> None:
-    capacity = {(c.partition, c.gpu_type): c for c in parse_sinfo(fixture("alpha-sinfo.out"))}
+    capacity = {(c.partition, c.gpu_type): c for c in parse_sinfo(fixture("client-sinfo.txt"))}
 
     assert set(capacity) == {("gpu", "h100"), ("debug", "h100")}
     gpu = capacity[("gpu", "h100")]
@@ -118,7 +118,7 @@ def test_sinfo_capture_sums_gpus_per_partition() -> None:
     assert (gpu.nodes_total, gpu.nodes_down) == (4, 0)
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES.glob("*-sinfo.out")))
+@pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES.glob("client-sinfo*.txt")))
 def test_every_captured_sinfo_adds_up(name: str) -> None:
     for row in parse_sinfo(fixture(name)):
         assert row.gpus_allocated + row.gpus_idle + row.gpus_unavailable == row.gpus_total
@@ -318,13 +318,11 @@ def test_sinfo_counts_down_and_draining_nodes_as_unavailable() -> None:
     assert (row.nodes_total, row.nodes_down) == (3, 2)
 
 
-# -- the shared captures in tests/fixtures/slurm (other field orders, '|' where it is safe) --------
-
-SHARED = Path(__file__).parents[1] / "fixtures" / "slurm"
+# -- captures with other field orders ('|' where it is safe), rewritten to the client's ----------
 
 
 def shared(name: str) -> bytes:
-    return (SHARED / name).read_bytes()
+    return (FIXTURES / name).read_bytes()
 
 
 def reorder(raw: bytes, given: list[str], separator: bytes, *, trailing: bool) -> str:
@@ -396,3 +394,46 @@ def test_shared_sinfo_captures(name: str) -> None:
         assert (gpu.nodes_down, gpu.gpus_allocated, gpu.gpus_idle) == (1, 24, 8)
     else:  # a3 "planned" (held for a pending job) is still available
         assert (gpu.nodes_down, gpu.gpus_idle) == (0, 8)
+
+
+SQUEUE_SHARED = ["JobID", "StateCompact", "Reason", "Name", "Comment", "tres-alloc", "SubmitTime"]
+SQUEUE_SHARED.append("StartTime")
+
+
+def test_shared_squeue_capture_while_jobs_run() -> None:
+    text = reorder(shared("squeue.txt"), SQUEUE_SHARED, b"|", trailing=True)
+    jobs = {s.job_id: s for s in parse_squeue(text)}
+    assert jobs["19"].state is JobState.RUNNING
+    assert jobs["35"].state is JobState.PENDING and jobs["35"].reason == "Resources"
+    assert jobs["31"].reason == "JobHeldUser"
+    assert jobs["20"].state is JobState.COMPLETED
+    assert jobs["34"].state is JobState.CANCELLED
+    assert jobs["21"].state is JobState.FAILED and jobs["21"].reason == "NonZeroExitCode"
+    assert jobs["22"].alloc_gpus == 2
+
+
+def test_shared_squeue_capture_after_cancel_holds_only_final_states() -> None:
+    text = reorder(shared("squeue-after-cancel.txt"), SQUEUE_SHARED, b"|", trailing=True)
+    jobs = {s.job_id: s for s in parse_squeue(text)}
+    assert len(jobs) > 30
+    assert all(s.state.is_final for s in jobs.values())
+    assert jobs["19"].state is JobState.TIMEOUT
+    assert jobs["37"].state is JobState.COMPLETED
+
+
+def test_shared_sacct_capture_while_jobs_run() -> None:
+    given = "JobID JobName Account Partition State ExitCode AllocTRES ElapsedRaw Submit Start End"
+    raw = shared("sacct-running.txt")
+    text = reorder(raw, [*given.split(), "Comment"], US.encode(), trailing=False)
+    jobs = {r.job_id: r for r in parse_sacct(text)}
+    running = jobs["19"]
+    assert running.state is JobState.RUNNING
+    assert running.end_time is None  # "Unknown" while it runs
+    assert running.start_time is not None
+    assert running.alloc_gpus == 1
+    assert jobs["7"].slurm_state == "CANCELLED"  # "CANCELLED by 0"
+    assert jobs["20"].comment == "broker:case=completed"
+
+
+def test_shared_sbatch_capture() -> None:
+    assert parse_sbatch(decode(shared("sbatch.txt"))) == ("37", None)

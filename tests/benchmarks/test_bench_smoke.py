@@ -28,7 +28,7 @@ def test_quick_run_writes_every_table_and_plot(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.fail("the benchmarks run as root (sbatch as slurmsvc, sacctmgr, sdiag)")
     if shutil.which("wrk") is None:
-        pytest.fail("wrk is missing: apt-get install wrk (benchmarks/run.sh installs it)")
+        pytest.fail("wrk is missing: apt-get install wrk (deploy/install-packages.sh installs it)")
 
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)],

@@ -88,7 +88,10 @@ class FakeSlurm:
             if self.refuse_next_submit is not None:
                 message, self.refuse_next_submit = self.refuse_next_submit, None
                 raise CommandFailed(
-                    ["sbatch"], 1, f"sbatch: error: Batch job submission failed: {message}"
+                    ["sbatch"],
+                    1,
+                    f"sbatch: error: Batch job submission failed: {message}",
+                    reason=message,  # as the adapter reads it (adapters/slurm/stderr.py)
                 )
             self.submits += 1
             job_id = str(next(self._ids))

@@ -17,6 +17,7 @@ from broker.config import (
     ConfigError,
     PartitionSettings,
     Settings,
+    environment_for,
     load_settings,
 )
 
@@ -166,6 +167,78 @@ def test_an_environment_override_reaches_a_cluster_table_named_in_capitals(
 
     assert list(settings.clusters) == ["Alpha"]
     assert settings.clusters["Alpha"].user == "svc-other"
+
+
+def test_overrides_change_only_the_keys_they_name(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "\n[poller]\ninterval_seconds = 20\nlease_seconds = 60\n")
+
+    settings = load_settings(
+        path,
+        overrides={
+            "poller": {"interval_seconds": 1, "lease_seconds": 5},
+            "database": {"url": "postgresql+psycopg://broker@db/broker"},
+            "clusters": {"alpha": {"port": 2222}},
+        },
+    )
+
+    assert settings.poller.interval_seconds == 1
+    assert settings.poller.lease_seconds == 5
+    assert settings.poller.missing_polls_before_unknown == 3  # not named: the default stays
+    assert settings.database.url == "postgresql+psycopg://broker@db/broker"
+    alpha = settings.clusters["alpha"]
+    assert (alpha.port, alpha.host, alpha.user) == (2222, "login.alpha.example.org", "svc-broker")
+    assert "BROKER_DATABASE__URL" not in os.environ  # nothing leaks into the process
+
+
+def test_overrides_win_over_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BROKER_SERVER__PORT", "9090")
+    monkeypatch.setenv("BROKER_SERVER__HOST", "0.0.0.0")
+
+    settings = load_settings(write(tmp_path, MINIMAL), overrides={"server": {"port": 7070}})
+
+    assert (settings.server.port, settings.server.host) == (7070, "0.0.0.0")
+
+
+def test_bad_overrides_are_validated_like_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(
+            write(tmp_path, MINIMAL),
+            overrides={
+                "poller": {"interval_seconds": 5, "lease_seconds": 2},
+                "server": {"hots": 1},
+            },
+        )
+
+    assert sorted(caught.value.problems) == [
+        "poller.lease_seconds: must be longer than interval_seconds (5)",
+        "server.hots: Extra inputs are not permitted",
+    ]
+
+
+def test_an_override_cannot_reach_pydantic_settings_options(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="_env_file: Extra inputs are not permitted"):
+        load_settings(write(tmp_path, MINIMAL), overrides={"_env_file": "/etc/passwd"})
+
+
+def test_environment_for_gives_the_variables_a_separate_broker_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overrides = {
+        "poller": {"enabled": False, "interval_seconds": 2},
+        "clusters": {"alpha": {"port": 2}},
+    }
+    variables = environment_for(overrides)
+    assert variables == {
+        "BROKER_POLLER__ENABLED": "false",
+        "BROKER_POLLER__INTERVAL_SECONDS": "2",
+        "BROKER_CLUSTERS__ALPHA__PORT": "2",
+    }
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    path = write(tmp_path, MINIMAL)
+    assert load_settings(path) == load_settings(path, overrides=overrides)
 
 
 def test_a_bad_environment_value_names_the_key_and_the_variable(

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 
-from tests.conftest import POSTGRES_ADMIN_URL
 from tests.e2e.live import LiveBroker, dev_settings
+from tests.pgdb import throwaway_database
 
 
 @pytest.fixture(scope="module")
-def e2e_database(postgres_url: str) -> Iterator[str]:
-    base, _ = postgres_url.rsplit("/", 1)
-    name = f"broker_e2e_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"{base}/{name}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def e2e_database() -> Iterator[str]:
+    with throwaway_database("broker_e2e") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import httpx
 import uvicorn
 
 from broker.api.app import create_app
-from broker.config import Settings, load_settings
+from broker.config import Settings, environment_for, load_settings
 from broker.db.engine import transaction
 from broker.db.migrate import upgrade
 from broker.runtime import Runtime, build_runtime
@@ -35,13 +35,35 @@ from tests import devcluster
 T = TypeVar("T")
 SLEEP_SCRIPT = "#!/bin/bash\nsleep {seconds}\n"
 # Fast cycles so tests see state changes within seconds.
-TEST_OVERRIDES = {
-    "BROKER_POLLER__INTERVAL_SECONDS": "1",
-    "BROKER_POLLER__LEASE_SECONDS": "5",
-    "BROKER_POLLER__MISSING_POLLS_BEFORE_UNKNOWN": "3",
-    "BROKER_POLLER__STALE_SUBMITTING_SECONDS": "5",
-    "BROKER_LIMITS__REQUESTS_PER_MINUTE": "0",
+TEST_OVERRIDES: dict[str, Any] = {
+    "poller": {
+        "interval_seconds": 1,
+        "lease_seconds": 5,
+        "missing_polls_before_unknown": 3,
+        "stale_submitting_seconds": 5,
+    },
+    "limits": {"requests_per_minute": 0},
 }
+
+
+def merged(*tables: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Nested configuration tables laid over each other left to right, key by key."""
+    out: dict[str, Any] = {}
+    for table in tables:
+        for key, value in (table or {}).items():
+            current = out.get(key)
+            if isinstance(value, Mapping) and isinstance(current, Mapping):
+                out[key] = merged(current, value)
+            else:
+                out[key] = value
+    return out
+
+
+def broker_overrides(
+    database_url: str, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """``TEST_OVERRIDES`` with the database and the caller's ``overrides`` laid over them."""
+    return merged(TEST_OVERRIDES, {"database": {"url": database_url}}, overrides)
 
 
 def job_body(
@@ -78,19 +100,10 @@ def wait_for(
         time.sleep(interval)
 
 
-def dev_settings(database_url: str, extra: Mapping[str, str] | None = None) -> Settings:
+def dev_settings(database_url: str, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """The dev cluster's broker.toml with ``TEST_OVERRIDES``, the database and ``overrides``."""
     devcluster.cluster_names()  # fails the test with the set-up command if the cluster is absent
-    env = {**TEST_OVERRIDES, "BROKER_DATABASE__URL": database_url, **(extra or {})}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return load_settings(devcluster.BROKER_TOML)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return load_settings(devcluster.BROKER_TOML, broker_overrides(database_url, overrides))
 
 
 @dataclass
@@ -219,14 +232,21 @@ def squeue_ids(runtime: Runtime, cluster: str, account: str) -> list[str]:
 class BrokerProcess:
     """``broker serve`` as a child process on a free port (killable)."""
 
-    def __init__(self, database_url: str, extra_env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        overrides: Mapping[str, Any] | None = None,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # A separate process is configured the way an operator configures one: BROKER_* variables.
         self.env = {
             **os.environ,
-            **TEST_OVERRIDES,
-            "BROKER_DATABASE__URL": database_url,
+            **environment_for(broker_overrides(database_url, overrides)),
             "BROKER_CONFIG": str(devcluster.BROKER_TOML),
+            # This checkout's code, also when the venv's package points at another one.
+            "PYTHONPATH": str(devcluster.REPO),
             **(extra_env or {}),
         }
         self.log = Path(f"/tmp/broker-e2e-{self.port}.log")
@@ -255,6 +275,12 @@ class BrokerProcess:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown of any kind (``start`` brings it back on the same port)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
             self.proc.wait(timeout=30)
 
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from sqlalchemy import select
 
@@ -16,7 +14,6 @@ from broker.db.engine import make_engine, make_session_factory
 from broker.db.migrate import upgrade
 from broker.db.models import JobRecord, ProjectRecord
 from tests import devcluster
-from tests.conftest import POSTGRES_ADMIN_URL
 from tests.e2e.live import (
     BrokerProcess,
     Client,
@@ -28,6 +25,7 @@ from tests.e2e.live import (
     squeue_ids,
     wait_for,
 )
+from tests.pgdb import throwaway_database
 
 pytestmark = pytest.mark.cluster
 
@@ -84,14 +82,9 @@ def test_stopped_slurmctld_finalises_nothing_and_states_converge(broker: LiveBro
 
 
 @pytest.fixture
-def crash_database(postgres_url: str) -> Iterator[str]:
-    base, _ = postgres_url.rsplit("/", 1)
-    name = f"broker_crash_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"{base}/{name}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def crash_database() -> Iterator[str]:
+    with throwaway_database("broker_crash") as url:
+        yield url
 
 
 def test_crash_between_sbatch_and_recording_is_attached_by_tag(crash_database: str) -> None:
@@ -108,7 +101,9 @@ def test_crash_between_sbatch_and_recording_is_attached_by_tag(crash_database: s
     tokens = seed_users(holder)  # type: ignore[arg-type]
 
     doomed = BrokerProcess(
-        crash_database, {"BROKER_FAILPOINTS": "after_sbatch", "BROKER_POLLER__ENABLED": "false"}
+        crash_database,
+        overrides={"poller": {"enabled": False}},
+        extra_env={"BROKER_FAILPOINTS": "after_sbatch"},
     ).start()
     admin, alice = Client(doomed.url, tokens["root"]), Client(doomed.url, tokens["alice"])
     project = new_project(admin, "alice", gpu_hours=10)

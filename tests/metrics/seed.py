@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -10,7 +9,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import insert
@@ -27,10 +25,8 @@ from broker.db.models import (
     QuotaRecord,
     UserRecord,
 )
+from tests.pgdb import throwaway_database
 
-POSTGRES_ADMIN_URL = os.environ.get(
-    "BROKER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 NOW = datetime.now(UTC).replace(microsecond=0)
 PERIOD_START = NOW - timedelta(days=30)
 PERIOD_END = NOW + timedelta(days=335)
@@ -250,18 +246,6 @@ class Scrape:
 
 @contextmanager
 def temporary_postgres() -> Iterator[str]:
-    """A new, empty PostgreSQL database (``$BROKER_TEST_POSTGRES`` names the server), dropped
-    afterwards; the test is skipped when no server answers."""
-    psycopg = pytest.importorskip("psycopg")
-    name = f"broker_metrics_{uuid.uuid4().hex[:10]}"
-    try:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at {POSTGRES_ADMIN_URL}: {exc}")
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    """A new, empty PostgreSQL database (``tests.pgdb``), dropped afterwards."""
+    with throwaway_database("broker_metrics") as url:
+        yield url

@@ -101,12 +101,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     from broker.service import identity
 
     database = tmp_path_factory.mktemp("broker") / "broker.db"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("BROKER_DATABASE__URL", f"sqlite:///{database}")
-    try:
-        settings = load_settings(DEV_CONFIG)
-    finally:
-        mp.undo()
+    settings = load_settings(DEV_CONFIG, overrides={"database": {"url": f"sqlite:///{database}"}})
     runtime = build_runtime(settings)
     upgrade(runtime.engine)
     if runtime.metrics.collector is None:  # until build_runtime attaches it itself
