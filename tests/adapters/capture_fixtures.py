@@ -61,7 +61,7 @@ def main() -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             report = client.statuses(started)
-            if report.found[started[0]].state.is_final and report.found[started[1]].state.is_final:
+            if report.found[started[0]].ended and report.found[started[1]].ended:
                 break
             time.sleep(0.5)
         time.sleep(1)
