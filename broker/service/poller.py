@@ -108,15 +108,39 @@ def _seconds_since(moment: datetime | None) -> int:
     return max(0, int((utcnow() - moment).total_seconds())) if moment is not None else 0
 
 
-def own_status(job_id: str, tag: str, slurm_job_id: str, status: StatusReport) -> JobStatus | None:
-    """What Slurm said about this broker job: the record under its Slurm id that carries its tag.
+TAG_CLOCK_SKEW = timedelta(minutes=10)
+"""How far the cluster's clock may be behind the broker's when a submit time is compared."""
+
+
+def own_status(
+    job_id: str,
+    tag: str,
+    name: str,
+    submitted_at: datetime,
+    slurm_job_id: str,
+    status: StatusReport,
+) -> JobStatus | None:
+    """What Slurm said about this broker job: the record under its Slurm id carrying its tag.
 
     A record with another tag is another job that got the same id (a controller that lost its
-    state, an id answered for another cluster); it tells nothing about this one.
+    state, an id answered for another cluster); it tells nothing about this one. A record with no
+    comment at all (sacct stores the comment only once it has the job's end, so a record written
+    across a slurmdbd restart may have none) is this job's if its name matches and it was not
+    submitted before this job was.
     """
     candidates = status.candidates(slurm_job_id)
     for candidate in candidates:
         if candidate.tag == tag:
+            return candidate
+    for candidate in candidates:
+        if (
+            candidate.comment is None
+            and candidate.name == name
+            and (
+                candidate.submit_time is None
+                or candidate.submit_time >= submitted_at - TAG_CLOCK_SKEW
+            )
+        ):
             return candidate
     if candidates:
         log.debug(
@@ -127,6 +151,12 @@ def own_status(job_id: str, tag: str, slurm_job_id: str, status: StatusReport) -
             tag,
         )
     return None
+
+
+def _may_settle(job: JobRecord, status: JobStatus | None, threshold: int) -> bool:
+    if status is None:
+        return job.missing_polls + 1 >= threshold
+    return from_slurm(status.state).is_final
 
 
 class Poller:
@@ -221,14 +251,14 @@ class Poller:
                     select(JobRecord).where(JobRecord.id.in_(followed)).order_by(JobRecord.id)
                 )
             )
-            seen = {job.id: own_status(job.id, job.tag, followed[job.id], status) for job in jobs}
+            seen = {
+                job.id: own_status(
+                    job.id, job.tag, job.name, job.submitted_at, followed[job.id], status
+                )
+                for job in jobs
+            }
             settling = sorted(
-                {
-                    job.project_id
-                    for job in jobs
-                    if (seen[job.id] is None and job.missing_polls + 1 >= threshold)
-                    or (seen[job.id] is not None and from_slurm(seen[job.id].state).is_final)  # type: ignore[union-attr]
-                }
+                {job.project_id for job in jobs if _may_settle(job, seen[job.id], threshold)}
             )
             for project_id in settling:  # a fixed order, so concurrent lockers cannot deadlock
                 ledger.lock_project(session, project_id)
@@ -469,6 +499,8 @@ class Poller:
                 select(
                     JobRecord.id,
                     JobRecord.tag,
+                    JobRecord.name,
+                    JobRecord.submitted_at,
                     JobRecord.slurm_job_id,
                     JobRecord.gpus,
                     JobRecord.weight,
@@ -495,7 +527,9 @@ class Poller:
         for row in rows:
             charged = row.charged_gpu_seconds or 0
             drift.setdefault(row.name, 0)
-            found = own_status(row.id, row.tag, row.slurm_job_id, status)
+            found = own_status(
+                row.id, row.tag, row.name, row.submitted_at, row.slurm_job_id, status
+            )
             if found is None:
                 drift[row.name] += charged  # sacct no longer knows it: cannot be corrected
                 continue

@@ -123,9 +123,7 @@ class FakeSlurm:
             found[job_id] = self._status(job)
             if found[job_id].source == "sacct" and older:
                 earlier[job_id] = tuple(older)
-        return StatusReport(
-            found=found, missing=frozenset(missing), earlier=earlier, commands=2
-        )
+        return StatusReport(found=found, missing=frozenset(missing), earlier=earlier, commands=2)
 
     def _status(self, job: FakeJob) -> JobStatus:
         ended = is_ended(job.state)
