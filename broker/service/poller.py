@@ -507,7 +507,7 @@ class Poller:
                     JobRecord.reservation_gpu_seconds,
                     JobRecord.charged_gpu_seconds,
                     JobRecord.project_id,
-                    ProjectRecord.name,
+                    ProjectRecord.name.label("project"),
                 )
                 .join(ProjectRecord, ProjectRecord.id == JobRecord.project_id)
                 .where(
@@ -526,12 +526,12 @@ class Poller:
         corrections: dict[str, tuple[int, int, int]] = {}
         for row in rows:
             charged = row.charged_gpu_seconds or 0
-            drift.setdefault(row.name, 0)
+            drift.setdefault(row.project, 0)
             found = own_status(
                 row.id, row.tag, row.name, row.submitted_at, row.slurm_job_id, status
             )
             if found is None:
-                drift[row.name] += charged  # sacct no longer knows it: cannot be corrected
+                drift[row.project] += charged  # sacct no longer knows it: cannot be corrected
                 continue
             elapsed = accounted_elapsed(found)
             if elapsed is None:

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 from adapters.errors import AdapterError, CommandFailed, HostUnreachable
 from adapters.runner import CommandResult
+from adapters.slurm.commands import job_comment
 from adapters.slurm.states import is_ended
 from adapters.slurm.types import (
     AccountingRecord,
@@ -51,7 +52,7 @@ class FakeJob:
     ended: datetime | None = None
     """sacct's End; ``None`` is ``End=Unknown``."""
     comment: str | None = None
-    """What Slurm shows as the comment; the spec's tag unless a test says otherwise."""
+    """What Slurm shows as the comment (the tag first, as sbatch set it); ``None``: no comment."""
 
 
 @dataclass
@@ -93,7 +94,7 @@ class FakeSlurm:
             job_id = str(next(self._ids))
             if job_id in self.jobs:  # the id was given again (the controller lost its state)
                 self.earlier.setdefault(job_id, []).insert(0, self.jobs[job_id])
-            self.jobs[job_id] = FakeJob(job_id, spec)
+            self.jobs[job_id] = FakeJob(job_id, spec, comment=job_comment(spec))
             if self.lose_next_submit_answer:
                 self.lose_next_submit_answer = False
                 from adapters.errors import ConnectionLost
@@ -132,7 +133,7 @@ class FakeSlurm:
             state=job.state,
             reason=job.reason,
             name=job.spec.name,
-            comment=job.comment if job.comment is not None else job.spec.tag,
+            comment=job.comment,
             alloc_gpus=job.alloc_gpus,
             exit_code=job.exit_code,
             elapsed_s=job.elapsed_s,

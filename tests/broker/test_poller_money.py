@@ -71,6 +71,25 @@ def test_a_final_record_without_an_end_time_is_not_settled(env: Env) -> None:
     assert done.charged_gpu_hours == pytest.approx(8 * 900 / 3600)
 
 
+def test_a_record_without_its_end_or_comment_is_still_this_job(env: Env) -> None:
+    """sacct stores the comment with the job's end: across a slurmdbd restart the record has
+    neither. Matched by name and submit time, it waits instead of becoming a lost job."""
+    job = submit(env)
+    fake = env.slurm["alpha"]
+    fake.start(job.slurm_job_id or "", at=datetime.now(UTC) - timedelta(minutes=15))
+    env.runtime.poller.poll("alpha")
+    fake.finish(job.slurm_job_id or "", "COMPLETED", elapsed_s=50_000, end_known=False)
+    fake.jobs[job.slurm_job_id or ""].comment = None
+    for _ in range(5):  # more than missing_polls_before_unknown
+        env.runtime.poller.poll("alpha")
+        assert get(env, job).state == "running"
+    fake.finish(job.slurm_job_id or "", "COMPLETED", elapsed_s=900)
+    record = fake.jobs[job.slurm_job_id or ""]
+    record.comment = f"{record.spec.tag} user=alice"
+    env.runtime.poller.poll("alpha")
+    assert get(env, job).charged_gpu_hours == pytest.approx(8 * 900 / 3600)
+
+
 def test_a_record_that_never_gets_its_end_is_settled_capped_at_the_reservation(env: Env) -> None:
     job = submit(env)
     fake = env.slurm["alpha"]
