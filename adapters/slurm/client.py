@@ -167,7 +167,9 @@ class SlurmClient:
 
         Jobs squeue shows in a final state (it keeps them for ``MinJobAge``) are looked up in
         sacct too, for their accounting; if sacct does not have them yet, squeue's view is kept.
-        Ids neither command knows are ``missing`` (never "completed"). Any failure raises: no
+        Ids neither command knows are ``missing`` (never "completed"). Where sacct holds several
+        jobs under one id, the newest is ``found`` and the others are in ``earlier``: the caller
+        tells them apart by tag. Any failure raises: no
         partial report, so an outage never makes jobs look gone. Two commands at most, whatever
         the number of ids (up to ``MAX_IDS_PER_ARGUMENT``, beyond which sacct is chunked).
         """
