@@ -44,7 +44,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.errors import AdapterError
-from adapters.slurm.types import FINAL_STATES, JobState
 from broker.config import Settings
 from broker.db.models import (
     ClusterStatusRecord,
@@ -53,6 +52,7 @@ from broker.db.models import (
     ProjectRecord,
     QuotaRecord,
 )
+from broker.lifecycle import FINAL, LIVE, JobState
 from quotas import LimitName
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,8 @@ SUBMIT_OUTCOMES = (
 )
 """What ``BrokerObserver.submission`` reports; anything else is counted as ``other``."""
 
-LIVE_STATES = tuple(s.value for s in JobState if s not in FINAL_STATES)
-FINAL_STATE_NAMES = tuple(s.value for s in JobState if s in FINAL_STATES)
+LIVE_STATES = tuple(s.value for s in JobState if s in LIVE)
+FINAL_STATE_NAMES = tuple(s.value for s in JobState if s in FINAL)
 LIMITS = tuple(limit.value for limit in LimitName)
 COMMANDS = ("sbatch", "squeue", "sacct", "scancel", "sinfo", "sacctmgr", "scontrol")
 """Slurm commands the adapter runs; any other name is labelled ``other``."""
@@ -701,6 +701,12 @@ class BrokerMetrics:
             ["cluster", "command", "kind"],
             registry=registry,
         )
+        self.jobs_lost = Counter(
+            "broker_jobs_lost",
+            "Followed jobs settled unknown because neither squeue nor sacct knew them any more",
+            ["cluster"],
+            registry=registry,
+        )
         self.drift = Gauge(
             "broker_ledger_drift_gpu_seconds",
             "Broker-charged minus sacct-derived weighted GPU-seconds over the drift check window",
@@ -750,6 +756,7 @@ class BrokerMetrics:
             self.polls.labels(cluster, result)
         self.poll_duration.labels(cluster)
         self.poll_status_commands.labels(cluster)
+        self.jobs_lost.labels(cluster)
         for command in COMMANDS:
             self.command_duration.labels(cluster, command)
             for kind in self._kinds:
@@ -777,6 +784,9 @@ class BrokerMetrics:
         # (broker_jobs_finished_total, broker_project_charged_gpu_seconds_total), which is right
         # across restarts and replicas; nothing to count here.
         return None
+
+    def job_lost(self, cluster: str) -> None:
+        self.jobs_lost.labels(cluster).inc()
 
     def poll(self, cluster: str, ok: bool, seconds: float, status_commands: int) -> None:
         self.polls.labels(cluster, "ok" if ok else "failed").inc()

@@ -20,6 +20,9 @@ class BrokerObserver(Protocol):
     ) -> None:
         """A job reached a final state and was charged."""
 
+    def job_lost(self, cluster: str) -> None:
+        """A followed job was settled ``unknown``: neither squeue nor sacct knows it any more."""
+
     def poll(self, cluster: str, ok: bool, seconds: float, status_commands: int) -> None:
         """One poll cycle of one cluster ended."""
 
@@ -39,6 +42,9 @@ class NullObserver:
     def job_finished(
         self, cluster: str, project: str, gpu_type: str, state: str, charged_gpu_seconds: int
     ) -> None:
+        return None
+
+    def job_lost(self, cluster: str) -> None:
         return None
 
     def poll(self, cluster: str, ok: bool, seconds: float, status_commands: int) -> None:
