@@ -770,14 +770,6 @@ class BrokerMetrics:
     def job_started(self, cluster: str, gpu_type: str, wait_seconds: float) -> None:
         self.queue_wait.labels(cluster, gpu_type).observe(max(0.0, wait_seconds))
 
-    def job_finished(
-        self, cluster: str, project: str, gpu_type: str, state: str, charged_gpu_seconds: int
-    ) -> None:
-        # Finished jobs and their charges are counted from the database at scrape time
-        # (broker_jobs_finished_total, broker_project_charged_gpu_seconds_total), which is right
-        # across restarts and replicas; nothing to count here.
-        return None
-
     def poll(self, cluster: str, ok: bool, seconds: float, status_commands: int) -> None:
         self.polls.labels(cluster, "ok" if ok else "failed").inc()
         self.poll_duration.labels(cluster).observe(seconds)

@@ -115,19 +115,6 @@ class Poller:
         observer.poll(report.cluster, report.ok, report.duration_s, report.status_commands)
         for gpu_type, waited in report.started:
             observer.job_started(report.cluster, gpu_type, waited)
-        if report.finished:
-            with self._sessions() as session:
-                names = dict(
-                    session.execute(
-                        select(ProjectRecord.id, ProjectRecord.name).where(
-                            ProjectRecord.id.in_({f[0] for f in report.finished})
-                        )
-                    ).all()
-                )
-            for project_id, gpu_type, state, charged in report.finished:
-                observer.job_finished(
-                    report.cluster, names.get(project_id, "?"), gpu_type, state, charged
-                )
 
     # --- following live jobs ---------------------------------------------------------------
 
