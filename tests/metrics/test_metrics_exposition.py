@@ -12,15 +12,10 @@ from sqlalchemy.orm import sessionmaker
 
 from adapters.errors import CommandFailed, HostUnreachable, SlurmUnavailable
 from broker.db.engine import make_engine, make_session_factory
-from broker.metrics import (
-    COMMANDS,
-    FINAL_STATE_NAMES,
-    LIVE_STATES,
-    QUEUE_WAIT_BUCKETS,
-    SUBMIT_OUTCOMES,
-    BrokerMetrics,
-    partition_gpus,
-)
+from broker.metrics import BrokerMetrics
+from broker.metrics.capacity import partition_gpus
+from broker.metrics.events import QUEUE_WAIT_BUCKETS
+from broker.metrics.labels import COMMANDS, FINAL_STATE_NAMES, LIVE_STATES, SUBMIT_OUTCOMES
 from broker.service import ledger
 from tests.metrics.seed import (
     NOW,

@@ -109,8 +109,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         mp.undo()
     runtime = build_runtime(settings)
     upgrade(runtime.engine)
-    if runtime.metrics.collector is None:  # until build_runtime attaches it itself
-        runtime.metrics.attach(runtime.sessions, runtime.settings, runtime.clusters)
     with transaction(runtime.sessions) as session:
         identity.create_user(session, "test", UserCreate(name="ops", role="admin"))
         admin_token = identity.issue_token(session, "test", "ops", "metrics test").token
