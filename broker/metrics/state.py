@@ -59,7 +59,6 @@ class ClusterState:
 class DatabaseState:
     """One consistent-enough read of everything the scrape-time series need."""
 
-    projects: dict[int, str]
     project_clusters: dict[str, frozenset[str]]
     """Clusters a project has a Slurm account on: the clusters its series are zero-filled for."""
     ledgers: dict[str, ProjectLedger]
@@ -152,7 +151,6 @@ def read_state(session: Session) -> DatabaseState:
         select(LeaseRecord.expires_at).where(LeaseRecord.name == LEASE_NAME)
     )
     return DatabaseState(
-        projects=projects,
         project_clusters=project_clusters,
         ledgers=ledgers,
         groups=groups,
