@@ -15,11 +15,6 @@ class BrokerObserver(Protocol):
     def job_started(self, cluster: str, gpu_type: str, wait_seconds: float) -> None:
         """A job was first seen running, ``wait_seconds`` after it was submitted."""
 
-    def job_finished(
-        self, cluster: str, project: str, gpu_type: str, state: str, charged_gpu_seconds: int
-    ) -> None:
-        """A job reached a final state and was charged."""
-
     def job_lost(self, cluster: str) -> None:
         """A followed job was settled ``unknown``: neither squeue nor sacct knows it any more."""
 
@@ -37,11 +32,6 @@ class NullObserver:
         return None
 
     def job_started(self, cluster: str, gpu_type: str, wait_seconds: float) -> None:
-        return None
-
-    def job_finished(
-        self, cluster: str, project: str, gpu_type: str, state: str, charged_gpu_seconds: int
-    ) -> None:
         return None
 
     def job_lost(self, cluster: str) -> None:
