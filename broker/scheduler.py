@@ -37,13 +37,12 @@ class PollerSchedule:
 
     def tick(self, cluster: str) -> bool:
         """Poll ``cluster`` if this process holds (or can take) the lease; True if it polled."""
-        if not lease.acquire(
-            self._sessions, LEASE_NAME, self.holder, self._settings.poller.lease_seconds
-        ):
+        ttl = self._settings.poller.lease_seconds
+        if not lease.acquire(self._sessions, LEASE_NAME, self.holder, ttl):
             log.debug("poller lease held elsewhere; %s not polled by %s", cluster, self.holder)
             return False
-        self._poller.poll(cluster)
-        return True
+        fence = lease.Fence(self._sessions, LEASE_NAME, self.holder, ttl)
+        return not self._poller.poll(cluster, fence).lease_lost
 
     def start(self) -> None:
         for cluster in sorted(self._settings.clusters):

@@ -29,6 +29,7 @@ from adapters.slurm import commands
 from adapters.slurm.parse import (
     ParseError,
     decode,
+    newest_first,
     parse_sacct,
     parse_sbatch,
     parse_sinfo,
@@ -41,6 +42,7 @@ from adapters.slurm.types import (
     JobStatus,
     PartitionCapacity,
     StatusReport,
+    tag_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,7 +57,6 @@ def _status_from_record(record: AccountingRecord) -> JobStatus:
     return JobStatus(
         job_id=record.job_id,
         state=record.state,
-        slurm_state=record.slurm_state,
         reason=record.reason,
         name=record.name,
         comment=record.comment,
@@ -70,8 +71,7 @@ def _status_from_record(record: AccountingRecord) -> JobStatus:
 
 
 def _has_tag(comment: str | None, tag: str) -> bool:
-    words = (comment or "").split(maxsplit=1)
-    return bool(words) and words[0] == tag
+    return tag_of(comment) == tag
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +174,9 @@ class SlurmClient:
 
         Jobs squeue shows in a final state (it keeps them for ``MinJobAge``) are looked up in
         sacct too, for their accounting; if sacct does not have them yet, squeue's view is kept.
-        Ids neither command knows are ``missing`` (never "completed"). Any failure raises: no
+        Ids neither command knows are ``missing`` (never "completed"). Where sacct holds several
+        jobs under one id, the newest is ``found`` and the others are in ``earlier``: the caller
+        tells them apart by tag. Any failure raises: no
         partial report, so an outage never makes jobs look gone. Two commands at most, whatever
         the number of ids (up to ``MAX_IDS_PER_ARGUMENT``, beyond which sacct is chunked).
         """
@@ -184,22 +186,29 @@ class SlurmClient:
         wanted = set(ids)
         live = {s.job_id: s for s in self._squeue(ids) if s.job_id in wanted}
         ran = 1
-        found = {job_id: status for job_id, status in live.items() if not status.state.is_final}
+        found = {job_id: status for job_id, status in live.items() if not status.ended}
+        earlier: dict[str, tuple[JobStatus, ...]] = {}
         to_account = [job_id for job_id in ids if job_id not in found]
         if to_account:
+            accounted: dict[str, list[AccountingRecord]] = {}
             for chunk in _chunks(to_account, commands.MAX_IDS_PER_ARGUMENT):
                 for record in self._sacct(start=commands.STATUS_LOOKBACK, job_ids=chunk):
                     if record.job_id in wanted and record.job_id not in found:
-                        found[record.job_id] = _status_from_record(record)
+                        accounted.setdefault(record.job_id, []).append(record)
                 ran += 1
+            for job_id, records in accounted.items():
+                newest, *older = (_status_from_record(r) for r in newest_first(records))
+                found[job_id] = newest
+                if older:
+                    earlier[job_id] = tuple(older)
             for job_id in to_account:
                 status = found.get(job_id)
                 in_queue = live.get(job_id)
                 # sacct lags slurmctld a little: trust squeue's final state until sacct has one.
-                if in_queue is not None and (status is None or not status.state.is_final):
+                if in_queue is not None and (status is None or not status.ended):
                     found[job_id] = in_queue
         missing = frozenset(wanted - found.keys())
-        return StatusReport(found=found, missing=missing, commands=ran)
+        return StatusReport(found=found, missing=missing, earlier=earlier, commands=ran)
 
     def find_by_tag(self, tag: str, since: datetime) -> list[JobStatus]:
         """Jobs whose comment starts with ``tag``, live (squeue) or submitted/ended since ``since``
@@ -213,7 +222,7 @@ class SlurmClient:
             if not _has_tag(record.comment, tag):
                 continue
             in_queue = by_id.get(record.job_id)
-            if in_queue is None or (in_queue.state.is_final and record.state.is_final):
+            if in_queue is None or (in_queue.ended and record.ended):
                 by_id[record.job_id] = _status_from_record(record)
         return sorted(by_id.values(), key=lambda s: (len(s.job_id), s.job_id))
 

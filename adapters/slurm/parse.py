@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 
 from adapters.slurm.commands import FIELD_SEPARATOR, SACCT_FIELDS, SINFO_FIELDS, SQUEUE_FIELDS
-from adapters.slurm.states import job_state, slurm_code
-from adapters.slurm.types import AccountingRecord, JobState, JobStatus, PartitionCapacity
+from adapters.slurm.states import is_waiting, slurm_code
+from adapters.slurm.types import AccountingRecord, JobStatus, PartitionCapacity
 
 logger = logging.getLogger(__name__)
 
@@ -207,15 +207,13 @@ def parse_sbatch(text: str) -> tuple[str, str | None]:
 def parse_squeue(text: str, cluster_tz: tzinfo = UTC) -> list[JobStatus]:
     statuses = []
     for rec in records(text, SQUEUE_FIELDS, trailing=True):
-        raw_state = rec["State"].strip()
-        state = job_state(raw_state)
-        # A pending job's StartTime is slurmctld's estimate (or a year ahead): not a start.
-        started = None if state is JobState.PENDING else parse_time(rec["StartTime"], cluster_tz)
+        state = slurm_code(rec["State"])
+        # A waiting job's StartTime is slurmctld's estimate (or a year ahead): not a start.
+        started = None if is_waiting(state) else parse_time(rec["StartTime"], cluster_tz)
         statuses.append(
             JobStatus(
                 job_id=rec["JobID"].strip(),
                 state=state,
-                slurm_state=slurm_code(raw_state),
                 reason=value(rec["Reason"]),
                 name=value(rec["Name"]),
                 comment=value(rec["Comment"]),
@@ -230,11 +228,12 @@ def parse_squeue(text: str, cluster_tz: tzinfo = UTC) -> list[JobStatus]:
 
 
 def parse_sacct(text: str, cluster_tz: tzinfo = UTC) -> list[AccountingRecord]:
-    """One record per allocation. A job id seen twice (ids restart when a cluster's state is
-    wiped, while its accounting database stays) keeps the most recently submitted record."""
-    latest: dict[str, AccountingRecord] = {}
+    """One record per allocation, in sacct's order. A job id may appear more than once (ids
+    restart when a cluster's state is wiped, while its accounting database stays): every record
+    is kept, and the caller tells the jobs apart (by submit time, by tag). An ``End`` of
+    ``Unknown`` (a job whose end slurmdbd has not been told yet) is ``None``."""
+    out: list[AccountingRecord] = []
     for rec in records(text, SACCT_FIELDS, trailing=False):
-        raw_state = rec["State"].strip()
         alloc_tres = value(rec["AllocTRES"])
         gpus = parse_tres_gpus(alloc_tres)
         record = AccountingRecord(
@@ -242,8 +241,7 @@ def parse_sacct(text: str, cluster_tz: tzinfo = UTC) -> list[AccountingRecord]:
             name=value(rec["JobName"]),
             account=value(rec["Account"]),
             partition=value(rec["Partition"]),
-            state=job_state(raw_state),
-            slurm_state=slurm_code(raw_state),
+            state=slurm_code(rec["State"]),
             exit_code=parse_exit_code(rec["ExitCode"]),
             alloc_gpus=gpus.count,
             gpu_type=gpus.gpu_type,
@@ -255,10 +253,13 @@ def parse_sacct(text: str, cluster_tz: tzinfo = UTC) -> list[AccountingRecord]:
             comment=value(rec["Comment"]),
             reason=value(rec["Reason"]),
         )
-        previous = latest.get(record.job_id)
-        if previous is None or _submitted(record) >= _submitted(previous):
-            latest[record.job_id] = record
-    return list(latest.values())
+        out.append(record)
+    return out
+
+
+def newest_first(records: Sequence[AccountingRecord]) -> list[AccountingRecord]:
+    """Records (of one job id) ordered from the most recently submitted to the oldest."""
+    return sorted(records, key=_submitted, reverse=True)
 
 
 def _submitted(record: AccountingRecord) -> datetime:

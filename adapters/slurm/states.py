@@ -1,60 +1,64 @@
-"""The one table from Slurm job state codes to the broker's ``JobState``.
+"""Slurm's job state codes: their long and compact forms and where each is in Slurm's own life of
+a job (waiting for an allocation, holding one, ended).
 
 Codes and meanings: "JOB STATE CODES" in https://slurm.schedmd.com/squeue.html#lbAG
-(Slurm 22.05). Both the long form (squeue ``State``, sacct ``State``) and the compact form
-(squeue ``StateCompact``) are keys. A job that still holds or may still get an allocation is never
-final here: COMPLETING is ``running`` (processes may still be active), the requeue and hold states
-are ``pending``. A code missing from the table maps to ``unknown`` with a warning, never to
-``running``, so a new Slurm version cannot make the broker believe a job runs for ever.
+(Slurm 22.05). squeue ``State`` and sacct ``State`` print the long form, squeue ``StateCompact``
+the compact one; the adapter always reports the long form. What a code means to the broker is the
+broker's business (``broker/lifecycle.py``). A code missing here (a newer Slurm) is reported as it
+is and counts as not ended, so no job is taken for finished on a code nobody knows.
 """
 
 from __future__ import annotations
 
-import logging
+from enum import Enum
 
-from adapters.slurm.types import JobState
 
-logger = logging.getLogger(__name__)
+class Phase(Enum):
+    WAITING = "waiting"
+    """No allocation yet (or requeued and waiting again)."""
+    ACTIVE = "active"
+    """Holds an allocation, or may still have processes on it."""
+    ENDED = "ended"
+    """Over: Slurm will not run it (again)."""
 
-_TABLE: tuple[tuple[str, str, JobState], ...] = (
-    # long form          compact  broker state
-    ("PENDING",          "PD",    JobState.PENDING),
-    ("REQUEUED",         "RQ",    JobState.PENDING),    # completing job being requeued
-    ("REQUEUE_FED",      "RF",    JobState.PENDING),    # requeued by a federation
-    ("REQUEUE_HOLD",     "RH",    JobState.PENDING),    # held job being requeued
-    ("RESV_DEL_HOLD",    "RD",    JobState.PENDING),    # held after its reservation was deleted
-    ("SPECIAL_EXIT",     "SE",    JobState.PENDING),    # requeued and held by an epilog
-    ("CONFIGURING",      "CF",    JobState.RUNNING),    # allocated, nodes booting
-    ("RUNNING",          "R",     JobState.RUNNING),
-    ("COMPLETING",       "CG",    JobState.RUNNING),    # not final: processes may still run
-    ("SUSPENDED",        "S",     JobState.RUNNING),    # keeps its allocation
-    ("STOPPED",          "ST",    JobState.RUNNING),    # SIGSTOP, keeps its CPUs
-    ("SIGNALING",        "SI",    JobState.RUNNING),
-    ("RESIZING",         "RS",    JobState.RUNNING),
-    ("STAGE_OUT",        "SO",    JobState.RUNNING),    # burst buffer stage-out, not done yet
-    ("COMPLETED",        "CD",    JobState.COMPLETED),
-    ("CANCELLED",        "CA",    JobState.CANCELLED),
-    ("REVOKED",          "RV",    JobState.CANCELLED),  # federation: sibling started elsewhere
-    ("FAILED",           "F",     JobState.FAILED),
-    ("TIMEOUT",          "TO",    JobState.TIMEOUT),
-    ("DEADLINE",         "DL",    JobState.TIMEOUT),    # ended by its --deadline
-    ("OUT_OF_MEMORY",    "OOM",   JobState.OUT_OF_MEMORY),
-    ("NODE_FAIL",        "NF",    JobState.NODE_FAIL),
-    ("BOOT_FAIL",        "BF",    JobState.NODE_FAIL),  # launch failed, typically hardware
-    ("PREEMPTED",        "PR",    JobState.PREEMPTED),
+
+_TABLE: tuple[tuple[str, str, Phase], ...] = (
+    # long form          compact  phase
+    ("PENDING",          "PD",    Phase.WAITING),
+    ("REQUEUED",         "RQ",    Phase.WAITING),   # completing job being requeued
+    ("REQUEUE_FED",      "RF",    Phase.WAITING),   # requeued by a federation
+    ("REQUEUE_HOLD",     "RH",    Phase.WAITING),   # held job being requeued
+    ("RESV_DEL_HOLD",    "RD",    Phase.WAITING),   # held after its reservation was deleted
+    ("SPECIAL_EXIT",     "SE",    Phase.WAITING),   # requeued and held by an epilog
+    ("CONFIGURING",      "CF",    Phase.ACTIVE),    # allocated, nodes booting
+    ("RUNNING",          "R",     Phase.ACTIVE),
+    ("COMPLETING",       "CG",    Phase.ACTIVE),    # processes may still run
+    ("SUSPENDED",        "S",     Phase.ACTIVE),    # keeps its allocation
+    ("STOPPED",          "ST",    Phase.ACTIVE),    # SIGSTOP, keeps its CPUs
+    ("SIGNALING",        "SI",    Phase.ACTIVE),
+    ("RESIZING",         "RS",    Phase.ACTIVE),
+    ("STAGE_OUT",        "SO",    Phase.ACTIVE),    # burst buffer stage-out, not done yet
+    ("COMPLETED",        "CD",    Phase.ENDED),
+    ("CANCELLED",        "CA",    Phase.ENDED),
+    ("REVOKED",          "RV",    Phase.ENDED),     # federation: sibling started elsewhere
+    ("FAILED",           "F",     Phase.ENDED),
+    ("TIMEOUT",          "TO",    Phase.ENDED),
+    ("DEADLINE",         "DL",    Phase.ENDED),     # ended by its --deadline
+    ("OUT_OF_MEMORY",    "OOM",   Phase.ENDED),
+    ("NODE_FAIL",        "NF",    Phase.ENDED),
+    ("BOOT_FAIL",        "BF",    Phase.ENDED),     # launch failed, typically hardware
+    ("PREEMPTED",        "PR",    Phase.ENDED),
 )  # fmt: skip
 
-SLURM_STATES: dict[str, JobState] = {
-    code: state for long, compact, state in _TABLE for code in (long, compact)
-}
-"""Every known code, long and compact, to the broker's state."""
+PHASES: dict[str, Phase] = {long: phase for long, _, phase in _TABLE}
+"""Every known code (long form) to its phase."""
 
 LONG_FORM: dict[str, str] = {compact: long for long, compact, _ in _TABLE}
 """Compact code to long form (``CD`` -> ``COMPLETED``)."""
 
 
 def slurm_code(raw: str) -> str:
-    """The state code of a raw state field: first token, upper case, no ``+`` decoration.
+    """The state code of a raw state field, in long form: first token, upper case, no ``+``.
 
     sacct prints ``CANCELLED by 1234``; some views append ``+`` to a truncated state.
     """
@@ -62,11 +66,11 @@ def slurm_code(raw: str) -> str:
     return LONG_FORM.get(token, token)
 
 
-def job_state(raw: str) -> JobState:
-    """The broker state of a raw Slurm state field; an unknown code gives ``UNKNOWN``, logged."""
-    code = slurm_code(raw)
-    state = SLURM_STATES.get(code)
-    if state is None:
-        logger.warning("unknown Slurm job state %r; reporting it as unknown", raw)
-        return JobState.UNKNOWN
-    return state
+def is_ended(code: str) -> bool:
+    """Slurm considers the job over (an unknown code does not count as over)."""
+    return PHASES.get(code) is Phase.ENDED
+
+
+def is_waiting(code: str) -> bool:
+    """The job has no allocation yet (its StartTime is at most an estimate)."""
+    return PHASES.get(code) is Phase.WAITING

@@ -5,44 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
 
-
-class JobState(StrEnum):
-    """The broker's view of a job's state (API.md). Slurm codes map onto these in states.py."""
-
-    SUBMITTING = "submitting"
-    SUBMIT_UNKNOWN = "submit_unknown"
-    PENDING = "pending"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    TIMEOUT = "timeout"
-    OUT_OF_MEMORY = "out_of_memory"
-    NODE_FAIL = "node_fail"
-    PREEMPTED = "preempted"
-    SUBMIT_FAILED = "submit_failed"
-    UNKNOWN = "unknown"
-
-    @property
-    def is_final(self) -> bool:
-        return self in FINAL_STATES
-
-
-FINAL_STATES = frozenset(
-    {
-        JobState.COMPLETED,
-        JobState.FAILED,
-        JobState.CANCELLED,
-        JobState.TIMEOUT,
-        JobState.OUT_OF_MEMORY,
-        JobState.NODE_FAIL,
-        JobState.PREEMPTED,
-        JobState.SUBMIT_FAILED,
-        JobState.UNKNOWN,
-    }
-)
+from adapters.slurm.states import is_ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +43,8 @@ class JobStatus:
     """One job as squeue or sacct sees it."""
 
     job_id: str
-    state: JobState
-    slurm_state: str
-    """The raw Slurm code (``PENDING``, ``CANCELLED``), first token only."""
+    state: str
+    """Slurm's state code in long form (``PENDING``, ``CANCELLED``), first token only."""
     reason: str | None = None
     name: str | None = None
     comment: str | None = None
@@ -94,16 +57,36 @@ class JobStatus:
     source: str = "squeue"
     """``squeue`` (live) or ``sacct`` (accounting)."""
 
+    @property
+    def ended(self) -> bool:
+        """Slurm considers the job over (its state code says so)."""
+        return is_ended(self.state)
+
+    @property
+    def tag(self) -> str | None:
+        """The first word of the comment: the broker's tag on the jobs it submitted."""
+        return tag_of(self.comment)
+
 
 @dataclass(frozen=True, slots=True)
 class StatusReport:
     """Answer of ``SlurmClient.statuses``: every asked id is in exactly one of the two."""
 
     found: dict[str, JobStatus]
+    """The job holding each id now: squeue's, else the newest sacct record."""
     missing: frozenset[str]
     """Ids neither squeue nor sacct knows. Never to be read as 'completed'."""
-    commands: int
+    earlier: dict[str, tuple[JobStatus, ...]] = field(default_factory=dict)
+    """Older sacct records of an id found in sacct, newest first: Slurm restarts ids when a
+    controller loses its state, so one id may name several jobs. The caller tells them apart by
+    tag (``JobStatus.tag``)."""
+    commands: int = 0
     """How many commands were run to produce this report (for metrics and benchmarks)."""
+
+    def candidates(self, job_id: str) -> tuple[JobStatus, ...]:
+        """Every job Slurm reported under ``job_id``, the current holder first."""
+        current = self.found.get(job_id)
+        return (() if current is None else (current,)) + self.earlier.get(job_id, ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +112,8 @@ class AccountingRecord:
     name: str | None
     account: str | None
     partition: str | None
-    state: JobState
-    slurm_state: str
+    state: str
+    """Slurm's state code, long form, first token (``CANCELLED by 1234`` -> ``CANCELLED``)."""
     exit_code: int | None
     alloc_gpus: int
     gpu_type: str | None
@@ -142,3 +125,14 @@ class AccountingRecord:
     comment: str | None
     reason: str | None = None
     """Why the job waited or ended as it did (sacct ``Reason``; ``None`` when Slurm says None)."""
+
+    @property
+    def ended(self) -> bool:
+        """Slurm considers the job over (its state code says so)."""
+        return is_ended(self.state)
+
+
+def tag_of(comment: str | None) -> str | None:
+    """The broker's tag is the first word of a job's comment (``brk-<uuid> user=alice``)."""
+    words = (comment or "").split(maxsplit=1)
+    return words[0] if words else None

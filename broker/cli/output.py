@@ -1,6 +1,5 @@
-"""Plain-text rendering of API objects for people: aligned columns, no colour, no dependency.
-
-Scripts use ``--json`` instead; nothing here is meant to be parsed.
+"""What the client commands print: plain text for people (aligned columns, no colour), or the
+broker's JSON as is with ``--json``. Scripts use ``--json``; the text is not meant to be parsed.
 """
 
 from __future__ import annotations
@@ -8,6 +7,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+import typer
 
 COLUMN_GAP = "  "
 MISSING = "-"
@@ -65,3 +66,19 @@ def fields(pairs: Iterable[tuple[str, Any]]) -> str:
 def json_text(data: Any) -> str:
     """The API's JSON, indented; parses back to exactly what the broker sent."""
     return json.dumps(data, indent=2, ensure_ascii=False)
+
+
+def print_json(data: Any) -> None:
+    """The broker's JSON on stdout; nothing for an empty (204) answer."""
+    if data is not None:
+        typer.echo(json_text(data))
+
+
+def print_table(headers: list[str], rows: list[list[Any]], empty: str) -> None:
+    typer.echo(table(headers, rows) if rows else empty)
+
+
+def more_hint(page: Mapping[str, Any]) -> None:
+    """On stderr, how to get the page after this one."""
+    if page.get("next_cursor"):
+        typer.echo(f"more: --cursor {page['next_cursor']} or --all", err=True)

@@ -22,13 +22,8 @@ from datetime import datetime
 from sqlalchemy import Select, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.errors import (
-    AdapterError,
-    CommandFailed,
-    SlurmUnavailable,
-    TransportError,
-)
-from adapters.slurm.types import JobSpec, JobState
+from adapters.errors import AdapterError, CommandFailed, SlurmUnavailable, TransportError
+from adapters.slurm.types import JobSpec
 from broker import failpoints
 from broker.clock import utcnow
 from broker.config import Settings
@@ -46,6 +41,7 @@ from broker.errors import (
     SubmitRejected,
     ValidationFailed,
 )
+from broker.lifecycle import JobState, is_final
 from broker.schemas import JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
 from broker.service import cursors, ledger, transitions
 from broker.service.cluster_identity import ClusterIdentities
@@ -588,7 +584,7 @@ class JobService:
             job, _, _ = self._visible_job(session, actor, job_id)
             if actor.role == "engineer":
                 raise Forbidden(f"{actor.role}s cannot cancel jobs")
-            if transitions.is_final(job.state):
+            if is_final(job.state):
                 return self._public(job_id), False
             if job.cancel_requested_at is None:
                 session.execute(

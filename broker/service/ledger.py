@@ -13,21 +13,12 @@ from datetime import datetime
 from sqlalchemy import ColumnElement, and_, func, select, update
 from sqlalchemy.orm import Session
 
-from adapters.slurm.types import JobState
+from broker import lifecycle
 from broker.db.models import JobRecord, ProjectRecord, QuotaRecord
 from quotas import LedgerSnapshot, QuotaPolicy
 
-LIVE_STATES = (
-    JobState.SUBMITTING.value,
-    JobState.SUBMIT_UNKNOWN.value,
-    JobState.PENDING.value,
-    JobState.RUNNING.value,
-)
-NOT_STARTED_STATES = (
-    JobState.SUBMITTING.value,
-    JobState.SUBMIT_UNKNOWN.value,
-    JobState.PENDING.value,
-)
+LIVE_STATES = lifecycle.values(lifecycle.LIVE)
+NOT_STARTED_STATES = lifecycle.values(lifecycle.NOT_STARTED)
 
 
 def lock_project(session: Session, project_id: int) -> None:

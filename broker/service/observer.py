@@ -15,10 +15,8 @@ class BrokerObserver(Protocol):
     def job_started(self, cluster: str, gpu_type: str, wait_seconds: float) -> None:
         """A job was first seen running, ``wait_seconds`` after it was submitted."""
 
-    def job_finished(
-        self, cluster: str, project: str, gpu_type: str, state: str, charged_gpu_seconds: int
-    ) -> None:
-        """A job reached a final state and was charged."""
+    def job_lost(self, cluster: str) -> None:
+        """A followed job was settled ``unknown``: neither squeue nor sacct knows it any more."""
 
     def poll(self, cluster: str, ok: bool, seconds: float, status_commands: int) -> None:
         """One poll cycle of one cluster ended."""
@@ -36,9 +34,7 @@ class NullObserver:
     def job_started(self, cluster: str, gpu_type: str, wait_seconds: float) -> None:
         return None
 
-    def job_finished(
-        self, cluster: str, project: str, gpu_type: str, state: str, charged_gpu_seconds: int
-    ) -> None:
+    def job_lost(self, cluster: str) -> None:
         return None
 
     def poll(self, cluster: str, ok: bool, seconds: float, status_commands: int) -> None:

@@ -18,8 +18,8 @@ from adapters.errors import AdapterError, TransportError
 from broker.config import Settings
 from broker.db.models import JobRecord
 from broker.errors import ClusterUnavailable, NotFound, ValidationFailed
+from broker.lifecycle import is_final
 from broker.schemas import JobOutputPublic
-from broker.service import transitions
 from broker.service.clusters import ClusterRegistry
 from broker.service.identity import Actor
 
@@ -69,7 +69,7 @@ class JobOutputReader:
                 f"job {job_id} is not an array: it has no tasks",
                 [{"field": "task", "message": "only for array jobs"}],
             )
-        final = transitions.is_final(row.state)
+        final = is_final(row.state)
         path = row.stdout_path if stream == "stdout" else row.stderr_path
         limit = min(limit, self._settings.limits.max_output_bytes)
         if path is None or row.unix_user is None:

@@ -1,15 +1,27 @@
 """One poll cycle of one cluster: follow live jobs, settle finished ones, reconcile lost submits,
-retry pending cancels, and snapshot capacity.
+retry pending cancels, check charges against sacct, and snapshot capacity.
 
 A cycle runs one batched ``statuses`` (one squeue, plus one sacct for jobs that left the queue),
 whatever the number of jobs. When the cluster cannot be reached nothing is changed: a job is never
 finalised because its cluster is down.
+
+Money rules: a job is settled from a sacct record that knows when the job ended (after a slurmdbd
+restart sacct may say ``COMPLETED`` with ``End=Unknown`` for a while); no charge exceeds the job's
+reservation (allocated GPUs x time limit x weight); a job that Slurm lost after it was seen running
+is charged its run time since then; and charges are re-checked against sacct after settlement.
+
+Jobs are followed by broker job, not by Slurm id: a status only applies to a job if it carries the
+job's tag (``brk-<uuid>``, first word of the comment); anything else is a different Slurm job.
+Each job's update runs in its own savepoint, so one bad job cannot stop the others. Under a lease
+``Fence``, each write transaction first proves that this process still holds the poller lease.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -17,23 +29,26 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.errors import AdapterError
-from adapters.slurm.types import JobState, JobStatus, PartitionCapacity
+from adapters.slurm.types import JobStatus, PartitionCapacity, StatusReport
 from broker.clock import utcnow
 from broker.config import Settings
 from broker.db.engine import transaction
-from broker.db.models import ClusterStatusRecord, JobRecord, ProjectRecord
+from broker.db.models import ClusterStatusRecord, JobEventRecord, JobRecord, ProjectRecord
+from broker.lifecycle import FOLLOWED, JobState, from_slurm, is_final, values
 from broker.service import ledger, transitions
 from broker.service.clusters import ClusterRegistry
+from broker.service.lease import Fence, LeaseLost
 from broker.service.observer import BrokerObserver, NullObserver
 from quotas import charge_gpu_seconds
 
 log = logging.getLogger(__name__)
 
-FOLLOWED_STATES = (JobState.PENDING.value, JobState.RUNNING.value)
+FOLLOWED_STATES = values(FOLLOWED)
 TAG_LOOKBACK = timedelta(minutes=10)
 ACCOUNTING_PATIENCE_POLLS = 30
-"""Cycles a job squeue shows as ended may wait for its sacct record before it is settled without
-one (slurmdbd normally records a job within a second; sacct failing outright changes nothing)."""
+"""Cycles an ended job may wait for a sacct record with its end time before it is settled without
+one (slurmdbd normally records a job within a second, but after a restart it may show
+``End=Unknown`` until slurmctld resends the end; sacct failing outright changes nothing)."""
 
 
 @dataclass
@@ -47,32 +62,101 @@ class CycleReport:
     settled: dict[str, int] = field(default_factory=dict)
     attached: int = 0
     submit_failed: int = 0
+    lost: int = 0
+    """Jobs settled ``unknown`` because neither squeue nor sacct knows them any more."""
+    failed_jobs: int = 0
+    """Jobs whose update raised; rolled back alone and tried again next cycle."""
+    corrected: int = 0
+    """Charges corrected after settlement from a later sacct record."""
+    lease_lost: bool = False
     status_commands: int = 0
     duration_s: float = 0.0
     started: list[tuple[str, float]] = field(default_factory=list)
     """(gpu_type, seconds waited in the queue) of jobs first seen running."""
-    finished: list[tuple[int, str, str, int]] = field(default_factory=list)
-    """(project id, gpu_type, final state, charged GPU-seconds) of jobs settled."""
+
+    def add(self, other: CycleReport) -> None:
+        """Count what ``other`` (one job's part of this cycle) did."""
+        for state, count in other.settled.items():
+            self.settled[state] = self.settled.get(state, 0) + count
+        self.lost += other.lost
+        self.started += other.started
 
 
-def charge_of(
-    status: JobStatus, job_gpus: int, weight: float, elapsed: int | None = None
-) -> tuple[int, int, int]:
-    """(allocated GPUs, elapsed seconds, charge) of a finished job as Slurm accounted it."""
-    alloc = status.alloc_gpus if status.alloc_gpus is not None else job_gpus
-    if elapsed is None:
-        elapsed = _elapsed(status) or 0
-    return alloc, elapsed, charge_gpu_seconds(alloc, elapsed, weight)
+def charge_of(alloc_gpus: int, elapsed_s: int, weight: float, cap: int) -> tuple[int, int]:
+    """(charge, what Slurm's numbers alone give) in weighted GPU-seconds; the charge never exceeds
+    ``cap``, the job's reservation (allocated GPUs x time limit x weight)."""
+    raw = charge_gpu_seconds(alloc_gpus, elapsed_s, weight)
+    return min(raw, cap), raw
 
 
-def _elapsed(status: JobStatus) -> int | None:
+def accounted_elapsed(status: JobStatus) -> int | None:
+    """Seconds an ended job ran by a sacct record that knows its end; None until there is one.
+
+    squeue's view of an ended job and a sacct record with ``End=Unknown`` (slurmdbd restarted and
+    not yet told the end; its ``ElapsedRaw`` keeps counting) are not final accounts.
+    """
+    if status.source != "sacct" or status.end_time is None:
+        return None
+    if status.start_time is None:
+        return 0  # never started: nothing to charge
     if status.elapsed_s is not None:
         return status.elapsed_s
-    if status.start_time is not None and status.end_time is not None:
-        return max(0, int((status.end_time - status.start_time).total_seconds()))
-    if status.start_time is None and status.state.is_final:
-        return 0  # never started: nothing to charge
+    return max(0, int((status.end_time - status.start_time).total_seconds()))
+
+
+def _seconds_since(moment: datetime | None) -> int:
+    return max(0, int((utcnow() - moment).total_seconds())) if moment is not None else 0
+
+
+TAG_CLOCK_SKEW = timedelta(minutes=10)
+"""How far the cluster's clock may be behind the broker's when a submit time is compared."""
+
+
+def own_status(
+    job_id: str,
+    tag: str,
+    name: str,
+    submitted_at: datetime,
+    slurm_job_id: str,
+    status: StatusReport,
+) -> JobStatus | None:
+    """What Slurm said about this broker job: the record under its Slurm id carrying its tag.
+
+    A record with another tag is another job that got the same id (a controller that lost its
+    state, an id answered for another cluster); it tells nothing about this one. A record with no
+    comment at all (sacct stores the comment only once it has the job's end, so a record written
+    across a slurmdbd restart may have none) is this job's if its name matches and it was not
+    submitted before this job was.
+    """
+    candidates = status.candidates(slurm_job_id)
+    for candidate in candidates:
+        if candidate.tag == tag:
+            return candidate
+    for candidate in candidates:
+        if (
+            candidate.comment is None
+            and candidate.name == name
+            and (
+                candidate.submit_time is None
+                or candidate.submit_time >= submitted_at - TAG_CLOCK_SKEW
+            )
+        ):
+            return candidate
+    if candidates:
+        log.debug(
+            "job %s: Slurm job %s carries tag(s) %s, not %s; not this job",
+            job_id,
+            slurm_job_id,
+            ", ".join(str(c.tag) for c in candidates),
+            tag,
+        )
     return None
+
+
+def _may_settle(job: JobRecord, status: JobStatus | None, threshold: int) -> bool:
+    if status is None:
+        return job.missing_polls + 1 >= threshold
+    return from_slurm(status.state).is_final
 
 
 class Poller:
@@ -90,142 +174,129 @@ class Poller:
         self._observer: BrokerObserver = observer or NullObserver()
         self._drift_checked: dict[str, float] = {}
 
-    def poll(self, cluster: str) -> CycleReport:
+    def poll(self, cluster: str, fence: Fence | None = None) -> CycleReport:
+        """One cycle of ``cluster``. With a ``fence``, every write proves the lease is still held
+        and the cycle ends at the first write that finds it gone (``report.lease_lost``)."""
         report = CycleReport(cluster=cluster)
         started = time.monotonic()
+        capacity: list[PartitionCapacity] | None = None
         try:
+            if fence is not None:
+                fence.renew()
             client = self._clusters.client(cluster)
-            self._follow(cluster, report)
-            self._reconcile(cluster, report)
+            self._follow(cluster, report, fence)
+            self._reconcile(cluster, report, fence)
+            if fence is not None:
+                fence.renew()
             self._retry_cancels(cluster)
             capacity = client.capacity()
-            self._check_drift(cluster)
+            self._check_drift(cluster, report, fence)
         except AdapterError as exc:
             report.ok = False
             report.error = str(exc)[:500]
             log.warning("poll of %s failed: %s", cluster, exc)
-            capacity = None
+        except LeaseLost:
+            report.ok, report.lease_lost, report.error = False, True, "poller lease lost"
         report.duration_s = time.monotonic() - started
-        self._record_cluster(report, capacity)
+        if not report.lease_lost:
+            try:
+                self._record_cluster(report, capacity, fence)
+            except LeaseLost:
+                report.ok, report.lease_lost, report.error = False, True, "poller lease lost"
         self._report(report)
         return report
+
+    @contextmanager
+    def _write(self, fence: Fence | None) -> Iterator[Session]:
+        """A write transaction of this cycle: under a fence, the lease check comes first."""
+        with transaction(self._sessions) as session:
+            if fence is not None:
+                fence.check(session)
+            yield session
 
     def _report(self, report: CycleReport) -> None:
         observer = self._observer
         observer.poll(report.cluster, report.ok, report.duration_s, report.status_commands)
         for gpu_type, waited in report.started:
             observer.job_started(report.cluster, gpu_type, waited)
-        if report.finished:
-            with self._sessions() as session:
-                names = dict(
-                    session.execute(
-                        select(ProjectRecord.id, ProjectRecord.name).where(
-                            ProjectRecord.id.in_({f[0] for f in report.finished})
-                        )
-                    ).all()
-                )
-            for project_id, gpu_type, state, charged in report.finished:
-                observer.job_finished(
-                    report.cluster, names.get(project_id, "?"), gpu_type, state, charged
-                )
+        for _ in range(report.lost):
+            observer.job_lost(report.cluster)
 
     # --- following live jobs ---------------------------------------------------------------
 
-    def _follow(self, cluster: str, report: CycleReport) -> None:
+    def _follow(self, cluster: str, report: CycleReport, fence: Fence | None) -> None:
         with self._sessions() as session:
-            ids = dict(
-                session.execute(
-                    select(JobRecord.slurm_job_id, JobRecord.id).where(
+            followed: dict[str, str] = {
+                job_id: slurm_job_id
+                for job_id, slurm_job_id in session.execute(
+                    select(JobRecord.id, JobRecord.slurm_job_id).where(
                         JobRecord.cluster == cluster,
                         JobRecord.state.in_(FOLLOWED_STATES),
                         JobRecord.slurm_job_id.is_not(None),
                     )
                 ).all()
-            )
-        report.followed = len(ids)
-        if not ids:
+                if slurm_job_id is not None
+            }
+        report.followed = len(followed)
+        if not followed:
             return
-        status = self._clusters.client(cluster).statuses(list(ids))  # type: ignore[arg-type]
+        if fence is not None:
+            fence.renew()
+        status = self._clusters.client(cluster).statuses(sorted(set(followed.values())))
         report.status_commands = status.commands
         threshold = self._settings.poller.missing_polls_before_unknown
-        with transaction(self._sessions) as session:
-            jobs = {
-                j.slurm_job_id: j
-                for j in session.scalars(select(JobRecord).where(JobRecord.id.in_(ids.values())))
+        with self._write(fence) as session:
+            jobs = list(
+                session.scalars(
+                    select(JobRecord).where(JobRecord.id.in_(followed)).order_by(JobRecord.id)
+                )
+            )
+            seen = {
+                job.id: own_status(
+                    job.id, job.tag, job.name, job.submitted_at, followed[job.id], status
+                )
+                for job in jobs
             }
             settling = sorted(
-                {
-                    j.project_id
-                    for sid, j in jobs.items()
-                    if (sid in status.found and status.found[sid].state.is_final)
-                    or (sid in status.missing and j.missing_polls + 1 >= threshold)
-                }
+                {job.project_id for job in jobs if _may_settle(job, seen[job.id], threshold)}
             )
             for project_id in settling:  # a fixed order, so concurrent lockers cannot deadlock
                 ledger.lock_project(session, project_id)
-            for sid, job in jobs.items():
-                if transitions.is_final(job.state):
+            for job in jobs:
+                if is_final(job.state) or job.slurm_job_id != followed[job.id]:
+                    continue  # changed since it was read (a cancel settled it, a resubmit)
+                part = CycleReport(cluster=cluster)
+                try:
+                    with session.begin_nested():
+                        self._apply(session, job, seen[job.id], part, threshold)
+                except Exception:
+                    # One job's bad data (a value its column refuses, a bug) must not stop the
+                    # cycle for the others: its savepoint is rolled back, it is tried again next
+                    # cycle.
+                    report.failed_jobs += 1
+                    log.exception("job %s: applying Slurm's status failed; skipped", job.id)
                     continue
-                if sid in status.found:
-                    self._apply(session, job, status.found[sid], report, threshold)
-                elif sid in status.missing:
-                    job.missing_polls += 1
-                    if job.missing_polls >= threshold:
-                        transitions.settle(
-                            session,
-                            job,
-                            JobState.UNKNOWN,
-                            charge_gpu_seconds=0,
-                            lock=False,
-                            reason=f"neither squeue nor sacct knows job {sid} after "
-                            f"{job.missing_polls} polls",
-                        )
-                        self._count_settled(report, job, JobState.UNKNOWN, 0)
-
-    @staticmethod
-    def _count_settled(report: CycleReport, job: JobRecord, state: JobState, charge: int) -> None:
-        report.settled[state.value] = report.settled.get(state.value, 0) + 1
-        report.finished.append((job.project_id, job.gpu_type, state.value, charge))
+                report.add(part)
 
     def _apply(
         self,
         session: Session,
         job: JobRecord,
-        status: JobStatus,
+        status: JobStatus | None,
         report: CycleReport,
         threshold: int,
     ) -> None:
-        if status.state.is_final:
-            elapsed = _elapsed(status)
-            reason = status.reason or f"Slurm state {status.slurm_state}"
-            if elapsed is None:
-                if job.missing_polls + 1 < ACCOUNTING_PATIENCE_POLLS:
-                    job.missing_polls += 1  # sacct has not written the job yet: wait for it
-                    return
-                # No record after all that time: charge the wall time since it started (never
-                # less than it can have used) and say so in the event.
-                started = status.start_time or job.started_at
-                elapsed = max(0, int((utcnow() - started).total_seconds())) if started else 0
-                reason = f"{reason}; sacct had no record, charged wall time since start"
-                log.warning("job %s: no accounting record; charging %d s", job.id, elapsed)
-            alloc, elapsed, charge = charge_of(status, job.gpus, job.weight, elapsed)
-            transitions.settle(
-                session,
-                job,
-                status.state,
-                charge_gpu_seconds=charge,
-                lock=False,
-                reason=reason,
-                exit_code=status.exit_code,
-                alloc_gpus=alloc,
-                elapsed_s=elapsed,
-                started_at=job.started_at or status.start_time,
-                ended_at=status.end_time,
-            )
-            self._count_settled(report, job, status.state, charge)
+        if status is None:
+            job.missing_polls += 1
+            if job.missing_polls >= threshold:
+                self._settle_lost(session, job, report)
+            return
+        state = from_slurm(status.state)
+        if state.is_final:
+            self._settle_ended(session, job, status, state, report)
             return
         job.missing_polls = 0
-        if status.state == JobState.RUNNING:
+        if state == JobState.RUNNING:
             started_at = status.start_time or utcnow()
             if transitions.move(
                 session, job, JobState.RUNNING, status.reason, started_at=started_at
@@ -235,9 +306,95 @@ class Poller:
         if job.state_reason != status.reason:
             job.state_reason = status.reason
 
+    def _settle_ended(
+        self,
+        session: Session,
+        job: JobRecord,
+        status: JobStatus,
+        state: JobState,
+        report: CycleReport,
+    ) -> None:
+        reason = status.reason or f"Slurm state {status.state}"
+        elapsed = accounted_elapsed(status)
+        if elapsed is None:
+            if job.missing_polls + 1 < ACCOUNTING_PATIENCE_POLLS:
+                job.missing_polls += 1  # no final sacct record yet: wait for it
+                return
+            # Still none after all that time: charge what it is known to have run (never less
+            # than it can have used, never more than its reservation) and say so in the event.
+            if status.source == "squeue" and status.elapsed_s is not None:
+                elapsed = status.elapsed_s
+            else:
+                elapsed = _seconds_since(status.start_time or job.started_at)
+            reason = f"{reason}; sacct had no final record, charged the run time known"
+            log.warning("job %s: no final accounting record; charging %d s", job.id, elapsed)
+        alloc = status.alloc_gpus if status.alloc_gpus is not None else job.gpus
+        charge, reason = self._capped(job, alloc, elapsed, reason)
+        transitions.settle(
+            session,
+            job,
+            state,
+            charge_gpu_seconds=charge,
+            lock=False,
+            reason=reason,
+            exit_code=status.exit_code,
+            alloc_gpus=alloc,
+            elapsed_s=elapsed,
+            started_at=job.started_at or status.start_time,
+            ended_at=status.end_time,
+        )
+        report.settled[state.value] = report.settled.get(state.value, 0) + 1
+
+    def _settle_lost(self, session: Session, job: JobRecord, report: CycleReport) -> None:
+        """Neither squeue nor sacct knows the job (as this job) any more. One that was seen
+        running is charged from then until now, capped at its reservation; one that never
+        started is charged nothing."""
+        reason = (
+            f"neither squeue nor sacct knows Slurm job {job.slurm_job_id} as this job after "
+            f"{job.missing_polls} polls"
+        )
+        charge, elapsed = 0, None
+        if job.started_at is not None:
+            elapsed = _seconds_since(job.started_at)
+            charge, reason = self._capped(
+                job, job.gpus, elapsed, f"{reason}; charged its run time since it was seen running"
+            )
+        log.warning(
+            "job %s lost by Slurm (job %s on %s); charged %d GPU-s",
+            job.id,
+            job.slurm_job_id,
+            job.cluster,
+            charge,
+        )
+        transitions.settle(
+            session,
+            job,
+            JobState.UNKNOWN,
+            charge_gpu_seconds=charge,
+            lock=False,
+            reason=reason,
+            elapsed_s=elapsed,
+        )
+        report.settled[JobState.UNKNOWN.value] = report.settled.get(JobState.UNKNOWN.value, 0) + 1
+        report.lost += 1
+
+    @staticmethod
+    def _capped(job: JobRecord, alloc: int, elapsed: int, reason: str) -> tuple[int, str]:
+        """The charge for ``alloc`` GPUs over ``elapsed`` s, capped at the reservation."""
+        charge, raw = charge_of(alloc, elapsed, job.weight, job.reservation_gpu_seconds)
+        if charge < raw:
+            log.warning(
+                "job %s: Slurm's numbers give %d GPU-s, more than its reservation; charging %d",
+                job.id,
+                raw,
+                charge,
+            )
+            reason = f"{reason}; capped at its reservation ({charge} of {raw} GPU-s)"
+        return charge, reason
+
     # --- reconciling submits whose outcome is unknown --------------------------------------
 
-    def _reconcile(self, cluster: str, report: CycleReport) -> None:
+    def _reconcile(self, cluster: str, report: CycleReport, fence: Fence | None) -> None:
         now = utcnow()
         poller = self._settings.poller
         stale_submitting = now - timedelta(seconds=poller.stale_submitting_seconds)
@@ -257,7 +414,7 @@ class Poller:
         client = self._clusters.client(cluster)
         for job_id, tag, submitted_at in candidates:
             found = client.find_by_tag(tag, since=submitted_at - TAG_LOOKBACK)
-            with transaction(self._sessions) as session:
+            with self._write(fence) as session:
                 job = session.get_one(JobRecord, job_id)
                 if job.state not in (JobState.SUBMITTING.value, JobState.SUBMIT_UNKNOWN.value):
                     continue
@@ -320,11 +477,15 @@ class Poller:
 
     # --- the ledger against sacct -----------------------------------------------------------
 
-    def _check_drift(self, cluster: str) -> None:
-        """Recompute recent charges from sacct and report broker minus Slurm per project.
+    def _check_drift(self, cluster: str, report: CycleReport, fence: Fence | None) -> None:
+        """Re-read recent charges from sacct, correct those sacct now accounts differently, and
+        report what is left of broker minus Slurm per project.
 
         At most once per ``poller.drift_check_seconds`` per cluster, one batched ``statuses``.
-        A job sacct no longer knows counts as 0 on Slurm's side, so it shows up as drift.
+        A job whose final sacct record (with its end time) gives another charge than the one made
+        is corrected (still capped at its reservation) under its project's ledger lock, with an
+        event. A job sacct no longer knows cannot be corrected: it counts as 0 on Slurm's side and
+        shows as drift (an alert rule watches it). One whose record has no end yet waits.
         """
         poller = self._settings.poller
         now = time.monotonic()
@@ -336,11 +497,17 @@ class Poller:
         with self._sessions() as session:
             rows = session.execute(
                 select(
+                    JobRecord.id,
+                    JobRecord.tag,
+                    JobRecord.name,
+                    JobRecord.submitted_at,
                     JobRecord.slurm_job_id,
                     JobRecord.gpus,
                     JobRecord.weight,
+                    JobRecord.reservation_gpu_seconds,
                     JobRecord.charged_gpu_seconds,
-                    ProjectRecord.name,
+                    JobRecord.project_id,
+                    ProjectRecord.name.label("project"),
                 )
                 .join(ProjectRecord, ProjectRecord.id == JobRecord.project_id)
                 .where(
@@ -352,22 +519,72 @@ class Poller:
             ).all()
         if not rows:
             return
-        status = self._clusters.client(cluster).statuses([r[0] for r in rows if r[0]])
+        if fence is not None:
+            fence.renew()
+        status = self._clusters.client(cluster).statuses(sorted({r.slurm_job_id for r in rows}))
         drift: dict[str, int] = {}
-        for slurm_job_id, gpus, weight, charged, project in rows:
-            found = status.found.get(slurm_job_id or "")
-            slurm_side = charge_of(found, gpus, weight)[2] if found is not None else 0
-            drift[project] = drift.get(project, 0) + (charged or 0) - slurm_side
+        corrections: dict[str, tuple[int, int, int]] = {}
+        for row in rows:
+            charged = row.charged_gpu_seconds or 0
+            drift.setdefault(row.project, 0)
+            found = own_status(
+                row.id, row.tag, row.name, row.submitted_at, row.slurm_job_id, status
+            )
+            if found is None:
+                drift[row.project] += charged  # sacct no longer knows it: cannot be corrected
+                continue
+            elapsed = accounted_elapsed(found)
+            if elapsed is None:
+                continue  # no final record yet: not comparable, checked again next time
+            alloc = found.alloc_gpus if found.alloc_gpus is not None else row.gpus
+            slurm_side = charge_of(alloc, elapsed, row.weight, row.reservation_gpu_seconds)[0]
+            if slurm_side != charged:
+                corrections[row.id] = (row.project_id, charged, slurm_side)
+        if corrections:
+            report.corrected = self._correct(corrections, fence)
         for project, seconds in sorted(drift.items()):
             self._observer.ledger_drift(cluster, project, seconds)
+
+    def _correct(self, corrections: dict[str, tuple[int, int, int]], fence: Fence | None) -> int:
+        """Set the charges sacct now gives ({job id: (project, charged, sacct's)}); a job whose
+        charge changed since it was read is left for the next check. Returns how many changed."""
+        done = 0
+        with self._write(fence) as session:
+            for project_id in sorted({p for p, _, _ in corrections.values()}):
+                ledger.lock_project(session, project_id)
+            for job_id, (_, charged, corrected) in sorted(corrections.items()):
+                job = session.get_one(JobRecord, job_id)
+                if job.charged_gpu_seconds != charged:
+                    continue
+                now = utcnow()
+                log.warning(
+                    "job %s (slurm %s): charge corrected from %d to %d GPU-s after sacct",
+                    job.id,
+                    job.slurm_job_id,
+                    charged,
+                    corrected,
+                )
+                session.add(
+                    JobEventRecord(
+                        job_id=job.id,
+                        at=now,
+                        from_state=job.state,
+                        to_state=job.state,
+                        reason=f"charge corrected from {charged} to {corrected} GPU-s by sacct",
+                    )
+                )
+                job.charged_gpu_seconds = corrected
+                job.updated_at = now
+                done += 1
+        return done
 
     # --- the cluster's own state -----------------------------------------------------------
 
     def _record_cluster(
-        self, report: CycleReport, capacity: list[PartitionCapacity] | None
+        self, report: CycleReport, capacity: list[PartitionCapacity] | None, fence: Fence | None
     ) -> None:
         now = utcnow()
-        with transaction(self._sessions) as session:
+        with self._write(fence) as session:
             row = session.get(ClusterStatusRecord, report.cluster)
             if row is None:
                 row = ClusterStatusRecord(name=report.cluster, partitions=[])

@@ -8,8 +8,8 @@ from typing import Literal
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from adapters.slurm.types import JobState
 from broker.db.models import JobRecord, ProjectRecord, UserRecord
+from broker.lifecycle import JobState
 from broker.schemas import UsageReport, UsageRow
 from quotas import gpu_hours
 

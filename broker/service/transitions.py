@@ -8,35 +8,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from adapters.slurm.types import FINAL_STATES, JobState
 from broker.clock import utcnow
 from broker.db.models import JobEventRecord, JobRecord
+from broker.lifecycle import FINAL, JobState, can_move, is_final
 from broker.service import ledger
 
 log = logging.getLogger(__name__)
-
-_RANK = {
-    JobState.SUBMITTING: 0,
-    JobState.SUBMIT_UNKNOWN: 1,
-    JobState.PENDING: 2,
-    JobState.RUNNING: 3,
-}
-FINAL_RANK = 4
-
-
-def rank(state: str) -> int:
-    return _RANK.get(JobState(state), FINAL_RANK)
-
-
-def is_final(state: str) -> bool:
-    return JobState(state) in FINAL_STATES
-
-
-def can_move(current: str, target: str) -> bool:
-    """A final state never changes; otherwise states move strictly forward."""
-    if is_final(current):
-        return False
-    return rank(target) > rank(current)
 
 
 def move(
@@ -49,7 +26,7 @@ def move(
     **fields: Any,
 ) -> bool:
     """Move ``job`` to a non-final ``target`` and record the event; False if that would go back."""
-    if target in FINAL_STATES:
+    if target in FINAL:
         raise ValueError("final states go through settle()")
     if not can_move(job.state, target.value):
         return False
@@ -81,7 +58,7 @@ def settle(
     Takes the project's ledger lock unless the caller already holds it (``lock=False``).
     Returns False (and changes nothing) if the job was already final.
     """
-    if final not in FINAL_STATES:
+    if final not in FINAL:
         raise ValueError(f"{final} is not a final state")
     if is_final(job.state):
         return False

@@ -81,7 +81,7 @@ class Site:
     def ended(self, job_id: str, timeout: float = 60) -> str:
         def state() -> str:
             found = self.client.statuses([job_id]).found.get(job_id)
-            return "" if found is None else found.slurm_state
+            return "" if found is None else found.state
 
         return wait_for(
             f"job {job_id} to end",
@@ -189,4 +189,4 @@ def test_a_job_cannot_cancel_another_users_job(site: Site) -> None:
     site.ended(attacker)
     assert "rc=0" not in site.output("alice", path)
     status = site.client.statuses([victim]).found[victim]
-    assert status.slurm_state in {"PENDING", "RUNNING"}
+    assert status.state in {"PENDING", "RUNNING"}

@@ -14,7 +14,7 @@ from adapters.errors import CommandFailed, HostUnreachable, SlurmOutputError, Sl
 from adapters.runner import CommandResult, CommandRunner
 from adapters.slurm.client import SlurmClient
 from adapters.slurm.commands import SACCT_FIELDS, SQUEUE_FIELDS, SQUEUE_MAX_IDS
-from adapters.slurm.types import JobSpec, JobState
+from adapters.slurm.types import JobSpec
 
 US = "\x1f"
 
@@ -106,11 +106,11 @@ def test_statuses_take_two_commands_whatever_the_number_of_jobs(count: int) -> N
 
     assert report.commands == 2
     assert runner.programs() == ["squeue", "sacct"]
-    assert report.found["1"].state is JobState.RUNNING
+    assert report.found["1"].state == "RUNNING"
     assert report.found["1"].source == "squeue"
     assert report.found["2"].source == "sacct"  # final in squeue: accounting from sacct
     assert report.found["2"].elapsed_s == 42
-    assert report.found["3"].state is JobState.FAILED
+    assert report.found["3"].state == "FAILED"
     assert report.missing == frozenset(ids[3:])
     assert "1" not in jobs_arg(runner.calls[1][0])  # a live job is not looked up in sacct
     assert "2" in jobs_arg(runner.calls[1][0])
@@ -166,7 +166,7 @@ def test_final_in_squeue_but_not_yet_in_sacct_keeps_squeue_view() -> None:
         }
     )
     report = client_for(runner).statuses(["5"])
-    assert report.found["5"].state is JobState.CANCELLED
+    assert report.found["5"].state == "CANCELLED"
     assert report.found["5"].source == "squeue"
 
 
@@ -370,3 +370,15 @@ def test_transport_errors_pass_through_and_are_observed() -> None:
     with pytest.raises(HostUnreachable):
         client.capacity()
     assert isinstance(seen[0], HostUnreachable)
+
+
+def test_several_sacct_records_under_one_id_are_all_reported_newest_first() -> None:
+    """Ids restart when a controller loses its state: sacct then holds two jobs under id 7."""
+    old = sacct_line("7", "COMPLETED", comment="brk-old user=a", submit="2024-01-01T00:00:00")
+    new = sacct_line("7", "FAILED", comment="brk-new user=b", submit="2024-06-01T00:00:00")
+    runner = ScriptedRunner({"squeue": (0, "", ""), "sacct": (0, old + new, "")})
+    report = client_for(runner).statuses(["7"])
+    assert report.found["7"].tag == "brk-new"
+    assert [s.tag for s in report.earlier["7"]] == ["brk-old"]
+    assert [s.tag for s in report.candidates("7")] == ["brk-new", "brk-old"]
+    assert report.found["7"].ended and report.earlier["7"][0].ended

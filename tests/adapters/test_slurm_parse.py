@@ -12,6 +12,7 @@ from adapters.slurm.parse import (
     GpuTres,
     ParseError,
     decode,
+    newest_first,
     node_unavailable,
     parse_duration,
     parse_exit_code,
@@ -24,7 +25,6 @@ from adapters.slurm.parse import (
     parse_tres_gpus,
     records,
 )
-from adapters.slurm.types import JobState
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "slurm"
 US = "\x1f"
@@ -52,7 +52,7 @@ def sinfo_line(node: str, partition: str, state: str, gres: str, used: str) -> s
 def test_squeue_capture_gives_each_job_its_state_reason_and_gpus() -> None:
     jobs = {s.job_id: s for s in parse_squeue(fixture("client-squeue.txt"))}
 
-    assert {j: s.slurm_state for j, s in jobs.items()} == {
+    assert {j: s.state for j, s in jobs.items()} == {
         "13": "COMPLETED",
         "14": "FAILED",
         "15": "RUNNING",
@@ -60,7 +60,7 @@ def test_squeue_capture_gives_each_job_its_state_reason_and_gpus() -> None:
         "17": "PENDING",
         "18": "PENDING",
     }
-    assert jobs["15"].state is JobState.RUNNING
+    assert jobs["15"].state == "RUNNING"
     assert jobs["15"].alloc_gpus == 8
     assert jobs["15"].elapsed_s == 4
     assert jobs["15"].start_time == datetime(2026, 11, 21, 18, 51, 45, tzinfo=UTC)
@@ -71,7 +71,7 @@ def test_squeue_capture_gives_each_job_its_state_reason_and_gpus() -> None:
     assert jobs["13"].reason is None  # "None"
     assert jobs["13"].comment == "brk-capture-ok user=capture"
     assert jobs["13"].name == "ok"
-    assert jobs["14"].state is JobState.FAILED
+    assert jobs["14"].state == "FAILED"
     assert all(s.source == "squeue" for s in jobs.values())
 
 
@@ -80,7 +80,7 @@ def test_sacct_capture_gives_exit_codes_gpus_elapsed_and_times() -> None:
 
     ok = jobs["13"]
     assert (ok.state, ok.exit_code, ok.alloc_gpus, ok.gpu_type) == (
-        JobState.COMPLETED,
+        "COMPLETED",
         0,
         2,
         "h100",
@@ -91,17 +91,17 @@ def test_sacct_capture_gives_exit_codes_gpus_elapsed_and_times() -> None:
     assert ok.end_time - ok.start_time == timedelta(seconds=2)
     assert ok.comment == "brk-capture-ok user=capture"
     assert (ok.account, ok.partition, ok.name) == ("dev", "gpu", "ok")
-    assert jobs["14"].state is JobState.FAILED
+    assert jobs["14"].state == "FAILED"
     assert jobs["14"].exit_code == 3
-    assert jobs["15"].state is JobState.RUNNING
+    assert jobs["15"].state == "RUNNING"
     assert jobs["15"].end_time is None  # "Unknown"
     assert jobs["15"].comment is None  # 22.05 stores the comment when the job ends
     cancelled = jobs["16"]
-    assert cancelled.slurm_state == "CANCELLED"  # from "CANCELLED by 0"
-    assert cancelled.state is JobState.CANCELLED
+    assert cancelled.state == "CANCELLED"  # from "CANCELLED by 0"
+    assert cancelled.state == "CANCELLED"
     assert cancelled.alloc_gpus == 0  # AllocTRES empty
     assert jobs["17"].start_time is None
-    assert jobs["17"].state is JobState.PENDING
+    assert jobs["17"].state == "PENDING"
 
 
 def test_sinfo_capture_sums_gpus_per_partition() -> None:
@@ -150,8 +150,8 @@ def test_array_task_ids_and_cancelled_by_a_user() -> None:
     )
     (record,) = parse_sacct(text)
     assert record.job_id == "130"
-    assert record.slurm_state == "CANCELLED"
-    assert record.state is JobState.CANCELLED
+    assert record.state == "CANCELLED"
+    assert record.state == "CANCELLED"
     assert record.exit_code == 128 + 15
     assert (record.alloc_gpus, record.gpu_type) == (2, "a100")
     assert record.comment is None
@@ -194,11 +194,37 @@ def test_truncated_output_is_a_parse_error() -> None:
         parse_sacct("5" + US + "5" + US + "RUNNING")
 
 
-def test_reused_job_id_keeps_the_latest_submission() -> None:
-    old = sacct_line(JobIDRaw="3", JobID="3", State="COMPLETED", Submit="2024-01-01T00:00:00")
-    new = sacct_line(JobIDRaw="3", JobID="3", State="RUNNING", Submit="2024-06-01T00:00:00")
-    (record,) = parse_sacct(new + old)
-    assert record.state is JobState.RUNNING
+def test_reused_job_id_keeps_every_record_newest_first_on_request() -> None:
+    old = sacct_line(
+        JobIDRaw="3", JobID="3", State="COMPLETED", Submit="2024-01-01T00:00:00", Comment="brk-a"
+    )
+    new = sacct_line(
+        JobIDRaw="3", JobID="3", State="RUNNING", Submit="2024-06-01T00:00:00", Comment="brk-b x"
+    )
+    records = parse_sacct(old + new)
+    assert [r.comment for r in records] == ["brk-a", "brk-b x"]  # both jobs, as sacct printed
+    assert [r.state for r in newest_first(records)] == ["RUNNING", "COMPLETED"]
+
+
+def test_completed_with_end_unknown_after_a_slurmdbd_restart() -> None:
+    """sacct can show a finished job COMPLETED with End=Unknown and an ElapsedRaw that keeps
+    counting until slurmctld resends the end: the end time must come out as None."""
+    line = sacct_line(
+        JobIDRaw="41",
+        JobID="41",
+        JobName="train",
+        State="COMPLETED",
+        ExitCode="0:0",
+        AllocTRES="billing=8,cpu=8,gres/gpu:h100=8,gres/gpu=8,node=1",
+        ElapsedRaw="86400",
+        Submit="2026-11-21T18:00:00",
+        Start="2026-11-21T18:00:01",
+        End="Unknown",
+    )
+    (record,) = parse_sacct(line)
+    assert (record.state, record.ended, record.end_time) == ("COMPLETED", True, None)
+    assert record.start_time is not None and record.elapsed_s == 86400
+    assert record.comment is None
 
 
 @pytest.mark.parametrize(
@@ -348,11 +374,11 @@ def test_shared_sacct_capture() -> None:
     given = "JobID JobName Account Partition State ExitCode AllocTRES ElapsedRaw Submit Start End"
     text = reorder(shared("sacct.txt"), [*given.split(), "Comment"], US.encode(), trailing=False)
     jobs = {r.job_id: r for r in parse_sacct(text)}
-    assert jobs["19"].state is JobState.TIMEOUT
+    assert jobs["19"].state == "TIMEOUT"
     assert jobs["19"].elapsed_s == 86
-    assert jobs["21"].state is JobState.FAILED
+    assert jobs["21"].state == "FAILED"
     assert jobs["21"].exit_code == 3
-    assert jobs["22"].slurm_state == "CANCELLED"  # "CANCELLED by 999"
+    assert jobs["22"].state == "CANCELLED"  # "CANCELLED by 999"
     assert (
         jobs["22"].comment
         == "broker:job=6f1c2a8e-1234-4cde-9abc-0123456789ab user=alice@example.org"
@@ -368,10 +394,10 @@ def test_shared_squeue_capture_with_compact_states_and_raw_bytes() -> None:
     given.append("StartTime")
     text = reorder(shared("squeue-after-timeout.txt"), given, b"|", trailing=True)
     jobs = {s.job_id: s for s in parse_squeue(text)}
-    assert jobs["19"].state is JobState.TIMEOUT
+    assert jobs["19"].state == "TIMEOUT"
     assert jobs["19"].reason == "TimeLimit"
     assert jobs["31"].reason == "JobHeldUser"
-    assert jobs["31"].state is JobState.PENDING
+    assert jobs["31"].state == "PENDING"
     assert jobs["29"].reason == "JobArrayTaskLimit"
     assert jobs["35"].alloc_gpus == 32
     assert jobs["30"].name == "caf\ufffd-\ufffd-name"
@@ -403,12 +429,12 @@ SQUEUE_SHARED.append("StartTime")
 def test_shared_squeue_capture_while_jobs_run() -> None:
     text = reorder(shared("squeue.txt"), SQUEUE_SHARED, b"|", trailing=True)
     jobs = {s.job_id: s for s in parse_squeue(text)}
-    assert jobs["19"].state is JobState.RUNNING
-    assert jobs["35"].state is JobState.PENDING and jobs["35"].reason == "Resources"
+    assert jobs["19"].state == "RUNNING"
+    assert jobs["35"].state == "PENDING" and jobs["35"].reason == "Resources"
     assert jobs["31"].reason == "JobHeldUser"
-    assert jobs["20"].state is JobState.COMPLETED
-    assert jobs["34"].state is JobState.CANCELLED
-    assert jobs["21"].state is JobState.FAILED and jobs["21"].reason == "NonZeroExitCode"
+    assert jobs["20"].state == "COMPLETED"
+    assert jobs["34"].state == "CANCELLED"
+    assert jobs["21"].state == "FAILED" and jobs["21"].reason == "NonZeroExitCode"
     assert jobs["22"].alloc_gpus == 2
 
 
@@ -416,9 +442,9 @@ def test_shared_squeue_capture_after_cancel_holds_only_final_states() -> None:
     text = reorder(shared("squeue-after-cancel.txt"), SQUEUE_SHARED, b"|", trailing=True)
     jobs = {s.job_id: s for s in parse_squeue(text)}
     assert len(jobs) > 30
-    assert all(s.state.is_final for s in jobs.values())
-    assert jobs["19"].state is JobState.TIMEOUT
-    assert jobs["37"].state is JobState.COMPLETED
+    assert all(s.ended for s in jobs.values())
+    assert jobs["19"].state == "TIMEOUT"
+    assert jobs["37"].state == "COMPLETED"
 
 
 def test_shared_sacct_capture_while_jobs_run() -> None:
@@ -427,11 +453,11 @@ def test_shared_sacct_capture_while_jobs_run() -> None:
     text = reorder(raw, [*given.split(), "Comment"], US.encode(), trailing=False)
     jobs = {r.job_id: r for r in parse_sacct(text)}
     running = jobs["19"]
-    assert running.state is JobState.RUNNING
+    assert running.state == "RUNNING"
     assert running.end_time is None  # "Unknown" while it runs
     assert running.start_time is not None
     assert running.alloc_gpus == 1
-    assert jobs["7"].slurm_state == "CANCELLED"  # "CANCELLED by 0"
+    assert jobs["7"].state == "CANCELLED"  # "CANCELLED by 0"
     assert jobs["20"].comment == "broker:case=completed"
 
 

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from adapters.errors import AdapterError, CommandFailed, HostUnreachable, RunAsRefused
 from adapters.runner import CommandResult
 from adapters.slurm.client import FileChunk
+from adapters.slurm.commands import job_comment
+from adapters.slurm.states import is_ended
 from adapters.slurm.types import (
     AccountingRecord,
     JobSpec,
-    JobState,
     JobStatus,
     PartitionCapacity,
     StatusReport,
@@ -40,7 +41,8 @@ class _NullRunner:
 class FakeJob:
     job_id: str
     spec: JobSpec
-    state: JobState = JobState.PENDING
+    state: str = "PENDING"
+    """Slurm's state code, as the real client reports it."""
     reason: str | None = "Priority"
     elapsed_s: int | None = None
     alloc_gpus: int | None = None
@@ -48,6 +50,10 @@ class FakeJob:
     in_squeue: bool = True
     in_sacct: bool = True
     started: datetime | None = None
+    ended: datetime | None = None
+    """sacct's End; ``None`` is ``End=Unknown``."""
+    comment: str | None = None
+    """What Slurm shows as the comment (the tag first, as sbatch set it); ``None``: no comment."""
 
 
 @dataclass
@@ -59,6 +65,10 @@ class FakeSlurm:
     refuse_next_submit: str | None = None
     lose_next_submit_answer: bool = False
     jobs: dict[str, FakeJob] = field(default_factory=dict)
+    earlier: dict[str, list[FakeJob]] = field(default_factory=dict)
+    """Jobs sacct still holds under an id that was given again (newest first)."""
+    on_statuses: Callable[[], None] | None = None
+    """Called as ``statuses`` starts (a test's hook into the middle of a poll cycle)."""
     submits: int = 0
     cancels: list[str] = field(default_factory=list)
     accounts: set[tuple[str, str]] = field(default_factory=set)
@@ -95,7 +105,9 @@ class FakeSlurm:
                 )
             self.submits += 1
             job_id = str(next(self._ids))
-            self.jobs[job_id] = FakeJob(job_id, spec)
+            if job_id in self.jobs:  # the id was given again (the controller lost its state)
+                self.earlier.setdefault(job_id, []).insert(0, self.jobs[job_id])
+            self.jobs[job_id] = FakeJob(job_id, spec, comment=job_comment(spec))
             if self.lose_next_submit_answer:
                 self.lose_next_submit_answer = False
                 from adapters.errors import ConnectionLost
@@ -104,30 +116,43 @@ class FakeSlurm:
             return job_id
 
     def statuses(self, job_ids: Iterable[str]) -> StatusReport:
+        """As the real client: the current holder of each id, and when that one came from sacct
+        (it ended), the older sacct records under the same id."""
+        if self.on_statuses is not None:
+            self.on_statuses()
         self._check_up()
         found: dict[str, JobStatus] = {}
+        earlier: dict[str, tuple[JobStatus, ...]] = {}
         missing: set[str] = set()
         for job_id in job_ids:
             job = self.jobs.get(job_id)
+            older = [self._status(j) for j in self.earlier.get(job_id, []) if j.in_sacct]
             if job is None or not (job.in_squeue or job.in_sacct):
-                missing.add(job_id)
+                if older:
+                    found[job_id], *rest = older
+                    earlier[job_id] = tuple(rest)
+                else:
+                    missing.add(job_id)
                 continue
             found[job_id] = self._status(job)
-        return StatusReport(found=found, missing=frozenset(missing), commands=2)
+            if found[job_id].source == "sacct" and older:
+                earlier[job_id] = tuple(older)
+        return StatusReport(found=found, missing=frozenset(missing), earlier=earlier, commands=2)
 
     def _status(self, job: FakeJob) -> JobStatus:
+        ended = is_ended(job.state)
         return JobStatus(
             job_id=job.job_id,
             state=job.state,
-            slurm_state=job.state.value.upper(),
             reason=job.reason,
             name=job.spec.name,
-            comment=job.spec.tag,
+            comment=job.comment,
             alloc_gpus=job.alloc_gpus,
             exit_code=job.exit_code,
             elapsed_s=job.elapsed_s,
             start_time=job.started,
-            source="sacct" if job.state.is_final else "squeue",
+            end_time=job.ended if ended else None,
+            source="sacct" if ended else "squeue",
         )
 
     def find_by_tag(self, tag: str, since: datetime) -> list[JobStatus]:
@@ -139,9 +164,10 @@ class FakeSlurm:
         self.cancels.append(job_id)
         self.cancelled_as.append(as_user)
         job = self.jobs.get(job_id)
-        if job is not None and not job.state.is_final:
-            job.state = JobState.CANCELLED
+        if job is not None and not is_ended(job.state):
+            job.state = "CANCELLED"
             job.elapsed_s = job.elapsed_s or 0
+            job.ended = datetime.now(UTC)
 
     def capacity(self) -> list[PartitionCapacity]:
         self._check_up()
@@ -202,21 +228,30 @@ class FakeSlurm:
     def finish(
         self,
         job_id: str,
-        state: JobState,
+        state: str,
         elapsed_s: int,
         alloc_gpus: int | None = None,
         exit_code: int = 0,
+        *,
+        end_known: bool = True,
     ) -> None:
+        """The job ends as ``state`` (a Slurm code) after ``elapsed_s``; ``end_known=False`` is
+        sacct after a slurmdbd restart: ``End=Unknown``."""
         job = self.jobs[job_id]
         job.state, job.elapsed_s, job.exit_code = state, elapsed_s, exit_code
-        job.started = job.started or datetime.now(UTC)
+        job.started = job.started or datetime.now(UTC) - timedelta(seconds=elapsed_s)
+        job.ended = job.started + timedelta(seconds=elapsed_s) if end_known else None
         job.alloc_gpus = alloc_gpus if alloc_gpus is not None else job.spec.gpus
         job.reason = None
 
     def start(self, job_id: str, at: datetime | None = None) -> None:
         job = self.jobs[job_id]
-        job.state, job.reason = JobState.RUNNING, None
+        job.state, job.reason = "RUNNING", None
         job.started = at or datetime.now(UTC)
+
+    def reuse_ids(self) -> None:
+        """The controller loses its state: job ids start again from the first one."""
+        self._ids = itertools.count(1000)
 
     def unreachable(self) -> None:
         self.down = HostUnreachable("fake-login", "connection refused")

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from adapters.slurm.types import JobState
 from broker.api.app import create_app
 from broker.db.engine import transaction
 from broker.service import identity
@@ -183,7 +182,7 @@ def test_output_by_offset_follows_until_eof(api: TestClient, env: Env) -> None:
     )
     rest = api.get(url, params={"offset": first["next_offset"]}, headers=alice).json()
     assert rest["next_offset"] == 14 and not rest["eof"]  # running: more may come
-    slurm.finish(job["slurm_job_id"], JobState.COMPLETED, elapsed_s=5)
+    slurm.finish(job["slurm_job_id"], "COMPLETED", elapsed_s=5)
     env.runtime.poller.poll("alpha")
     done = api.get(url, params={"offset": 14}, headers=alice).json()
     assert (done["data"], done["eof"]) == ("", True)

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import pytest
 
 from adapters.errors import SlurmUnavailable
-from adapters.slurm.types import JobState
 from broker.db.engine import transaction
 from broker.db.models import JobRecord
 from broker.errors import (
@@ -22,8 +21,9 @@ from broker.errors import (
     QuotaExceeded,
     SubmitRejected,
 )
+from broker.lifecycle import JobState
 from broker.schemas import JobCreate
-from broker.service import projects
+from broker.service import projects, transitions
 from broker.service.jobs import JobFilter
 from tests.broker.harness import Env, build_env
 
@@ -68,7 +68,7 @@ def test_submit_reserves_and_completion_charges_what_sacct_says(env: Env) -> Non
     env.runtime.poller.poll("alpha")
     assert env.runtime.jobs.get(env.alice, submitted.id).state == "running"
 
-    env.slurm["alpha"].finish(submitted.slurm_job_id, JobState.COMPLETED, elapsed_s=900)
+    env.slurm["alpha"].finish(submitted.slurm_job_id, "COMPLETED", elapsed_s=900)
     env.runtime.poller.poll("alpha")
     done = env.runtime.jobs.get(env.alice, submitted.id)
     assert done.state == "completed"
@@ -83,7 +83,7 @@ def test_weight_of_the_gpu_type_applies_to_reservation_and_charge(env: Env) -> N
     submitted = env.runtime.jobs.submit(env.alice, job(cluster="beta", gpus=4), None).job
     assert submitted.gpu_type == "a100"
     assert submitted.reserved_gpu_hours == pytest.approx(4 * 1.0 * 0.5)
-    env.slurm["beta"].finish(submitted.slurm_job_id or "", JobState.COMPLETED, elapsed_s=3600)
+    env.slurm["beta"].finish(submitted.slurm_job_id or "", "COMPLETED", elapsed_s=3600)
     env.runtime.poller.poll("beta")
     assert env.runtime.jobs.get(env.alice, submitted.id).charged_gpu_hours == pytest.approx(2.0)
 
@@ -190,19 +190,41 @@ def test_cluster_down_during_poll_changes_nothing(env: Env) -> None:
         assert not report.ok
     assert env.runtime.jobs.get(env.alice, submitted.id).state == "pending"
     env.slurm["alpha"].down = None
-    env.slurm["alpha"].finish(submitted.slurm_job_id or "", JobState.COMPLETED, elapsed_s=60)
+    env.slurm["alpha"].finish(submitted.slurm_job_id or "", "COMPLETED", elapsed_s=60)
     env.runtime.poller.poll("alpha")
     assert env.runtime.jobs.get(env.alice, submitted.id).state == "completed"
 
 
 def test_states_never_move_backwards(env: Env) -> None:
-    submitted = env.runtime.jobs.submit(env.alice, job(), None).job
+    """Stale answers from Slurm reach the poller; none of them moves a job back."""
     fake = env.slurm["alpha"]
-    fake.finish(submitted.slurm_job_id or "", JobState.COMPLETED, elapsed_s=60)
+    running = env.runtime.jobs.submit(env.alice, job(), None).job
+    fake.start(running.slurm_job_id or "")
     env.runtime.poller.poll("alpha")
-    fake.jobs[submitted.slurm_job_id or ""].state = JobState.RUNNING  # a stale answer
+    assert env.runtime.jobs.get(env.alice, running.id).state == "running"
+    # A stale squeue answer (a lagging controller): pending again. Not applied, no event.
+    fake.jobs[running.slurm_job_id or ""].state = "PENDING"
     env.runtime.poller.poll("alpha")
-    assert env.runtime.jobs.get(env.alice, submitted.id).state == "completed"
+    assert env.runtime.jobs.get(env.alice, running.id).state == "running"
+    events = [e.to_state for e in env.runtime.jobs.events(env.alice, running.id).data]
+    assert events == ["submitting", "pending", "running"]
+
+    # A job settled while the cycle asked Slurm (the API cancelled it, another cycle settled it):
+    # the cycle's answer, "running", arrives for a job that is already final.
+    fake.jobs[running.slurm_job_id or ""].state = "RUNNING"
+
+    def settled_meanwhile() -> None:
+        with transaction(env.runtime.sessions) as session:
+            row = session.get_one(JobRecord, running.id)
+            transitions.settle(session, row, JobState.COMPLETED, charge_gpu_seconds=60)
+
+    fake.on_statuses = settled_meanwhile
+    env.runtime.poller.poll("alpha")
+    fake.on_statuses = None
+    final = env.runtime.jobs.get(env.alice, running.id)
+    assert final.state == "completed" and final.charged_gpu_hours == pytest.approx(60 / 3600)
+    events = [e.to_state for e in env.runtime.jobs.events(env.alice, running.id).data]
+    assert events == ["submitting", "pending", "running", "completed"]
 
 
 def test_idempotency_key_returns_the_same_job_and_conflicts_on_a_new_body(env: Env) -> None:
@@ -252,21 +274,42 @@ def test_list_is_newest_first_and_paginates(env: Env) -> None:
     assert rest.next_cursor is None
 
 
-def test_drift_between_the_ledger_and_sacct_is_reported(env: Env) -> None:
+def test_a_charge_sacct_later_accounts_differently_is_corrected(env: Env) -> None:
     submitted = env.runtime.jobs.submit(env.alice, job(), None).job
     slurm_id = submitted.slurm_job_id or ""
-    env.slurm["alpha"].finish(slurm_id, JobState.COMPLETED, elapsed_s=900)
+    env.slurm["alpha"].finish(slurm_id, "COMPLETED", elapsed_s=900)
     env.runtime.poller.poll("alpha")
     labels = {"cluster": "alpha", "project": "climate"}
     registry = env.runtime.metrics.registry
     assert registry.get_sample_value("broker_ledger_drift_gpu_seconds", labels) == 0.0
-    # Accounting is corrected afterwards (e.g. slurmdbd caught up): the next check shows the gap.
+    # Accounting is corrected afterwards (e.g. slurmdbd caught up): the next check corrects the
+    # charge, under the ledger lock, with an event; nothing is left as drift.
     env.slurm["alpha"].jobs[slurm_id].elapsed_s = 1000
     env.runtime.poller._drift_checked.clear()
+    report = env.runtime.poller.poll("alpha")
+    assert report.corrected == 1
+    corrected = env.runtime.jobs.get(env.alice, submitted.id)
+    assert corrected.state == "completed"
+    assert corrected.charged_gpu_hours == pytest.approx(8 * 1000 / 3600)
+    assert usage(env)[0] == pytest.approx(8 * 1000 / 3600)
+    last = env.runtime.jobs.events(env.alice, submitted.id).data[-1]
+    assert "corrected from 7200 to 8000" in (last.reason or "")
+    assert registry.get_sample_value("broker_ledger_drift_gpu_seconds", labels) == 0.0
+
+
+def test_drift_sacct_can_no_longer_explain_is_reported(env: Env) -> None:
+    submitted = env.runtime.jobs.submit(env.alice, job(), None).job
+    slurm_id = submitted.slurm_job_id or ""
+    env.slurm["alpha"].finish(slurm_id, "COMPLETED", elapsed_s=900)
     env.runtime.poller.poll("alpha")
-    assert (
-        registry.get_sample_value("broker_ledger_drift_gpu_seconds", labels) == 8 * 900 - 8 * 1000
-    )
+    env.slurm["alpha"].jobs[slurm_id].in_sacct = False  # purged from accounting
+    env.slurm["alpha"].jobs[slurm_id].in_squeue = False
+    env.runtime.poller._drift_checked.clear()
+    env.runtime.poller.poll("alpha")
+    labels = {"cluster": "alpha", "project": "climate"}
+    registry = env.runtime.metrics.registry
+    assert registry.get_sample_value("broker_ledger_drift_gpu_seconds", labels) == 8 * 900
+    assert env.runtime.jobs.get(env.alice, submitted.id).charged_gpu_hours == pytest.approx(2.0)
 
 
 def test_ended_job_waits_for_its_accounting_and_is_never_charged_zero(env: Env) -> None:
@@ -280,7 +323,7 @@ def test_ended_job_waits_for_its_accounting_and_is_never_charged_zero(env: Env) 
 
     fake.start(slurm_id, at=datetime.now(UTC) - timedelta(minutes=30))
     env.runtime.poller.poll("alpha")
-    fake.jobs[slurm_id].state = JobState.COMPLETED  # elapsed stays unknown, as from squeue
+    fake.jobs[slurm_id].state = "COMPLETED"  # End=Unknown, as sacct after a slurmdbd restart
     for _ in range(ACCOUNTING_PATIENCE_POLLS - 1):
         env.runtime.poller.poll("alpha")
     assert env.runtime.jobs.get(env.alice, submitted.id).state == "running"
@@ -289,4 +332,19 @@ def test_ended_job_waits_for_its_accounting_and_is_never_charged_zero(env: Env) 
     assert settled.state == "completed"
     assert settled.charged_gpu_hours == pytest.approx(8 * 0.5, abs=0.01)  # 8 GPUs, 30 minutes
     events = env.runtime.jobs.events(env.alice, submitted.id).data
-    assert "sacct had no record" in (events[-1].reason or "")
+    assert "sacct had no final record" in (events[-1].reason or "")
+
+
+def test_transitions_refuse_to_move_a_job_back(env: Env) -> None:
+    submitted = env.runtime.jobs.submit(env.alice, job(), None).job
+    with transaction(env.runtime.sessions) as session:
+        row = session.get_one(JobRecord, submitted.id)
+        assert transitions.move(session, row, JobState.RUNNING, "started")
+        assert not transitions.move(session, row, JobState.PENDING, "stale")
+        assert row.state == "running"
+        assert transitions.settle(session, row, JobState.COMPLETED, charge_gpu_seconds=100)
+        assert not transitions.move(session, row, JobState.RUNNING, "stale")
+        assert not transitions.settle(session, row, JobState.FAILED, charge_gpu_seconds=5)
+        assert (row.state, row.charged_gpu_seconds) == ("completed", 100)
+    events = [e.to_state for e in env.runtime.jobs.events(env.alice, submitted.id).data]
+    assert events == ["submitting", "pending", "running", "completed"]

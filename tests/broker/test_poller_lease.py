@@ -7,8 +7,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from sqlalchemy import update
 
+from broker.clock import utcnow
+from broker.db.engine import transaction
+from broker.db.models import ClusterStatusRecord, LeaseRecord
 from broker.scheduler import PollerSchedule
+from broker.schemas import JobCreate
 from broker.service import lease
 from tests.broker.harness import Env, build_env
 
@@ -48,3 +53,65 @@ def test_only_the_lease_holder_polls(env: Env) -> None:
     assert not second.tick("beta")
     first.shutdown()  # releases the lease: the other takes over at its next tick
     assert second.tick("alpha")
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_poller_that_lost_its_lease_mid_cycle_writes_nothing(env: Env) -> None:
+    settings, poller = env.runtime.settings, env.runtime.poller
+    first = PollerSchedule(env.runtime.sessions, poller, settings)
+    submitted = env.runtime.jobs.submit(env.alice, _job(), None).job
+    fake = env.slurm["alpha"]
+    fake.finish(submitted.slurm_job_id or "", "COMPLETED", elapsed_s=900)
+    sessions = env.runtime.sessions
+
+    def taken_over() -> None:
+        # The cycle stalled past its lease (a slow Slurm, a GC pause): another replica took it.
+        with transaction(sessions) as session:
+            session.execute(update(LeaseRecord).values(expires_at=utcnow()))
+        assert lease.acquire(sessions, "poller", "other-replica", ttl_seconds=30)
+
+    fake.on_statuses = taken_over
+    assert not first.tick("alpha")
+    job = env.runtime.jobs.get(env.alice, submitted.id)
+    assert job.state == "pending" and job.charged_gpu_hours is None
+    events = [e.to_state for e in env.runtime.jobs.events(env.alice, submitted.id).data]
+    assert events == ["submitting", "pending"]
+    with sessions() as session:
+        assert session.get(ClusterStatusRecord, "alpha") is None
+        assert session.get_one(LeaseRecord, "poller").holder == "other-replica"
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_cycle_longer_than_the_lease_keeps_it_by_renewing(database_url: str) -> None:
+    env = build_env(database_url, lease_seconds=1.5)
+    try:
+        settings, poller = env.runtime.settings, env.runtime.poller
+        first = PollerSchedule(env.runtime.sessions, poller, settings)
+        submitted = env.runtime.jobs.submit(env.alice, _job(), None).job
+        env.slurm["alpha"].finish(submitted.slurm_job_id or "", "COMPLETED", elapsed_s=900)
+        others: list[bool] = []
+
+        def slow_slurm() -> None:
+            time.sleep(0.9)  # two of these per cycle: longer than the lease
+            others.append(lease.acquire(env.runtime.sessions, "poller", "other", 30))
+
+        env.slurm["alpha"].on_statuses = slow_slurm
+        started = time.monotonic()
+        assert first.tick("alpha")
+        assert time.monotonic() - started > 1.5
+        assert others == [False, False]
+        assert env.runtime.jobs.get(env.alice, submitted.id).state == "completed"
+    finally:
+        env.runtime.close()
+
+
+def _job() -> JobCreate:
+    return JobCreate.model_validate(
+        {
+            "project": "climate",
+            "script": "#!/bin/bash\ntrue\n",
+            "gpus": 8,
+            "time_limit_minutes": 60,
+            "cluster": "alpha",
+        }
+    )

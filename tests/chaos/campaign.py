@@ -342,7 +342,7 @@ def _check(url: str, holder: _Sessions, report: Report, since: datetime) -> None
         charged = job.charged_gpu_seconds or 0
         if charged != expected:
             detail = ", ".join(
-                f"{r.job_id} {r.slurm_state} {r.alloc_gpus} GPUs x {r.elapsed_s} s" for r in tagged
+                f"{r.job_id} {r.state} {r.alloc_gpus} GPUs x {r.elapsed_s} s" for r in tagged
             )
             report.violations.append(
                 f"broker job {job.id} ({job.state}) charged {charged} GPU-s, sacct says "
@@ -405,7 +405,7 @@ def _sacct(url: str, cluster: str, account: str, since: datetime) -> list[Accoun
         deadline = time.monotonic() + 120
         while True:
             records = _retry(lambda: client.accounting(since, accounts=[account]))
-            unsettled = [r.job_id for r in records if not r.state.is_final or r.end_time is None]
+            unsettled = [r.job_id for r in records if not r.ended or r.end_time is None]
             if not unsettled or time.monotonic() > deadline:
                 if unsettled:
                     log.warning("sacct still shows jobs %s without an end", unsettled)

@@ -17,7 +17,8 @@ import pytest
 import typer
 from typer.testing import CliRunner, Result
 
-from broker.cli import client
+from broker.cli import app as broker_app
+from broker.cli import client, http, jobs
 from broker.cli.output import fields, table
 
 URL = "http://broker.test"
@@ -113,7 +114,7 @@ class FakeBroker:
 @pytest.fixture
 def broker(monkeypatch: pytest.MonkeyPatch) -> FakeBroker:
     fake = FakeBroker()
-    monkeypatch.setattr(client, "_transport", httpx.MockTransport(fake))
+    monkeypatch.setattr(http, "_transport", httpx.MockTransport(fake))
     monkeypatch.delenv("BROKER_TOKEN", raising=False)
     monkeypatch.delenv("BROKER_URL", raising=False)
     return fake
@@ -201,7 +202,7 @@ def test_submit_sends_the_body_built_from_flags_env_pairs_and_the_script_file(
         "mem_per_gpu_gb": 64,
         "environment": {"HF_HOME": "/scratch/hf", "OPTS": "a=b"},
     }
-    assert request.extensions["timeout"]["read"] == client.SUBMIT_TIMEOUT
+    assert request.extensions["timeout"]["read"] == jobs.SUBMIT_TIMEOUT
 
 
 def test_submit_from_stdin_sends_only_what_was_given_and_a_generated_idempotency_key(
@@ -604,6 +605,42 @@ def test_token_and_url_flags_override_the_environment(broker: FakeBroker, cli: t
     assert ["projects", "p"] in [line.split() for line in result.stdout.splitlines()]
 
 
+def test_global_options_before_the_command_are_used(broker: FakeBroker, cli: typer.Typer) -> None:
+    broker.on("GET", "/v1/jobs", 200, {"data": [JOB], "next_cursor": None})
+
+    result = CliRunner().invoke(
+        cli,
+        ["--url", "http://other.test", "--token", TOKEN, "--json", "jobs"],
+        env={"BROKER_TOKEN": "wrong", "BROKER_URL": URL},
+    )
+
+    assert result.exit_code == 0, result.output
+    assert str(broker.last.url) == "http://other.test/v1/jobs"
+    assert json.loads(result.stdout) == {"data": [JOB], "next_cursor": None}
+
+
+def test_global_options_after_the_command_win_over_those_before_it(
+    broker: FakeBroker, cli: typer.Typer
+) -> None:
+    broker.on("GET", "/v1/projects/p", 200, PROJECT)
+
+    before = ["--url", "http://before.test", "--token", "wrong"]
+    after = ["--url", "http://after.test", "--token", TOKEN]
+    result = CliRunner().invoke(cli, [*before, "project", "show", "p", *after])
+
+    assert result.exit_code == 0, result.output
+    assert str(broker.last.url) == "http://after.test/v1/projects/p"
+    assert ["name", "climate-llm"] in [line.split() for line in result.stdout.splitlines()]
+
+
+def test_report_usage_refuses_csv_with_a_global_json(broker: FakeBroker, cli: typer.Typer) -> None:
+    result = run(cli, "--json", "report", "usage", "--csv")
+
+    assert result.exit_code == 2
+    assert "choose one of --csv and --json" in result.stderr
+    assert broker.requests == []
+
+
 # --- projects, users, reports ---------------------------------------------------------------
 
 PROJECT = {
@@ -904,6 +941,15 @@ def test_register_adds_every_command_and_group(cli: typer.Typer) -> None:
         "report",
     ):
         assert f" {name} " in result.stdout
+
+
+def test_the_broker_command_has_the_server_and_the_client_commands() -> None:
+    result = CliRunner().invoke(broker_app, ["--help"])
+
+    assert result.exit_code == 0
+    for name in ("serve", "worker", "db", "admin", "submit", "project", "report"):
+        assert f" {name} " in result.stdout
+    assert "BROKER_TOKEN" in result.stdout
 
 
 def test_table_pads_columns_and_right_aligns_numbers() -> None:

@@ -206,12 +206,12 @@ class LiveBroker:
         from sqlalchemy import select
 
         from broker.db.models import JobRecord
-        from broker.service.ledger import LIVE_STATES
+        from broker.lifecycle import LIVE, values
 
         with self.runtime.sessions() as session:
             live = session.execute(
                 select(JobRecord.cluster, JobRecord.slurm_job_id).where(
-                    JobRecord.state.in_(LIVE_STATES), JobRecord.slurm_job_id.is_not(None)
+                    JobRecord.state.in_(values(LIVE)), JobRecord.slurm_job_id.is_not(None)
                 )
             ).all()
         for cluster, slurm_job_id in live:

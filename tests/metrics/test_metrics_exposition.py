@@ -12,15 +12,10 @@ from sqlalchemy.orm import sessionmaker
 
 from adapters.errors import CommandFailed, HostUnreachable, SlurmUnavailable
 from broker.db.engine import make_engine, make_session_factory
-from broker.metrics import (
-    COMMANDS,
-    FINAL_STATE_NAMES,
-    LIVE_STATES,
-    QUEUE_WAIT_BUCKETS,
-    SUBMIT_OUTCOMES,
-    BrokerMetrics,
-    partition_gpus,
-)
+from broker.metrics import BrokerMetrics
+from broker.metrics.capacity import partition_gpus
+from broker.metrics.events import QUEUE_WAIT_BUCKETS
+from broker.metrics.labels import COMMANDS, FINAL_STATE_NAMES, LIVE_STATES, SUBMIT_OUTCOMES
 from broker.service import ledger
 from tests.metrics.seed import (
     NOW,
@@ -374,12 +369,16 @@ def test_a_database_that_does_not_answer_does_not_break_the_scrape(tmp_path: Pat
     settings = metrics_settings(f"sqlite:///{tmp_path}/x.db")
     engine = make_engine(f"sqlite:///{tmp_path}/no-such-dir/a/b.db")
     (tmp_path / "no-such-dir" / "a").rmdir()  # make_engine created it; the file cannot be opened
+    runners = FakeRegistry()
+    runners.current["alpha"] = FakeRunner(opened=4, in_use=1)
     metrics = BrokerMetrics()
-    metrics.attach(make_session_factory(engine), settings, max_age=0)
+    metrics.attach(make_session_factory(engine), settings, runners, max_age=0)
     metrics.submission("alpha", "accepted", None, 0.1)
     scrape = Scrape(metrics.registry)
     assert scrape.value("broker_database_up") == 0
     assert scrape.value("broker_submissions_total", cluster="alpha", outcome="accepted") == 1
+    assert scrape.value("broker_ssh_connections_opened_total", cluster="alpha") == 4
+    assert scrape.value("broker_ssh_sessions_in_use", cluster="alpha") == 1
     assert not list(scrape.series("broker_project_budget_gpu_seconds"))
     engine.dispose()
 

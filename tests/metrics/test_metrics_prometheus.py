@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 DEV_CONFIG = REPO / ".dev-cluster" / "broker.toml"
@@ -104,8 +105,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     settings = load_settings(DEV_CONFIG, overrides={"database": {"url": f"sqlite:///{database}"}})
     runtime = build_runtime(settings)
     upgrade(runtime.engine)
-    if runtime.metrics.collector is None:  # until build_runtime attaches it itself
-        runtime.metrics.attach(runtime.sessions, runtime.settings, runtime.clusters)
     with transaction(runtime.sessions) as session:
         identity.create_user(session, "test", UserCreate(name="ops", role="admin"))
         admin_token = identity.issue_token(session, "test", "ops", "metrics test").token
@@ -432,7 +431,10 @@ def test_every_rule_evaluates(prometheus: Prometheus, scenario: Scenario) -> Non
         return rules if ready else None
 
     rules = wait_for("every rule to be evaluated", evaluated, 30)
-    assert len(rules) == 10
+    written = yaml.safe_load(RULES.read_text())
+    assert {r["name"] for r in rules} == {
+        r["alert"] for g in written["groups"] for r in g["rules"]
+    }, "Prometheus loaded other rules than deploy/prometheus/rules/broker-alerts.yml holds"
     for rule in rules:
         assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
         prometheus.query(rule["query"])  # asserts status success

@@ -6,9 +6,9 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response
 
-from adapters.slurm.types import JobState
 from broker.api.deps import CurrentActor, RuntimeDep
 from broker.api.problems import COMMON, responses
+from broker.lifecycle import JobState
 from broker.schemas import JobCreate, JobEventsPublic, JobOutputPublic, JobPublic, JobsPublic
 from broker.service.jobs import JobFilter
 

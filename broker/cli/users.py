@@ -1,0 +1,114 @@
+"""Identities: ``broker whoami`` and the ``broker user ...`` group (users and their tokens)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from broker.cli.context import ClientTyper, connect, options
+from broker.cli.http import segment
+from broker.cli.output import fields, print_json, print_table
+
+app = ClientTyper()
+group = ClientTyper(help="Users and their API tokens.", no_args_is_help=True)
+
+NameArgument = Annotated[str, typer.Argument(metavar="NAME")]
+
+
+@app.command("whoami")
+def whoami(ctx: typer.Context) -> None:
+    """Show the token's user, role and projects."""
+    with connect(ctx) as api:
+        data = api.json("GET", "/v1/me")
+    if options(ctx).json:
+        print_json(data)
+    else:
+        typer.echo(fields(data.items()))
+
+
+@group.command("create")
+def user_create(
+    ctx: typer.Context,
+    name: NameArgument,
+    role: Annotated[str, typer.Option("--role", help="researcher, engineer or admin.")],
+    email: Annotated[str | None, typer.Option("--email")] = None,
+) -> None:
+    """Create a user."""
+    body: dict[str, Any] = {"name": name, "role": role}
+    if email is not None:
+        body["email"] = email
+    with connect(ctx) as api:
+        data = api.json("POST", "/v1/users", body=body)
+    if options(ctx).json:
+        print_json(data)
+    else:
+        typer.echo(fields(data.items()))
+
+
+@group.command("list")
+def user_list(ctx: typer.Context) -> None:
+    """List users."""
+    with connect(ctx) as api:
+        data = api.json("GET", "/v1/users")
+    if options(ctx).json:
+        print_json(data)
+        return
+    rows = [
+        [u.get("name"), u.get("role"), u.get("email"), u.get("projects"), u.get("created_at")]
+        for u in data["data"]
+    ]
+    print_table(["NAME", "ROLE", "EMAIL", "PROJECTS", "CREATED"], rows, "No users.")
+
+
+@group.command("token")
+def user_token(
+    ctx: typer.Context,
+    name: NameArgument,
+    description: Annotated[str | None, typer.Option("--description")] = None,
+) -> None:
+    """Issue an API token for a user; it is printed this once and never again."""
+    body = {} if description is None else {"description": description}
+    with connect(ctx) as api:
+        data = api.json("POST", f"/v1/users/{segment(name)}/tokens", body=body)
+    if options(ctx).json:
+        print_json(data)
+        return
+    typer.echo(fields((k, data.get(k)) for k in ("id", "description", "created_at", "token")))
+    typer.echo("Store the token now: the broker keeps only its hash.", err=True)
+
+
+@group.command("tokens")
+def user_tokens(ctx: typer.Context, name: NameArgument) -> None:
+    """List a user's tokens (never the secrets)."""
+    with connect(ctx) as api:
+        data = api.json("GET", f"/v1/users/{segment(name)}/tokens")
+    if options(ctx).json:
+        print_json(data)
+        return
+    rows = [
+        [
+            t.get("id"),
+            t.get("description"),
+            t.get("created_at"),
+            t.get("last_used_at"),
+            t.get("revoked"),
+        ]
+        for t in data["data"]
+    ]
+    print_table(["ID", "DESCRIPTION", "CREATED", "LAST USED", "REVOKED"], rows, "No tokens.")
+
+
+@group.command("revoke")
+def user_revoke(
+    ctx: typer.Context,
+    name: NameArgument,
+    token_id: Annotated[str, typer.Argument(metavar="TOKEN_ID")],
+) -> None:
+    """Revoke a token; it stops working at once."""
+    with connect(ctx) as api:
+        data = api.json("DELETE", f"/v1/users/{segment(name)}/tokens/{segment(token_id)}")
+    if options(ctx).json:
+        print_json(data)
+    else:
+        typer.echo(f"Revoked token {token_id} of {name}.")
