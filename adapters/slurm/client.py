@@ -169,7 +169,9 @@ class SlurmClient:
         logger.info("%s: submitted %s as job %s", self.cluster, spec.tag, job_id)
         return job_id
 
-    def statuses(self, job_ids: Iterable[str]) -> StatusReport:
+    def statuses(
+        self, job_ids: Iterable[str], *, accounts: Sequence[str] | None = None
+    ) -> StatusReport:
         """Where each job is: one squeue, then one sacct for the jobs squeue does not hold alive.
 
         Jobs squeue shows in a final state (it keeps them for ``MinJobAge``) are looked up in
@@ -179,12 +181,18 @@ class SlurmClient:
         tells them apart by tag. Any failure raises: no
         partial report, so an outage never makes jobs look gone. Two commands at most, whatever
         the number of ids (up to ``MAX_IDS_PER_ARGUMENT``, beyond which sacct is chunked).
+
+        With ``accounts``, squeue reads every job charged to them (one command however many ids)
+        and the jobs not asked about are in ``others``: jobs in those accounts that the caller did
+        not submit, or not yet know it did.
         """
         ids = list(dict.fromkeys(commands.check_job_id(job_id) for job_id in job_ids))
-        if not ids:
+        if not ids and not accounts:
             return StatusReport(found={}, missing=frozenset(), commands=0)
         wanted = set(ids)
-        live = {s.job_id: s for s in self._squeue(ids) if s.job_id in wanted}
+        queue = self._squeue(ids, accounts)
+        live = {s.job_id: s for s in queue if s.job_id in wanted}
+        others = tuple(s for s in queue if s.job_id not in wanted)
         ran = 1
         found = {job_id: status for job_id, status in live.items() if not status.ended}
         earlier: dict[str, tuple[JobStatus, ...]] = {}
@@ -208,17 +216,23 @@ class SlurmClient:
                 if in_queue is not None and (status is None or not status.ended):
                     found[job_id] = in_queue
         missing = frozenset(wanted - found.keys())
-        return StatusReport(found=found, missing=missing, earlier=earlier, commands=ran)
+        return StatusReport(
+            found=found, missing=missing, earlier=earlier, others=others, commands=ran
+        )
 
-    def find_by_tag(self, tag: str, since: datetime) -> list[JobStatus]:
+    def find_by_tag(
+        self, tag: str, since: datetime, *, accounts: Sequence[str] | None = None
+    ) -> list[JobStatus]:
         """Jobs whose comment starts with ``tag``, live (squeue) or submitted/ended since ``since``
-        (sacct; needs ``AccountingStoreFlags=job_comment``). For a submission whose outcome was
-        unknown: the reconciler looks here before it ever submits again."""
+        (sacct; needs ``AccountingStoreFlags=job_comment``), of every user, in ``accounts`` when
+        given (else the login user's live jobs). For a submission whose outcome was unknown: the
+        reconciler looks here before it ever submits again."""
         commands.check_tag(tag)
         by_id: dict[str, JobStatus] = {
-            s.job_id: s for s in self._squeue(None) if _has_tag(s.comment, tag)
+            s.job_id: s for s in self._squeue(None, accounts) if _has_tag(s.comment, tag)
         }
-        for record in self._sacct(start=commands.format_time(since, self.cluster_tz)):
+        start = commands.format_time(since, self.cluster_tz)
+        for record in self._sacct(start=start, accounts=accounts):
             if not _has_tag(record.comment, tag):
                 continue
             in_queue = by_id.get(record.job_id)
@@ -381,10 +395,14 @@ class SlurmClient:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _squeue(self, job_ids: Sequence[str] | None) -> list[JobStatus]:
-        if job_ids is not None and len(job_ids) > commands.SQUEUE_MAX_IDS:
+    def _squeue(
+        self, job_ids: Sequence[str] | None, accounts: Sequence[str] | None = None
+    ) -> list[JobStatus]:
+        if accounts:
+            job_ids = None  # every job of the accounts; the caller picks the ones it asked for
+        elif job_ids is not None and len(job_ids) > commands.SQUEUE_MAX_IDS:
             job_ids = None  # cheaper to read all of our jobs and filter here (SQUEUE_MAX_IDS)
-        argv = commands.squeue(self.bin_dir, job_ids)
+        argv = commands.squeue(self.bin_dir, job_ids, accounts=accounts)
 
         def read(result: CommandResult) -> list[JobStatus]:
             if (

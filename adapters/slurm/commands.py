@@ -258,19 +258,31 @@ def sbatch(bin_dir: str, spec: JobSpec) -> list[str]:
     return argv
 
 
-def squeue(bin_dir: str, job_ids: Sequence[str] | None = None) -> list[str]:
-    """The invoking user's jobs in every state squeue still holds, one line each.
+def squeue(
+    bin_dir: str,
+    job_ids: Sequence[str] | None = None,
+    *,
+    accounts: Sequence[str] | None = None,
+) -> list[str]:
+    """Jobs in every state squeue still holds, one line each, whoever submitted them.
 
-    ``--me`` makes slurmctld send only this user's jobs (the broker submits every job as its
-    service account). With ``--jobs`` squeue filters further, so the output does not grow with
-    unrelated jobs. squeue asks slurmctld for a single id directly and fails with "Invalid job id
-    specified" when it is unknown; the client reads that as "not in the queue".
+    ``accounts``: every job charged to those accounts (the broker's managed accounts: its own jobs,
+    which run as researchers, and any a researcher submitted around it). ``job_ids``: those jobs;
+    squeue asks slurmctld for a single id directly and fails with "Invalid job id specified" when
+    it is unknown, which the client reads as "not in the queue". Neither: the invoking user's own
+    jobs (``--me``).
     """
-    argv = [_bin(bin_dir, "squeue"), "--me", "--noheader", "--all", "--states=all"]
+    argv = [_bin(bin_dir, "squeue"), "--noheader", "--all", "--states=all"]
+    if accounts:
+        for account in accounts:
+            check_word("account", account)
+        argv.append("--accounts=" + ",".join(accounts))
     if job_ids:
         for job_id in job_ids:
             check_job_id(job_id)
         argv.append("--jobs=" + ",".join(job_ids))
+    if not accounts and not job_ids:
+        argv.insert(1, "--me")
     argv.append("--Format=" + _format_option(SQUEUE_FIELDS))
     return argv
 
@@ -284,7 +296,9 @@ def sacct(
     job_ids: Sequence[str] | None = None,
     accounts: Sequence[str] | None = None,
 ) -> list[str]:
-    """Allocations only (``-X``), parsable, unit-separated, always with an explicit ``-S``.
+    """Allocations only (``-X``), parsable, unit-separated, always with an explicit ``-S``, of
+    every user (``--allusers``: without it sacct shows only the invoking user's jobs, and the
+    broker's jobs run as researchers).
 
     ``start``/``end`` are Slurm time strings (``format_time`` or ``now-30days``).
     """
@@ -292,6 +306,7 @@ def sacct(
     argv = [
         _bin(bin_dir, "sacct"),
         "--allocations",
+        "--allusers",
         "--noheader",
         "--parsable2",
         f"--delimiter={FIELD_SEPARATOR}",

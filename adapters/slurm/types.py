@@ -80,6 +80,8 @@ class StatusReport:
     """Older sacct records of an id found in sacct, newest first: Slurm restarts ids when a
     controller loses its state, so one id may name several jobs. The caller tells them apart by
     tag (``JobStatus.tag``)."""
+    others: tuple[JobStatus, ...] = ()
+    """Live jobs of the accounts asked about whose ids were not asked about (``accounts=``)."""
     commands: int = 0
     """How many commands were run to produce this report (for metrics and benchmarks)."""
 

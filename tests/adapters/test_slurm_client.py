@@ -127,9 +127,25 @@ def test_many_ids_read_all_own_jobs_and_keep_the_asked_ones(
     report = client_for(runner).statuses(ids)
 
     assert (jobs_arg(runner.calls[0][0]) == ids) is filtered_by_squeue
-    assert "--me" in runner.calls[0][0]
+    assert ("--me" in runner.calls[0][0]) is not filtered_by_squeue
     assert set(report.found) == {"1"}
     assert report.missing == frozenset(ids[1:])
+
+
+def test_by_account_one_squeue_reads_the_accounts_and_reports_the_others() -> None:
+    others = squeue_line("7", "PENDING") + squeue_line("8", "RUNNING")  # not submitted by us
+    runner = ScriptedRunner({"squeue": (0, squeue_line("1", "RUNNING") + others, "")})
+    report = client_for(runner).statuses(["1"], accounts=["p1", "p2"])
+    argv = runner.calls[0][0]
+    assert "--accounts=p1,p2" in argv and jobs_arg(argv) == [] and "--me" not in argv
+    assert report.commands == 1 and set(report.found) == {"1"}
+    assert [s.job_id for s in report.others] == ["7", "8"]
+    # Nothing followed yet: the accounts are still read, for jobs the broker did not submit.
+    assert [s.job_id for s in client_for(runner).statuses([], accounts=["p1"]).others] == [
+        "1",
+        "7",
+        "8",
+    ]
 
 
 def test_only_live_jobs_take_one_command() -> None:

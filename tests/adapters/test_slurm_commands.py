@@ -147,15 +147,22 @@ def test_any_environment_value_round_trips_through_sh(value: str) -> None:
 
 def test_squeue_and_sacct_argv() -> None:
     argv = commands.squeue("/usr/bin", ["1", "2_3"])
-    assert argv[:5] == ["/usr/bin/squeue", "--me", "--noheader", "--all", "--states=all"]
+    assert argv[:4] == ["/usr/bin/squeue", "--noheader", "--all", "--states=all"]
     assert "--jobs=1,2_3" in argv
+    assert "--me" not in argv  # the broker's jobs run as researchers
     assert argv[-1].startswith("--Format=JobID:\x1f,State:\x1f,")
-    assert "--jobs" not in " ".join(commands.squeue("/usr/bin"))
+    own = commands.squeue("/usr/bin")
+    assert "--jobs" not in " ".join(own) and own[1] == "--me"
+    by_account = commands.squeue("/usr/bin", accounts=["p1", "p2"])
+    assert "--accounts=p1,p2" in by_account and "--me" not in by_account
+    with pytest.raises(ValueError, match="account"):
+        commands.squeue("/usr/bin", accounts=["p1;rm -rf"])
 
     argv = commands.sacct(
         "/usr/bin", cluster="alpha", start="now-30days", job_ids=["5"], accounts=["a", "b"]
     )
     assert "--delimiter=\x1f" in argv
+    assert "--allusers" in argv  # without it sacct shows only the service account's own jobs
     assert "--starttime=now-30days" in argv
     assert "--clusters=alpha" in argv
     assert "--jobs=5" in argv
