@@ -67,6 +67,9 @@ def _status_from_record(record: AccountingRecord) -> JobStatus:
         start_time=record.start_time,
         end_time=record.end_time,
         source="sacct",
+        account=record.account,
+        user=record.user,
+        partition=record.partition,
     )
 
 

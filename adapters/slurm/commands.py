@@ -20,7 +20,7 @@ FIELD_SEPARATOR = "\x1f"
 
 SQUEUE_FIELDS: tuple[str, ...] = (
     "JobID", "State", "Reason", "tres-alloc", "SubmitTime", "StartTime", "TimeUsed",
-    "Partition", "Account", "Name", "Comment",
+    "Partition", "Account", "Name", "Comment", "UserName",
 )  # fmt: skip
 """squeue ``--Format`` fields. ``JobID`` is the job's own id (an array task's too), the id sbatch
 printed. ``tres-alloc`` is the allocation of a started job and the request of a pending one, however
@@ -28,7 +28,7 @@ the GPUs were asked for (``%b`` misses ``--gpus``)."""
 
 SACCT_FIELDS: tuple[str, ...] = (
     "JobIDRaw", "JobID", "State", "ExitCode", "AllocTRES", "ElapsedRaw", "Submit", "Start",
-    "End", "Account", "Partition", "Reason", "JobName", "Comment",
+    "End", "Account", "Partition", "Reason", "JobName", "Comment", "User",
 )  # fmt: skip
 """sacct ``--format`` fields. ``JobIDRaw`` is the id sbatch printed; ``JobID`` shows ``123_4``
 for array tasks. ``Comment`` needs ``AccountingStoreFlags=job_comment`` in slurm.conf."""

@@ -217,6 +217,9 @@ def parse_squeue(text: str, cluster_tz: tzinfo = UTC) -> list[JobStatus]:
                 reason=value(rec["Reason"]),
                 name=value(rec["Name"]),
                 comment=value(rec["Comment"]),
+                account=value(rec["Account"]),
+                user=value(rec["UserName"]),
+                partition=value(rec["Partition"]),
                 alloc_gpus=parse_tres_gpus(value(rec["tres-alloc"])).count,
                 elapsed_s=parse_duration(rec["TimeUsed"]),
                 submit_time=parse_time(rec["SubmitTime"], cluster_tz),
@@ -252,6 +255,7 @@ def parse_sacct(text: str, cluster_tz: tzinfo = UTC) -> list[AccountingRecord]:
             end_time=parse_time(rec["End"], cluster_tz),
             comment=value(rec["Comment"]),
             reason=value(rec["Reason"]),
+            user=value(rec["User"]),
         )
         out.append(record)
     return out

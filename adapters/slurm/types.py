@@ -56,6 +56,10 @@ class JobStatus:
     end_time: datetime | None = None
     source: str = "squeue"
     """``squeue`` (live) or ``sacct`` (accounting)."""
+    account: str | None = None
+    user: str | None = None
+    """The Unix user the job runs as."""
+    partition: str | None = None
 
     @property
     def ended(self) -> bool:
@@ -126,6 +130,8 @@ class AccountingRecord:
     end_time: datetime | None
     comment: str | None
     reason: str | None = None
+    user: str | None = None
+    """The Unix user the job ran as."""
     """Why the job waited or ended as it did (sacct ``Reason``; ``None`` when Slurm says None)."""
 
     @property

@@ -53,32 +53,35 @@ def test_squeue_capture_gives_each_job_its_state_reason_and_gpus() -> None:
     jobs = {s.job_id: s for s in parse_squeue(fixture("client-squeue.txt"))}
 
     assert {j: s.state for j, s in jobs.items()} == {
-        "13": "COMPLETED",
-        "14": "FAILED",
-        "15": "RUNNING",
-        "16": "CANCELLED",
-        "17": "PENDING",
-        "18": "PENDING",
+        "548": "COMPLETED",
+        "549": "FAILED",
+        "550": "RUNNING",
+        "551": "CANCELLED",
+        "552": "PENDING",
+        "553": "PENDING",
     }
-    assert jobs["15"].state == "RUNNING"
-    assert jobs["15"].alloc_gpus == 8
-    assert jobs["15"].elapsed_s == 4
-    assert jobs["15"].start_time == datetime(2026, 11, 21, 18, 51, 45, tzinfo=UTC)
-    assert jobs["17"].reason == "Resources"
-    assert jobs["17"].alloc_gpus == 32  # a pending job's tres-alloc is its request
-    assert jobs["17"].start_time is None  # squeue's StartTime of a pending job is a guess
-    assert jobs["18"].reason == "Priority"
-    assert jobs["13"].reason is None  # "None"
-    assert jobs["13"].comment == "brk-capture-ok user=capture"
-    assert jobs["13"].name == "ok"
-    assert jobs["14"].state == "FAILED"
+    assert jobs["550"].alloc_gpus == 8
+    assert jobs["550"].elapsed_s == 10
+    assert jobs["550"].start_time == datetime(2026, 11, 26, 14, 40, 42, tzinfo=UTC)
+    assert jobs["552"].reason == "Resources"
+    assert jobs["552"].alloc_gpus == 32  # a pending job's tres-alloc is its request
+    assert jobs["552"].start_time is None  # squeue's StartTime of a pending job is a guess
+    assert jobs["553"].reason == "Priority"
+    assert jobs["548"].reason is None  # "None"
+    assert jobs["548"].comment == "brk-capture-ok user=capture"
+    assert jobs["548"].name == "ok"
+    assert (jobs["548"].account, jobs["548"].user, jobs["548"].partition) == (
+        "dev",
+        "slurmsvc",
+        "gpu",
+    )
     assert all(s.source == "squeue" for s in jobs.values())
 
 
 def test_sacct_capture_gives_exit_codes_gpus_elapsed_and_times() -> None:
     jobs = {r.job_id: r for r in parse_sacct(fixture("client-sacct.txt"))}
 
-    ok = jobs["13"]
+    ok = jobs["548"]
     assert (ok.state, ok.exit_code, ok.alloc_gpus, ok.gpu_type) == (
         "COMPLETED",
         0,
@@ -90,18 +93,17 @@ def test_sacct_capture_gives_exit_codes_gpus_elapsed_and_times() -> None:
     assert ok.start_time is not None
     assert ok.end_time - ok.start_time == timedelta(seconds=2)
     assert ok.comment == "brk-capture-ok user=capture"
-    assert (ok.account, ok.partition, ok.name) == ("dev", "gpu", "ok")
-    assert jobs["14"].state == "FAILED"
-    assert jobs["14"].exit_code == 3
-    assert jobs["15"].state == "RUNNING"
-    assert jobs["15"].end_time is None  # "Unknown"
-    assert jobs["15"].comment is None  # 22.05 stores the comment when the job ends
-    cancelled = jobs["16"]
-    assert cancelled.state == "CANCELLED"  # from "CANCELLED by 0"
-    assert cancelled.state == "CANCELLED"
-    assert cancelled.alloc_gpus == 0  # AllocTRES empty
-    assert jobs["17"].start_time is None
-    assert jobs["17"].state == "PENDING"
+    assert (ok.account, ok.partition, ok.name, ok.user) == ("dev", "gpu", "ok", "slurmsvc")
+    assert jobs["549"].state == "FAILED"
+    assert jobs["549"].exit_code == 3
+    assert jobs["550"].state == "RUNNING"
+    assert jobs["550"].end_time is None  # "Unknown"
+    assert jobs["550"].comment is None  # 22.05 stores the comment when the job ends
+    cancelled = jobs["551"]
+    assert cancelled.state == "CANCELLED"  # from "CANCELLED by 999"
+    assert cancelled.alloc_gpus == 1 and cancelled.elapsed_s == 2  # it had started
+    assert jobs["552"].start_time is None
+    assert jobs["552"].state == "PENDING"
 
 
 def test_sinfo_capture_sums_gpus_per_partition() -> None:
@@ -111,8 +113,8 @@ def test_sinfo_capture_sums_gpus_per_partition() -> None:
     gpu = capacity[("gpu", "h100")]
     assert (gpu.gpus_total, gpu.gpus_allocated, gpu.gpus_idle, gpu.gpus_unavailable) == (
         32,
-        10,
-        22,
+        8,
+        24,
         0,
     )
     assert (gpu.nodes_total, gpu.nodes_down) == (4, 0)
@@ -169,7 +171,7 @@ def test_squeue_array_task_id_is_kept_as_printed() -> None:
 def test_non_utf8_names_do_not_break_parsing() -> None:
     raw = (
         b"7" + US.encode() + b"RUNNING" + US.encode() + b"None" + US.encode() * 7
-        + b"r\xe9sum\xe9" + US.encode() + b"brk-1" + US.encode() + b"\n"
+        + b"r\xe9sum\xe9" + US.encode() + b"brk-1" + US.encode() + b"alice" + US.encode() + b"\n"
     )  # fmt: skip
     (status,) = parse_squeue(decode(raw))
     assert status.name == "r\ufffdsum\ufffd"
