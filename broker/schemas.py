@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from adapters.slurm.commands import batch_script
+from adapters.slurm.commands import batch_script, describe_directives, script_directives
 from adapters.slurm.types import JobSpec
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -99,6 +99,11 @@ class JobCreate(StrictModel):
             raise ValueError("the script must start with an interpreter line such as #!/bin/bash")
         if "\x00" in value:
             raise ValueError("the script must not contain NUL bytes")
+        # Every prefix sbatch honours (#SBATCH, #SLURM in the header; #PBS, #BSUB anywhere):
+        # the job Slurm runs must have exactly the options of the request.
+        directives = script_directives(value)
+        if directives:
+            raise ValueError(describe_directives(directives))
         return value
 
     @field_validator("environment")
@@ -117,7 +122,7 @@ class JobCreate(StrictModel):
 
     @model_validator(mode="after")
     def _script_is_what_sbatch_will_take(self) -> JobCreate:
-        # The adapter's own rules (shebang, no #SBATCH header lines, a POSIX shell when an
+        # The adapter's own rules (shebang, no directive lines, a POSIX shell when an
         # environment is given), applied before admission so a bad script reserves nothing.
         probe = JobSpec(
             script=self.script,

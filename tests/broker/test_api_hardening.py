@@ -75,3 +75,36 @@ def test_quota_numbers_are_strict(api: TestClient, env: Env, change: dict[str, A
     assert api.put("/v1/projects/climate/quota", json=quota, headers=admin).status_code == 200
     response = api.put("/v1/projects/climate/quota", json={**quota, **change}, headers=admin)
     problem(response, 422, "validation-error")
+
+
+# --- script directives -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("script", "line", "text"),
+    [
+        ("#!/bin/bash\n#SBATCH --array=0-999\nsrun x\n", 2, "#SBATCH --array=0-999"),
+        ("#!/bin/bash\n# comment\n#SLURM --exclusive\nsrun x\n", 3, "#SLURM --exclusive"),
+        ("#!/bin/bash\n:\necho hi\n#PBS -l walltime=99:00:00\n", 4, "#PBS -l walltime=99:00:00"),
+        ("#!/bin/bash\nsrun x\n#BSUB -W 9\n", 3, "#BSUB -W 9"),
+    ],
+)
+def test_directive_lines_are_refused_naming_the_line(
+    api: TestClient, env: Env, script: str, line: int, text: str
+) -> None:
+    alice = token(env, "alice")
+    response = api.post("/v1/jobs", json={**JOB, "script": script}, headers=alice)
+    body = problem(response, 422, "validation-error")
+    assert f"line {line} {text!r}" in body["detail"]
+    (error,) = body["errors"]
+    assert error["field"] == "body.script" and f"line {line} {text!r}" in error["message"]
+    assert env.slurm["alpha"].submits == 0
+    usage = api.get("/v1/projects/climate/usage", headers=alice).json()
+    assert usage["reserved_gpu_hours"] == 0.0
+
+
+def test_lines_sbatch_does_not_read_are_plain_comments(api: TestClient, env: Env) -> None:
+    script = "#!/bin/bash\n#sbatch --time=3\n  #SBATCH -N 9\nsrun x\n#SBATCH --array=1-9\n"
+    body = {**JOB, "script": script, "cluster": "alpha"}
+    created = api.post("/v1/jobs", json=body, headers=token(env, "alice"))
+    assert created.status_code == 201, created.text
