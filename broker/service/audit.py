@@ -11,6 +11,7 @@ from broker.clock import utcnow
 from broker.db.models import AuditRecord
 from broker.schemas import AuditEntry, AuditPage
 from broker.service import cursors
+from broker.service.cursors import CursorSigner
 
 
 def record(
@@ -34,19 +35,20 @@ def record(
     )
 
 
-def page(session: Session, limit: int, cursor: str | None) -> AuditPage:
+CURSOR_KIND = "audit"
+
+
+def page(session: Session, signer: CursorSigner, limit: int, cursor: str | None) -> AuditPage:
     """Newest first, keyset-paginated on the entry id."""
     query = select(AuditRecord).order_by(AuditRecord.id.desc()).limit(limit + 1)
     if cursor:
-        (after,) = cursors.decode(cursor, 1)
-        if not after.isdigit():
-            raise cursors.invalid()
-        query = query.where(AuditRecord.id < int(after))
+        (after,) = signer.decode(CURSOR_KIND, cursor, 1)
+        query = query.where(AuditRecord.id < cursors.parse_int(after))
     rows = list(session.scalars(query))
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
-        next_cursor = cursors.encode(str(rows[-1].id))
+        next_cursor = signer.encode(CURSOR_KIND, str(rows[-1].id))
     return AuditPage(
         data=[
             AuditEntry(

@@ -43,6 +43,7 @@ from broker.errors import (
 from broker.schemas import JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
 from broker.service import cursors, ledger, transitions
 from broker.service.clusters import ClusterRegistry
+from broker.service.cursors import CursorSigner
 from broker.service.identity import Actor
 from broker.service.observer import BrokerObserver, NullObserver
 from broker.service.projects import visible_project
@@ -137,16 +138,7 @@ def _with_names() -> Select[JobRecord, str, str]:
     )
 
 
-def _encode_cursor(job: JobRecord) -> str:
-    return cursors.encode(job.submitted_at.isoformat(), job.id)
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    at, job_id = cursors.decode(cursor, 2)
-    try:
-        return datetime.fromisoformat(at), job_id
-    except ValueError as exc:
-        raise cursors.invalid() from exc
+CURSOR_KIND = "jobs"
 
 
 def _sbatch_spec(job: JobRecord, body: JobCreate, user_name: str) -> JobSpec:
@@ -175,8 +167,13 @@ class JobService:
         clusters: ClusterRegistry,
         settings: Settings,
         observer: BrokerObserver | None = None,
+        cursors: CursorSigner | None = None,
     ) -> None:
         self._sessions = sessions
+        secret = settings.auth.cursor_secret
+        self._cursors = cursors or CursorSigner(
+            sessions, secret.get_secret_value() if secret else None
+        )
         self._clusters = clusters
         self._settings = settings
         self._observer: BrokerObserver = observer or NullObserver()
@@ -236,7 +233,8 @@ class JobService:
         if where.user is not None:
             query = query.where(UserRecord.name == where.user)
         if cursor:
-            at, job_id = _decode_cursor(cursor)
+            encoded_at, job_id = self._cursors.decode(CURSOR_KIND, cursor, 2)
+            at = cursors.parse_time(encoded_at)
             query = query.where(
                 (JobRecord.submitted_at < at)
                 | ((JobRecord.submitted_at == at) & (JobRecord.id < job_id))
@@ -245,7 +243,10 @@ class JobService:
         with self._sessions() as session:
             rows = session.execute(query).all()
         page = [job_public(job, project, user) for job, project, user in rows[:limit]]
-        next_cursor = _encode_cursor(rows[limit - 1][0]) if len(rows) > limit else None
+        next_cursor = None
+        if len(rows) > limit:
+            last = rows[limit - 1][0]
+            next_cursor = self._cursors.encode(CURSOR_KIND, last.submitted_at.isoformat(), last.id)
         return JobsPublic(data=page, next_cursor=next_cursor)
 
     # --- submitting ------------------------------------------------------------------------

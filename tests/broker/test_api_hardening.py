@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from broker.api.app import create_app
 from tests.broker.harness import Env, build_env
@@ -18,7 +21,10 @@ JOB = {"project": "climate", "script": SCRIPT, "gpus": 1, "time_limit_minutes": 
 
 @pytest.fixture
 def env(tmp_path: Any) -> Iterator[Env]:
-    environment = build_env(f"sqlite:///{tmp_path}/api.db", gpu_hours=100.0)
+    # No rate limit here: these tests send many requests (the limiter has its own tests).
+    environment = build_env(
+        f"sqlite:///{tmp_path}/api.db", gpu_hours=100.0, limits={"requests_per_minute": 0}
+    )
     yield environment
     environment.runtime.close()
 
@@ -108,3 +114,96 @@ def test_lines_sbatch_does_not_read_are_plain_comments(api: TestClient, env: Env
     body = {**JOB, "script": script, "cluster": "alpha"}
     created = api.post("/v1/jobs", json=body, headers=token(env, "alice"))
     assert created.status_code == 201, created.text
+
+
+# --- cursors ---------------------------------------------------------------------------------
+
+LISTS = ("/v1/jobs", "/v1/audit")
+
+
+def _first_page_cursor(api: TestClient, env: Env, path: str) -> str:
+    eve = token(env, "eve")
+    if path == "/v1/jobs":
+        alice = token(env, "alice")
+        for _ in range(2):
+            body = {**JOB, "cluster": "alpha"}
+            assert api.post("/v1/jobs", json=body, headers=alice).status_code == 201
+    page = api.get(path, params={"limit": 1}, headers=eve).json()
+    assert page["next_cursor"], page
+    cursor: str = page["next_cursor"]
+    # The cursor works as given: the next page follows.
+    follow = api.get(path, params={"limit": 1, "cursor": cursor}, headers=eve)
+    assert follow.status_code == 200 and follow.json()["data"] != page["data"]
+    return cursor
+
+
+@pytest.mark.parametrize("path", LISTS)
+def test_a_cursor_with_any_one_character_changed_is_422(
+    api: TestClient, env: Env, path: str
+) -> None:
+    cursor = _first_page_cursor(api, env, path)
+    eve = token(env, "eve")
+    alphabet = "AQgw-_09."
+    for position, char in enumerate(cursor):
+        other = alphabet[(alphabet.find(char) + 1) % len(alphabet)] if char in alphabet else "A"
+        tampered = cursor[:position] + other + cursor[position + 1 :]
+        response = api.get(path, params={"cursor": tampered}, headers=eve)
+        body = problem(response, 422, "validation-error")
+        assert body["errors"][0]["field"] == "cursor"
+
+
+def test_a_cursor_of_one_list_is_refused_by_the_other(api: TestClient, env: Env) -> None:
+    eve = token(env, "eve")
+    jobs_cursor = _first_page_cursor(api, env, "/v1/jobs")
+    audit_cursor = _first_page_cursor(api, env, "/v1/audit")
+    problem(
+        api.get("/v1/audit", params={"cursor": jobs_cursor}, headers=eve), 422, "validation-error"
+    )
+    problem(
+        api.get("/v1/jobs", params={"cursor": audit_cursor}, headers=eve), 422, "validation-error"
+    )
+
+
+def _unsigned(payload: str) -> str:
+    encoded = base64.urlsafe_b64encode(payload.encode()).decode()
+    return encoded.rstrip("=") + "." + base64.urlsafe_b64encode(b"\0" * 32).decode().rstrip("=")
+
+
+# Payloads that reached the database before cursors were signed, and answered 500.
+FORGED_PAYLOADS = [
+    "2024-01-01T00:00:00|00000000-0000-0000-0000-000000000000",  # no zone
+    "2024-01-01T00:00:00+00:00|x",
+    "9" * 40,  # beyond BIGINT
+    "\u00b2\u00b3",  # digits to str.isdigit(), not to int()
+    "-1",
+]
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    cursor=st.one_of(
+        st.text(alphabet=st.characters(exclude_categories=["Cs"]), min_size=1, max_size=300),
+        st.binary(min_size=1, max_size=200).map(lambda b: base64.urlsafe_b64encode(b).decode()),
+        st.text(max_size=100).map(_unsigned),
+        st.sampled_from(FORGED_PAYLOADS).map(_unsigned),
+        st.sampled_from(FORGED_PAYLOADS).map(
+            lambda p: base64.urlsafe_b64encode(p.encode()).decode()
+        ),
+    ),
+    path=st.sampled_from(LISTS),
+)
+def test_garbage_cursors_are_422_never_500(
+    api: TestClient, env: Env, cursor: str, path: str
+) -> None:
+    response = api.get(path, params={"cursor": cursor}, headers=_eve_header(env))
+    problem(response, 422, "validation-error")
+
+
+_EVE: dict[int, dict[str, str]] = {}
+
+
+def _eve_header(env: Env) -> dict[str, str]:
+    """One token per environment: hypothesis runs many examples on one fixture."""
+    return _EVE.setdefault(id(env), token(env, "eve"))

@@ -95,4 +95,4 @@ def audit_log(
 ) -> AuditPage:
     actor.require_reader()
     with runtime.sessions() as session:
-        return audit.page(session, limit, cursor)
+        return audit.page(session, runtime.cursors, limit, cursor)
