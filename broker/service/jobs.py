@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Select, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.errors import AdapterError, CommandFailed, SlurmUnavailable, TransportError
@@ -294,10 +295,25 @@ class JobService:
                 [{"field": "Idempotency-Key", "message": "1 to 200 characters"}],
             )
         fingerprint = request_fingerprint(body)
-        with transaction(self._sessions) as session:
-            job, replayed = self._admit(session, actor, body, idempotency_key, fingerprint)
-            job_id, cluster_name = job.id, job.cluster
-            spec = _sbatch_spec(job, body, actor.name)
+        try:
+            with transaction(self._sessions) as session:
+                job, replayed = self._admit(session, actor, body, idempotency_key, fingerprint)
+                job_id, cluster_name = job.id, job.cluster
+                spec = _sbatch_spec(job, body, actor.name)
+        except IntegrityError:
+            # The key is unique per user, but admission locks only the project: the same key
+            # sent at once for two projects meets here, at the unique constraint. The winner
+            # has committed by now (the loser's insert waited for it); answer as if it had
+            # been seen first.
+            if idempotency_key is None:
+                raise
+            with self._sessions() as session:
+                earlier = _by_idempotency_key(session, actor.user_id, idempotency_key)
+                if earlier is None:
+                    raise
+                job_id, earlier_sha256 = earlier.id, earlier.request_sha256
+            _check_replay(job_id, earlier_sha256, fingerprint)
+            replayed = True
         if replayed:
             return SubmitOutcome(self._await_submitted(actor, job_id), created=False)
         submitted = self._run_sbatch(job_id, cluster_name, spec, body.project, actor.name)
@@ -325,17 +341,9 @@ class JobService:
             )
         ledger.lock_project(session, project.id)
         if idempotency_key is not None:
-            earlier = session.scalar(
-                select(JobRecord).where(
-                    JobRecord.user_id == actor.user_id, JobRecord.idempotency_key == idempotency_key
-                )
-            )
+            earlier = _by_idempotency_key(session, actor.user_id, idempotency_key)
             if earlier is not None:
-                if earlier.request_sha256 != fingerprint:
-                    raise IdempotencyConflict(
-                        "this Idempotency-Key was used with a different request",
-                        job_id=earlier.id,
-                    )
+                _check_replay(earlier.id, earlier.request_sha256, fingerprint)
                 return earlier, True
         quota = session.get(QuotaRecord, project.id)
         now = utcnow()
@@ -582,6 +590,20 @@ _OUTCOMES: dict[type[BrokerError], str] = {
     ClusterUnavailable: "cluster_unavailable",
     SubmitRejected: "slurm_rejected",
 }
+
+
+def _by_idempotency_key(session: Session, user_id: int, key: str) -> JobRecord | None:
+    return session.scalar(
+        select(JobRecord).where(JobRecord.user_id == user_id, JobRecord.idempotency_key == key)
+    )
+
+
+def _check_replay(job_id: str, earlier_sha256: str, fingerprint: str) -> None:
+    """A reused key must come with the same request, or it is a conflict."""
+    if earlier_sha256 != fingerprint:
+        raise IdempotencyConflict(
+            "this Idempotency-Key was used with a different request", job_id=job_id
+        )
 
 
 def _slurm_reason(exc: AdapterError) -> str:
