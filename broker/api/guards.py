@@ -79,25 +79,53 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
 
 
 class RateLimiter:
-    """A token bucket per caller: ``per_minute`` requests a minute, bursts up to ``burst``."""
+    """Token buckets keyed by caller: ``per_minute`` requests a minute, bursts up to ``burst``.
+
+    The API keys them before authentication (see ``broker.api.deps``): by the presented token's
+    hash, and by client address for requests that fail authentication. ``known`` remembers the
+    hashes of tokens that authenticated, so a flood of unknown tokens can be refused without a
+    database look-up while the address's failure bucket is empty.
+    """
+
+    MAX_ENTRIES = 100_000
 
     def __init__(self, per_minute: int, burst: int) -> None:
         self.rate = per_minute / 60.0
         self.burst = float(burst)
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._known: set[str] = set()
         self._lock = threading.Lock()
 
-    def check(self, caller: str) -> None:
+    def check(self, key: str) -> None:
+        """Take one request from ``key``'s bucket, or raise ``RateLimited``."""
+        self._take(key, consume=True)
+
+    def require_room(self, key: str) -> None:
+        """Raise ``RateLimited`` if ``key``'s bucket is empty; take nothing."""
+        self._take(key, consume=False)
+
+    def known(self, token_hash: str) -> bool:
+        with self._lock:
+            return token_hash in self._known
+
+    def remember(self, token_hash: str) -> None:
+        with self._lock:
+            if len(self._known) > self.MAX_ENTRIES:
+                self._known.clear()
+            self._known.add(token_hash)
+
+    def _take(self, key: str, *, consume: bool) -> None:
         if self.rate <= 0:
             return
         now = time.monotonic()
         with self._lock:
-            tokens, last = self._buckets.get(caller, (self.burst, now))
+            tokens, last = self._buckets.get(key, (self.burst, now))
             tokens = min(self.burst, tokens + (now - last) * self.rate)
             if tokens < 1.0:
-                self._buckets[caller] = (tokens, now)
+                self._buckets[key] = (tokens, now)
                 retry = max(1, int((1.0 - tokens) / self.rate + 0.999))
                 raise RateLimited(f"more than the allowed request rate; retry in {retry}s", retry)
-            self._buckets[caller] = (tokens - 1.0, now)
-            if len(self._buckets) > 100_000:
+            if consume:
+                self._buckets[key] = (tokens - 1.0, now)
+            if len(self._buckets) > self.MAX_ENTRIES:
                 self._buckets.clear()

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from broker.api import deps
 from broker.api.app import create_app
 from tests.broker.harness import Env, build_env
 from tests.broker.test_api import problem, token
@@ -207,3 +208,55 @@ _EVE: dict[int, dict[str, str]] = {}
 def _eve_header(env: Env) -> dict[str, str]:
     """One token per environment: hypothesis runs many examples on one fixture."""
     return _EVE.setdefault(id(env), token(env, "eve"))
+
+
+# --- rate limits before authentication -------------------------------------------------------
+
+
+@pytest.fixture
+def limited(tmp_path: Any) -> Iterator[tuple[TestClient, Env]]:
+    environment = build_env(
+        f"sqlite:///{tmp_path}/limited.db", limits={"requests_per_minute": 6, "request_burst": 5}
+    )
+    with TestClient(create_app(environment.runtime)) as client:
+        yield client, environment
+    environment.runtime.close()
+
+
+def test_a_flood_of_unknown_tokens_is_rate_limited_and_a_known_user_is_not(
+    limited: tuple[TestClient, Env], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api, env = limited
+    alice = token(env, "alice")
+    assert api.get("/v1/me", headers=alice).status_code == 200  # alice's token is known
+    lookups = []
+    real_authenticate = deps.authenticate
+
+    def counting_authenticate(session: Any, presented: str) -> Any:
+        lookups.append(presented)
+        return real_authenticate(session, presented)
+
+    monkeypatch.setattr(deps, "authenticate", counting_authenticate)
+    statuses = []
+    for n in range(30):
+        bad = {"Authorization": f"Bearer brk_unknown{n}"}
+        response = api.get("/v1/me", headers=bad)
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            problem(response, 429, "rate-limited")
+            assert int(response.headers["retry-after"]) >= 1
+    assert statuses[:5] == [401] * 5 and set(statuses[5:]) == {429}
+    assert len(lookups) == 5  # once the bucket is empty, no database look-up at all
+    problem(api.get("/v1/me"), 429, "rate-limited")  # no token at all: same address bucket
+    # alice, from the same address, still works from her own bucket, which runs out in turn.
+    mine = [api.get("/v1/me", headers=alice).status_code for _ in range(6)]
+    assert mine[:4] == [200] * 4 and mine[-1] == 429
+
+
+def test_one_bad_token_repeated_is_limited_by_its_own_bucket(
+    limited: tuple[TestClient, Env],
+) -> None:
+    api, _ = limited
+    bad = {"Authorization": "Bearer brk_stolen-and-revoked"}
+    statuses = [api.get("/v1/me", headers=bad).status_code for _ in range(8)]
+    assert statuses[:5] == [401] * 5 and set(statuses[5:]) == {429}
