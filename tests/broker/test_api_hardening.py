@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from broker.api import deps
 from broker.api.app import create_app
+from broker.service import identity
 from tests.broker.harness import Env, build_env
 from tests.broker.test_api import problem, token
 
@@ -230,13 +231,13 @@ def test_a_flood_of_unknown_tokens_is_rate_limited_and_a_known_user_is_not(
     alice = token(env, "alice")
     assert api.get("/v1/me", headers=alice).status_code == 200  # alice's token is known
     lookups = []
-    real_authenticate = deps.authenticate
+    real_authenticate = identity.authenticate
 
     def counting_authenticate(session: Any, presented: str) -> Any:
         lookups.append(presented)
         return real_authenticate(session, presented)
 
-    monkeypatch.setattr(deps, "authenticate", counting_authenticate)
+    monkeypatch.setattr(deps, "authenticate", counting_authenticate)  # what get_actor calls
     statuses = []
     for n in range(30):
         bad = {"Authorization": f"Bearer brk_unknown{n}"}
