@@ -1,10 +1,19 @@
-"""FastAPI dependencies: the process runtime, a unit of work, and the authenticated caller."""
+"""FastAPI dependencies: the process runtime, a unit of work, and the authenticated caller.
+
+The unit-of-work convention: a route takes ``SessionDep`` to read or ``TransactionDep`` to write
+(committed when the route returns, rolled back when it raises, before the response is sent), and
+passes it with the ``CurrentActor`` to a service function, which checks what the actor may do.
+Routes open no sessions and check no roles themselves. ``JobService`` is the one exception: it
+runs sbatch between two short transactions of its own (see ``broker.service.jobs``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.orm import Session
 
 from broker.api.guards import RateLimiter
 from broker.db.engine import transaction
@@ -19,6 +28,22 @@ def get_runtime(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_session(runtime: RuntimeDep) -> Iterator[Session]:
+    with runtime.sessions() as session:
+        yield session
+
+
+def get_transaction(runtime: RuntimeDep) -> Iterator[Session]:
+    with transaction(runtime.sessions) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+"""A session for reads."""
+TransactionDep = Annotated[Session, Depends(get_transaction, scope="function")]
+"""A session in a transaction, committed before the response is sent (rolled back on error)."""
 
 
 def get_actor(request: Request, runtime: RuntimeDep) -> Actor:

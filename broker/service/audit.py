@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -12,6 +12,9 @@ from broker.db.models import AuditRecord
 from broker.schemas import AuditEntry, AuditPage
 from broker.service import cursors
 from broker.service.cursors import CursorSigner
+
+if TYPE_CHECKING:
+    from broker.service.identity import Actor
 
 
 def record(
@@ -38,8 +41,11 @@ def record(
 CURSOR_KIND = "audit"
 
 
-def page(session: Session, signer: CursorSigner, limit: int, cursor: str | None) -> AuditPage:
-    """Newest first, keyset-paginated on the entry id."""
+def page(
+    session: Session, actor: Actor, signer: CursorSigner, limit: int, cursor: str | None
+) -> AuditPage:
+    """Newest first, keyset-paginated on the entry id (admins and engineers)."""
+    actor.require_reader()
     query = select(AuditRecord).order_by(AuditRecord.id.desc()).limit(limit + 1)
     if cursor:
         (after,) = signer.decode(CURSOR_KIND, cursor, 1)

@@ -5,6 +5,11 @@ project's ledger lock, and record the job as ``submitting`` with its tag; (2) af
 the Slurm id (``pending``), or release the reservation (``submit_failed``), or keep it while the
 reconciler finds the job by its tag (``submit_unknown``). sbatch never runs inside a transaction,
 and a lost answer is never retried blindly.
+
+This is the one exception to the API's unit-of-work convention (``broker.api.deps``: a route
+passes a ``SessionDep``/``TransactionDep`` to the service): because Slurm is called between
+database writes, ``JobService`` opens its own short transactions, and routes hand it only the
+actor and the request. Authorization is still here, in the service layer.
 """
 
 from __future__ import annotations
@@ -41,13 +46,21 @@ from broker.errors import (
     SubmitRejected,
     ValidationFailed,
 )
-from broker.schemas import JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
+from broker.schemas import (
+    JobCreate,
+    JobEventPublic,
+    JobEventsPublic,
+    JobPublic,
+    JobsPublic,
+    ProjectCreate,
+    ProjectPublic,
+)
 from broker.service import cursors, ledger, transitions
 from broker.service.clusters import ClusterRegistry
 from broker.service.cursors import CursorSigner
 from broker.service.identity import Actor
 from broker.service.observer import BrokerObserver, NullObserver
-from broker.service.projects import visible_project
+from broker.service.projects import create_project, visible_project
 from quotas import JobRequest, Violation, decide, gpu_hours, weight_for
 
 log = logging.getLogger(__name__)
@@ -474,6 +487,13 @@ class JobService:
         self._clusters.client(cluster_name).ensure_account(account, cluster.user)
         with self._accounts_lock:
             self._accounts_ensured.add(key)
+
+    def create_project(self, actor: Actor, body: ProjectCreate) -> ProjectPublic:
+        """Create a project (admins), then its Slurm accounts, outside the transaction."""
+        with transaction(self._sessions) as session:
+            created = create_project(session, actor, body, set(self._clusters.names))
+        self.prepare_accounts(created.slurm_accounts)
+        return created
 
     def prepare_accounts(self, slurm_accounts: dict[str, str]) -> None:
         """Create a new project's Slurm accounts where the broker manages them (best effort:

@@ -261,3 +261,32 @@ def test_one_bad_token_repeated_is_limited_by_its_own_bucket(
     bad = {"Authorization": "Bearer brk_stolen-and-revoked"}
     statuses = [api.get("/v1/me", headers=bad).status_code for _ in range(8)]
     assert statuses[:5] == [401] * 5 and set(statuses[5:]) == {429}
+
+
+# --- one unit-of-work convention: roles checked in the services, writes all-or-nothing -------
+
+
+def test_admin_only_reads_and_writes_are_refused_to_other_roles(api: TestClient, env: Env) -> None:
+    for user in ("eve", "alice"):
+        who = token(env, user)
+        for path in ("/v1/users", "/v1/users/alice", "/v1/users/alice/tokens"):
+            problem(api.get(path, headers=who), 403, "forbidden")
+        problem(api.post("/v1/users/alice/tokens", json={}, headers=who), 403, "forbidden")
+        problem(api.delete("/v1/users/alice/tokens/x", headers=who), 403, "forbidden")
+    problem(api.get("/v1/audit", headers=token(env, "alice")), 403, "forbidden")
+    problem(api.get("/v1/usage", headers=token(env, "alice")), 403, "forbidden")
+
+
+def test_a_write_that_fails_leaves_nothing_behind(api: TestClient, env: Env) -> None:
+    admin, eve = token(env, "root"), token(env, "eve")
+    before = api.get("/v1/audit", params={"limit": 500}, headers=eve).json()["data"]
+    created = api.post("/v1/users", json={"name": "zed", "role": "researcher"}, headers=admin)
+    assert created.status_code == 201
+    problem(
+        api.post("/v1/users", json={"name": "zed", "role": "admin"}, headers=admin), 409, "conflict"
+    )
+    after = api.get("/v1/audit", params={"limit": 500}, headers=eve).json()["data"]
+    assert [e["action"] for e in after[: len(after) - len(before)]] == ["user.create"]
+    assert api.get("/v1/users/zed", headers=admin).json()["role"] == "researcher"
+    problem(api.get("/v1/usage", params={"from": "2027-01-01T00:00:00"}, headers=eve), 422,
+            "validation-error")  # fmt: skip
