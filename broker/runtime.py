@@ -12,6 +12,7 @@ from broker.db.engine import make_engine, make_session_factory
 from broker.metrics import BrokerMetrics
 from broker.scheduler import PollerSchedule
 from broker.service.clusters import ClusterRegistry
+from broker.service.cursors import CursorSigner
 from broker.service.jobs import JobService
 from broker.service.poller import Poller
 
@@ -25,6 +26,7 @@ class Runtime:
     jobs: JobService
     poller: Poller
     metrics: BrokerMetrics
+    cursors: CursorSigner
     schedule: PollerSchedule | None = field(default=None)
 
     def start_poller(self) -> None:
@@ -48,12 +50,15 @@ def build_runtime(settings: Settings, *, clusters: ClusterRegistry | None = None
     metrics = BrokerMetrics()
     registry = clusters or ClusterRegistry(settings, observer=metrics.command)
     metrics.attach(sessions, settings, registry)
+    secret = settings.auth.cursor_secret
+    cursors = CursorSigner(sessions, secret.get_secret_value() if secret else None)
     return Runtime(
         settings=settings,
         engine=engine,
         sessions=sessions,
         clusters=registry,
-        jobs=JobService(sessions, registry, settings, observer=metrics),
+        jobs=JobService(sessions, registry, settings, observer=metrics, cursors=cursors),
         poller=Poller(sessions, registry, settings, observer=metrics),
         metrics=metrics,
+        cursors=cursors,
     )
