@@ -32,6 +32,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     PrivateAttr,
+    SecretStr,
     ValidationError,
     model_validator,
 )
@@ -149,6 +150,11 @@ class DatabaseSettings(_Section):
 class AuthSettings(_Section):
     token_bytes: int = Field(default=32, ge=16, le=1024)
     """Random bytes in each issued API token; 16 (128 bits) is the floor."""
+    cursor_secret: Annotated[
+        Annotated[SecretStr, Field(min_length=32)] | None, BeforeValidator(_empty_is_none)
+    ] = None
+    """Key that signs pagination cursors (HMAC-SHA256), the same on every replica. Unset: a
+    random key the broker keeps in its database (table ``broker_keys``), shared the same way."""
 
 
 class LimitsSettings(_Section):

@@ -13,6 +13,7 @@ from broker.metrics import BrokerMetrics
 from broker.scheduler import PollerSchedule
 from broker.service.cluster_identity import ClusterIdentities
 from broker.service.clusters import ClusterRegistry
+from broker.service.cursors import CursorSigner
 from broker.service.jobs import JobService
 from broker.service.output import JobOutputReader
 from broker.service.poller import Poller
@@ -29,6 +30,7 @@ class Runtime:
     output: JobOutputReader
     poller: Poller
     metrics: BrokerMetrics
+    cursors: CursorSigner
     schedule: PollerSchedule | None = field(default=None)
 
     def start_poller(self) -> None:
@@ -52,15 +54,25 @@ def build_runtime(settings: Settings, *, clusters: ClusterRegistry | None = None
     metrics = BrokerMetrics()
     registry = clusters or ClusterRegistry(settings, observer=metrics.command)
     metrics.attach(sessions, settings, registry)
+    secret = settings.auth.cursor_secret
+    cursors = CursorSigner(sessions, secret.get_secret_value() if secret else None)
     identities = ClusterIdentities(registry, settings)
     return Runtime(
         settings=settings,
         engine=engine,
         sessions=sessions,
         clusters=registry,
-        jobs=JobService(sessions, registry, settings, observer=metrics, identities=identities),
+        jobs=JobService(
+            sessions,
+            registry,
+            settings,
+            observer=metrics,
+            cursors=cursors,
+            identities=identities,
+        ),
         identities=identities,
         output=JobOutputReader(sessions, registry, settings),
         poller=Poller(sessions, registry, settings, observer=metrics),
         metrics=metrics,
+        cursors=cursors,
     )

@@ -15,11 +15,12 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    Strict,
     field_validator,
     model_validator,
 )
 
-from adapters.slurm.commands import batch_script
+from adapters.slurm.commands import batch_script, describe_directives, script_directives
 from adapters.slurm.types import JobSpec
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -63,6 +64,10 @@ AwareTimestamp = Annotated[
     datetime, AfterValidator(_aware), PlainSerializer(rfc3339, return_type=str)
 ]
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+# Numbers in requests are strict: JSON ``true`` is no ``1`` and ``"8"`` or ``8.0`` no ``8``.
+# (A float field still takes a JSON integer: ``"gpu_hours": 50000`` is a number.)
+Int = Annotated[int, Strict()]
+Number = Annotated[float, Strict()]
 Role = Literal["researcher", "engineer", "admin"]
 
 
@@ -76,15 +81,15 @@ class StrictModel(BaseModel):
 class JobCreate(StrictModel):
     project: Name
     script: str = Field(min_length=1)
-    gpus: int = Field(ge=1, le=4096)
-    time_limit_minutes: int = Field(ge=1, le=525_600)
+    gpus: Int = Field(ge=1, le=4096)
+    time_limit_minutes: Int = Field(ge=1, le=525_600)
     name: str = Field(default="job", pattern=JOB_NAME_PATTERN)
     cluster: Name | None = None
     partition: Name | None = None
     gpu_type: Name | None = None
-    nodes: int = Field(default=1, ge=1, le=1024)
-    cpus_per_gpu: int | None = Field(default=None, ge=1, le=1024)
-    mem_per_gpu_gb: int | None = Field(default=None, ge=1, le=65_536)
+    nodes: Int = Field(default=1, ge=1, le=1024)
+    cpus_per_gpu: Int | None = Field(default=None, ge=1, le=1024)
+    mem_per_gpu_gb: Int | None = Field(default=None, ge=1, le=65_536)
     environment: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("script")
@@ -94,6 +99,11 @@ class JobCreate(StrictModel):
             raise ValueError("the script must start with an interpreter line such as #!/bin/bash")
         if "\x00" in value:
             raise ValueError("the script must not contain NUL bytes")
+        # Every prefix sbatch honours (#SBATCH, #SLURM in the header; #PBS, #BSUB anywhere):
+        # the job Slurm runs must have exactly the options of the request.
+        directives = script_directives(value)
+        if directives:
+            raise ValueError(describe_directives(directives))
         return value
 
     @field_validator("environment")
@@ -112,7 +122,7 @@ class JobCreate(StrictModel):
 
     @model_validator(mode="after")
     def _script_is_what_sbatch_will_take(self) -> JobCreate:
-        # The adapter's own rules (shebang, no #SBATCH header lines, a POSIX shell when an
+        # The adapter's own rules (shebang, no directive lines, a POSIX shell when an
         # environment is given), applied before admission so a bad script reserves nothing.
         probe = JobSpec(
             script=self.script,
@@ -225,17 +235,17 @@ class MemberPublic(BaseModel):
 class QuotaPut(StrictModel):
     period_start: AwareTimestamp
     period_end: AwareTimestamp
-    gpu_hours: float = Field(ge=0, le=1e9)
-    gpu_type_weights: dict[Annotated[str, Field(pattern=NAME_PATTERN)], float] = Field(
+    gpu_hours: Number = Field(ge=0, le=1e9)
+    gpu_type_weights: dict[Annotated[str, Field(pattern=NAME_PATTERN)], Number] = Field(
         default_factory=dict
     )
-    max_concurrent_gpus: int | None = Field(default=None, ge=0)
-    max_concurrent_gpus_per_cluster: dict[Annotated[str, Field(pattern=NAME_PATTERN)], int] = Field(
+    max_concurrent_gpus: Int | None = Field(default=None, ge=0)
+    max_concurrent_gpus_per_cluster: dict[Annotated[str, Field(pattern=NAME_PATTERN)], Int] = Field(
         default_factory=dict
     )
-    max_gpus_per_job: int | None = Field(default=None, ge=0)
-    max_time_limit_minutes: int | None = Field(default=None, ge=0)
-    max_pending_jobs: int | None = Field(default=None, ge=0)
+    max_gpus_per_job: Int | None = Field(default=None, ge=0)
+    max_time_limit_minutes: Int | None = Field(default=None, ge=0)
+    max_pending_jobs: Int | None = Field(default=None, ge=0)
     allowed_clusters: list[Name] | None = None
     allowed_partitions: list[Name] | None = None
     allowed_gpu_types: list[Name] | None = None

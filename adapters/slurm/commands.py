@@ -57,6 +57,17 @@ _USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
 _SHELLS = frozenset({"sh", "bash", "dash", "ksh", "mksh", "zsh", "ash", "busybox"})
 _MAX_COMMENT = 1000
 
+HEADER_DIRECTIVES = ("#SBATCH", "#SLURM")
+"""Prefixes sbatch reads as options in the script's header: from the first line to the first one
+that is neither blank nor starts with ``#``, at column 0, case as written (``#sbatch`` and
+``  #SBATCH`` are comments; tried on the dev cluster, sbatch 22.05)."""
+
+WRAPPER_DIRECTIVES = ("#PBS", "#BSUB")
+"""Prefixes sbatch translates from PBS/LSF ANYWHERE in the first 100 non-comment lines, unless
+``--ignore-pbs`` is given (which ``sbatch()`` always does)."""
+
+_C_SPACE = " \t\n\v\f\r"  # isspace() in C: what sbatch counts as a blank line
+
 
 # -- validation ----------------------------------------------------------------------------------
 
@@ -154,9 +165,11 @@ def batch_script(spec: JobSpec) -> bytes:
     """The script as sbatch will read it on stdin.
 
     * It must start with ``#!`` (sbatch refuses anything else).
-    * ``#SBATCH`` lines in the header are refused: options come from the spec only, so the job is
-      exactly what the broker admitted (a header ``--array`` or ``--exclusive`` would escape the
-      quota). ``#PBS``/``#BSUB`` lines are ignored through ``--ignore-pbs``.
+    * Directive lines (``script_directives``: ``#SBATCH``/``#SLURM`` in the header,
+      ``#PBS``/``#BSUB`` anywhere) are refused: options come from the spec only, so the job is
+      exactly what the broker admitted (a header ``--array`` or a late ``#PBS -t 0-999`` would
+      escape the quota). sbatch also gets ``--ignore-pbs``, so a ``#PBS``/``#BSUB`` line could
+      not act even if one passed.
     * ``spec.environment`` becomes ``export NAME='value'`` lines right after the ``#!`` line,
       quoted with ``shlex.quote``: any value, with commas, quotes, newlines or ``$(...)``, arrives
       literally and nothing in it is executed. (``--export=K=V`` cannot carry commas, and values
@@ -172,16 +185,10 @@ def batch_script(spec: JobSpec) -> bytes:
         raise ValueError("the job script is not valid Unicode text (lone surrogates)")
     if "\r\n" in script:
         raise ValueError("the job script has DOS line breaks (\\r\\n); sbatch refuses them")
+    directives = script_directives(script)
+    if directives:
+        raise ValueError(describe_directives(directives))
     lines = script.split("\n")
-    for line in lines[1:]:
-        stripped = line.strip()
-        if stripped and not stripped.startswith("#"):
-            break  # sbatch stops reading directives at the first command
-        if stripped[:7].upper() == "#SBATCH":
-            raise ValueError(
-                "the job script has '#SBATCH' lines; give job options in the request instead "
-                f"(found {stripped[:60]!r})"
-            )
     if not spec.environment:
         return script.encode()
     program = _interpreter(lines[0])
@@ -199,6 +206,34 @@ def batch_script(spec: JobSpec) -> bytes:
             raise ValueError(f"environment variable {key} is not valid Unicode text")
         exports.append(f"export {key}={shlex.quote(value)}")
     return "\n".join([lines[0], *exports, *lines[1:]]).encode()
+
+
+def script_directives(script: str) -> list[tuple[int, str]]:
+    """The lines (1-based number, text) of ``script`` that sbatch could read as job options.
+
+    ``#SBATCH``/``#SLURM`` count in the header only; ``#PBS``/``#BSUB`` anywhere (sbatch reads
+    them in the first 100 non-comment lines; refusing them everywhere is simpler and as safe).
+    """
+    found: list[tuple[int, str]] = []
+    in_header = True
+    for number, line in enumerate(script.split("\n"), start=1):
+        if line.startswith(WRAPPER_DIRECTIVES) or (
+            in_header and line.startswith(HEADER_DIRECTIVES)
+        ):
+            found.append((number, line))
+        elif in_header and line.strip(_C_SPACE) and not line.startswith("#"):
+            in_header = False
+    return found
+
+
+def describe_directives(directives: Sequence[tuple[int, str]]) -> str:
+    """A message naming the directive lines (the first five), for a refusal."""
+    named = ", ".join(f"line {number} {text[:80]!r}" for number, text in directives[:5])
+    more = f" and {len(directives) - 5} more" if len(directives) > 5 else ""
+    return (
+        f"the job script has sbatch directives ({named}{more}); job options come from the "
+        "request fields only"
+    )
 
 
 def job_comment(spec: JobSpec) -> str:

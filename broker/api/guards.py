@@ -14,7 +14,10 @@ from broker.errors import RateLimited
 class BodySizeLimit:
     """Refuse a request body above ``max_bytes`` with 413 before the route parses it.
 
-    Content-Length is checked up front; a chunked body is counted as it streams in.
+    A declared Content-Length is checked up front. Otherwise (a chunked body) the body is read
+    here, at most ``max_bytes + 1`` bytes of it, and handed to the route only if it fits: an
+    error raised from inside the route's own body read would reach the client as FastAPI's 400
+    "error parsing the body" rather than 413.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -26,24 +29,31 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+            if name == b"content-length":
+                if value.isdigit() and int(value) > self.max_bytes:
+                    await self._refuse(scope, receive, send)
+                    return
+                # The server delivers no more than the declared length (and refuses a bad one).
+                await self.app(scope, receive, send)
+                return
+        chunks: list[bytes] = []
+        seen = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                # The client went away before sending its body: let the app see that.
+                await self.app(scope, _replay([message], receive), send)
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
                 await self._refuse(scope, receive, send)
                 return
-        seen = 0
-
-        async def counting_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, counting_receive, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        whole: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([whole], receive), send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = problem(
@@ -56,30 +66,66 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A ``receive`` that first returns ``messages``, then defers to the server's own."""
+    pending = list(messages)
+
+    async def replaying_receive() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replaying_receive
 
 
 class RateLimiter:
-    """A token bucket per caller: ``per_minute`` requests a minute, bursts up to ``burst``."""
+    """Token buckets keyed by caller: ``per_minute`` requests a minute, bursts up to ``burst``.
+
+    The API keys them before authentication (see ``broker.api.deps``): by the presented token's
+    hash, and by client address for requests that fail authentication. ``known`` remembers the
+    hashes of tokens that authenticated, so a flood of unknown tokens can be refused without a
+    database look-up while the address's failure bucket is empty.
+    """
+
+    MAX_ENTRIES = 100_000
 
     def __init__(self, per_minute: int, burst: int) -> None:
         self.rate = per_minute / 60.0
         self.burst = float(burst)
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._known: set[str] = set()
         self._lock = threading.Lock()
 
-    def check(self, caller: str) -> None:
+    def check(self, key: str) -> None:
+        """Take one request from ``key``'s bucket, or raise ``RateLimited``."""
+        self._take(key, consume=True)
+
+    def require_room(self, key: str) -> None:
+        """Raise ``RateLimited`` if ``key``'s bucket is empty; take nothing."""
+        self._take(key, consume=False)
+
+    def known(self, token_hash: str) -> bool:
+        with self._lock:
+            return token_hash in self._known
+
+    def remember(self, token_hash: str) -> None:
+        with self._lock:
+            if len(self._known) > self.MAX_ENTRIES:
+                self._known.clear()
+            self._known.add(token_hash)
+
+    def _take(self, key: str, *, consume: bool) -> None:
         if self.rate <= 0:
             return
         now = time.monotonic()
         with self._lock:
-            tokens, last = self._buckets.get(caller, (self.burst, now))
+            tokens, last = self._buckets.get(key, (self.burst, now))
             tokens = min(self.burst, tokens + (now - last) * self.rate)
             if tokens < 1.0:
-                self._buckets[caller] = (tokens, now)
+                self._buckets[key] = (tokens, now)
                 retry = max(1, int((1.0 - tokens) / self.rate + 0.999))
                 raise RateLimited(f"more than the allowed request rate; retry in {retry}s", retry)
-            self._buckets[caller] = (tokens - 1.0, now)
-            if len(self._buckets) > 100_000:
+            if consume:
+                self._buckets[key] = (tokens - 1.0, now)
+            if len(self._buckets) > self.MAX_ENTRIES:
                 self._buckets.clear()

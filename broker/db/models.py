@@ -222,3 +222,13 @@ class LeaseRecord(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime]
+
+
+class BrokerKeyRecord(Base):
+    """Random keys every replica shares, created on first use (the cursor HMAC key)."""
+
+    __tablename__ = "broker_keys"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime]

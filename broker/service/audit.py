@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -11,6 +11,10 @@ from broker.clock import utcnow
 from broker.db.models import AuditRecord
 from broker.schemas import AuditEntry, AuditPage
 from broker.service import cursors
+from broker.service.cursors import CursorSigner
+
+if TYPE_CHECKING:
+    from broker.service.identity import Actor
 
 
 def record(
@@ -34,19 +38,23 @@ def record(
     )
 
 
-def page(session: Session, limit: int, cursor: str | None) -> AuditPage:
-    """Newest first, keyset-paginated on the entry id."""
+CURSOR_KIND = "audit"
+
+
+def page(
+    session: Session, actor: Actor, signer: CursorSigner, limit: int, cursor: str | None
+) -> AuditPage:
+    """Newest first, keyset-paginated on the entry id (admins and engineers)."""
+    actor.require_reader()
     query = select(AuditRecord).order_by(AuditRecord.id.desc()).limit(limit + 1)
     if cursor:
-        (after,) = cursors.decode(cursor, 1)
-        if not after.isdigit():
-            raise cursors.invalid()
-        query = query.where(AuditRecord.id < int(after))
+        (after,) = signer.decode(CURSOR_KIND, cursor, 1)
+        query = query.where(AuditRecord.id < cursors.parse_int(after))
     rows = list(session.scalars(query))
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
-        next_cursor = cursors.encode(str(rows[-1].id))
+        next_cursor = signer.encode(CURSOR_KIND, str(rows[-1].id))
     return AuditPage(
         data=[
             AuditEntry(

@@ -65,6 +65,18 @@ class Actor:
             raise Forbidden("only admins and engineers can read this")
 
 
+def admin_name(actor: Actor | str) -> str:
+    """The name to record for an admin operation, after checking the caller may do it.
+
+    An ``Actor`` (an API caller) must be an admin. A plain name is a trusted local operator
+    (the CLI's bootstrap, seeding scripts), recorded in the audit log under that name.
+    """
+    if isinstance(actor, Actor):
+        actor.require_admin()
+        return actor.name
+    return actor
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -133,13 +145,14 @@ def get_user_record(session: Session, name: str) -> UserRecord:
 
 
 def create_user(
-    session: Session, actor_name: str, body: UserCreate, settings: Settings | None = None
+    session: Session, actor: Actor | str, body: UserCreate, settings: Settings | None = None
 ) -> UserPublic:
-    """Create a user. ``actor_name`` is recorded in the audit log (``cli`` for bootstrap).
+    """Create a user (admins; see ``admin_name`` for a local operator such as ``cli``).
 
     ``settings`` decide which Unix accounts are refused (root and the service accounts) and whether
     ``unix_user`` defaults to the user's name.
     """
+    actor_name = admin_name(actor)
     if session.scalar(select(UserRecord.id).where(UserRecord.name == body.name)) is not None:
         raise Conflict(f"user {body.name} already exists")
     unix_user = body.unix_user
@@ -181,9 +194,10 @@ class IdentityChange:
 
 
 def patch_user(
-    session: Session, actor_name: str, name: str, body: UserPatch, settings: Settings | None
+    session: Session, actor: Actor | str, name: str, body: UserPatch, settings: Settings | None
 ) -> IdentityChange:
     """Set (or clear) the Unix account a user's jobs run as; jobs already submitted keep theirs."""
+    actor_name = admin_name(actor)
     user = get_user_record(session, name)
     if body.unix_user is not None:
         check_unix_user(settings, body.unix_user)
@@ -203,18 +217,26 @@ def patch_user(
     return IdentityChange(_user_public(session, user), old, body.unix_user, accounts)
 
 
-def list_users(session: Session) -> UsersPublic:
+def list_users(session: Session, actor: Actor) -> UsersPublic:
+    actor.require_admin()
     users = session.scalars(select(UserRecord).order_by(UserRecord.name))
     return UsersPublic(data=[_user_public(session, u) for u in users])
 
 
-def get_user(session: Session, name: str) -> UserPublic:
+def get_user(session: Session, actor: Actor, name: str) -> UserPublic:
+    actor.require_admin()
     return _user_public(session, get_user_record(session, name))
 
 
 def issue_token(
-    session: Session, actor_name: str, user_name: str, description: str, token_bytes: int = 32
+    session: Session,
+    actor: Actor | str,
+    user_name: str,
+    description: str,
+    token_bytes: int = 32,
 ) -> TokenIssued:
+    """A new token for ``user_name`` (admins; see ``admin_name``), shown in this answer only."""
+    actor_name = admin_name(actor)
     user = get_user_record(session, user_name)
     token = TOKEN_PREFIX + secrets.token_urlsafe(token_bytes)
     record = TokenRecord(
@@ -239,7 +261,8 @@ def issue_token(
     )
 
 
-def list_tokens(session: Session, user_name: str) -> TokensPublic:
+def list_tokens(session: Session, actor: Actor, user_name: str) -> TokensPublic:
+    actor.require_admin()
     user = get_user_record(session, user_name)
     rows = session.scalars(
         select(TokenRecord).where(TokenRecord.user_id == user.id).order_by(TokenRecord.created_at)
@@ -258,7 +281,8 @@ def list_tokens(session: Session, user_name: str) -> TokensPublic:
     )
 
 
-def revoke_token(session: Session, actor_name: str, user_name: str, token_id: str) -> None:
+def revoke_token(session: Session, actor: Actor | str, user_name: str, token_id: str) -> None:
+    actor_name = admin_name(actor)
     user = get_user_record(session, user_name)
     token = session.scalar(
         select(TokenRecord).where(TokenRecord.id == token_id, TokenRecord.user_id == user.id)

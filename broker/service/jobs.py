@@ -5,6 +5,11 @@ project's ledger lock, and record the job as ``submitting`` with its tag; (2) af
 the Slurm id (``pending``), or release the reservation (``submit_failed``), or keep it while the
 reconciler finds the job by its tag (``submit_unknown``). sbatch never runs inside a transaction,
 and a lost answer is never retried blindly.
+
+This is the one exception to the API's unit-of-work convention (``broker.api.deps``: a route
+passes a ``SessionDep``/``TransactionDep`` to the service): because Slurm is called between
+database writes, ``JobService`` opens its own short transactions, and routes hand it only the
+actor and the request. Authorization is still here, in the service layer.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Select, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.errors import AdapterError, CommandFailed, SlurmUnavailable, TransportError
@@ -42,13 +48,22 @@ from broker.errors import (
     ValidationFailed,
 )
 from broker.lifecycle import JobState, is_final
-from broker.schemas import JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic
+from broker.schemas import (
+    JobCreate,
+    JobEventPublic,
+    JobEventsPublic,
+    JobPublic,
+    JobsPublic,
+    ProjectCreate,
+    ProjectPublic,
+)
 from broker.service import cursors, ledger, transitions
 from broker.service.cluster_identity import ClusterIdentities
 from broker.service.clusters import ClusterRegistry
+from broker.service.cursors import CursorSigner
 from broker.service.identity import Actor
 from broker.service.observer import BrokerObserver, NullObserver
-from broker.service.projects import visible_project
+from broker.service.projects import create_project, visible_project
 from quotas import JobRequest, Violation, decide, gpu_hours, weight_for
 
 log = logging.getLogger(__name__)
@@ -141,16 +156,7 @@ def _with_names() -> Select[JobRecord, str, str]:
     )
 
 
-def _encode_cursor(job: JobRecord) -> str:
-    return cursors.encode(job.submitted_at.isoformat(), job.id)
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    at, job_id = cursors.decode(cursor, 2)
-    try:
-        return datetime.fromisoformat(at), job_id
-    except ValueError as exc:
-        raise cursors.invalid() from exc
+CURSOR_KIND = "jobs"
 
 
 def _sbatch_spec(job: JobRecord, body: JobCreate, user_name: str) -> JobSpec:
@@ -183,9 +189,14 @@ class JobService:
         clusters: ClusterRegistry,
         settings: Settings,
         observer: BrokerObserver | None = None,
+        cursors: CursorSigner | None = None,
         identities: ClusterIdentities | None = None,
     ) -> None:
         self._sessions = sessions
+        secret = settings.auth.cursor_secret
+        self._cursors = cursors or CursorSigner(
+            sessions, secret.get_secret_value() if secret else None
+        )
         self._clusters = clusters
         self._settings = settings
         self._observer: BrokerObserver = observer or NullObserver()
@@ -246,7 +257,8 @@ class JobService:
         if where.user is not None:
             query = query.where(UserRecord.name == where.user)
         if cursor:
-            at, job_id = _decode_cursor(cursor)
+            encoded_at, job_id = self._cursors.decode(CURSOR_KIND, cursor, 2)
+            at = cursors.parse_time(encoded_at)
             query = query.where(
                 (JobRecord.submitted_at < at)
                 | ((JobRecord.submitted_at == at) & (JobRecord.id < job_id))
@@ -255,7 +267,10 @@ class JobService:
         with self._sessions() as session:
             rows = session.execute(query).all()
         page = [job_public(job, project, user) for job, project, user in rows[:limit]]
-        next_cursor = _encode_cursor(rows[limit - 1][0]) if len(rows) > limit else None
+        next_cursor = None
+        if len(rows) > limit:
+            last = rows[limit - 1][0]
+            next_cursor = self._cursors.encode(CURSOR_KIND, last.submitted_at.isoformat(), last.id)
         return JobsPublic(data=page, next_cursor=next_cursor)
 
     # --- submitting ------------------------------------------------------------------------
@@ -309,12 +324,27 @@ class JobService:
             cluster_name, _, _ = self._placement(project, body)
         # Before anything is reserved: the researcher's Unix account must be usable there.
         directory = self._identities.prepare(cluster_name, actor.unix_user)
-        with transaction(self._sessions) as session:
-            job, replayed = self._admit(
-                session, actor, body, idempotency_key, fingerprint, directory
-            )
-            job_id, cluster_name = job.id, job.cluster
-            spec = _sbatch_spec(job, body, actor.name)
+        try:
+            with transaction(self._sessions) as session:
+                job, replayed = self._admit(
+                    session, actor, body, idempotency_key, fingerprint, directory
+                )
+                job_id, cluster_name = job.id, job.cluster
+                spec = _sbatch_spec(job, body, actor.name)
+        except IntegrityError:
+            # The key is unique per user, but admission locks only the project: the same key
+            # sent at once for two projects meets here, at the unique constraint. The winner
+            # has committed by now (the loser's insert waited for it); answer as if it had
+            # been seen first.
+            if idempotency_key is None:
+                raise
+            with self._sessions() as session:
+                earlier = _by_idempotency_key(session, actor.user_id, idempotency_key)
+                if earlier is None:
+                    raise
+                job_id, earlier_sha256 = earlier.id, earlier.request_sha256
+            _check_replay(job_id, earlier_sha256, fingerprint)
+            replayed = True
         if replayed:
             return SubmitOutcome(self._await_submitted(actor, job_id), created=False)
         submitted = self._run_sbatch(job_id, cluster_name, spec, body.project, actor.name)
@@ -342,17 +372,9 @@ class JobService:
             )
         ledger.lock_project(session, project.id)
         if idempotency_key is not None:
-            earlier = session.scalar(
-                select(JobRecord).where(
-                    JobRecord.user_id == actor.user_id, JobRecord.idempotency_key == idempotency_key
-                )
-            )
+            earlier = _by_idempotency_key(session, actor.user_id, idempotency_key)
             if earlier is not None:
-                if earlier.request_sha256 != fingerprint:
-                    raise IdempotencyConflict(
-                        "this Idempotency-Key was used with a different request",
-                        job_id=earlier.id,
-                    )
+                _check_replay(earlier.id, earlier.request_sha256, fingerprint)
                 return earlier, True
         quota = session.get(QuotaRecord, project.id)
         now = utcnow()
@@ -495,6 +517,13 @@ class JobService:
         with self._accounts_lock:
             self._accounts_ensured.add(key)
 
+    def create_project(self, actor: Actor, body: ProjectCreate) -> ProjectPublic:
+        """Create a project (admins), then its Slurm accounts, outside the transaction."""
+        with transaction(self._sessions) as session:
+            created = create_project(session, actor, body, set(self._clusters.names))
+        self.prepare_accounts(created.slurm_accounts)
+        return created
+
     def prepare_accounts(self, slurm_accounts: dict[str, str]) -> None:
         """Create a new project's Slurm accounts where the broker manages them (best effort:
         a cluster that is down now gets its account at the project's first submission)."""
@@ -612,6 +641,20 @@ _OUTCOMES: dict[type[BrokerError], str] = {
     ClusterUnavailable: "cluster_unavailable",
     SubmitRejected: "slurm_rejected",
 }
+
+
+def _by_idempotency_key(session: Session, user_id: int, key: str) -> JobRecord | None:
+    return session.scalar(
+        select(JobRecord).where(JobRecord.user_id == user_id, JobRecord.idempotency_key == key)
+    )
+
+
+def _check_replay(job_id: str, earlier_sha256: str, fingerprint: str) -> None:
+    """A reused key must come with the same request, or it is a conflict."""
+    if earlier_sha256 != fingerprint:
+        raise IdempotencyConflict(
+            "this Idempotency-Key was used with a different request", job_id=job_id
+        )
 
 
 def _slurm_reason(exc: AdapterError) -> str:

@@ -9,17 +9,31 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from broker.db.models import JobRecord, ProjectRecord, UserRecord
+from broker.errors import ValidationFailed
 from broker.lifecycle import JobState
 from broker.schemas import UsageReport, UsageRow
+from broker.service.identity import Actor
 from quotas import gpu_hours
 
 GroupBy = Literal["project", "user", "cluster", "gpu_type"]
 
 
 def usage(
-    session: Session, group_by: GroupBy, start: datetime | None, end: datetime | None
+    session: Session,
+    actor: Actor,
+    group_by: GroupBy,
+    start: datetime | None,
+    end: datetime | None,
 ) -> UsageReport:
-    """Charged GPU-hours and job counts of jobs submitted in [start, end), grouped."""
+    """Charged GPU-hours and job counts of jobs submitted in [start, end), grouped (admins and
+    engineers)."""
+    actor.require_reader()
+    for name, value in (("from", start), ("to", end)):
+        if value is not None and value.tzinfo is None:
+            raise ValidationFailed(
+                f"{name} needs a timezone",
+                [{"field": name, "message": "e.g. 2027-01-01T00:00:00Z"}],
+            )
     key = {
         "project": ProjectRecord.name,
         "user": UserRecord.name,

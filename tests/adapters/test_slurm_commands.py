@@ -83,7 +83,9 @@ def test_untyped_and_cpu_only_requests() -> None:
         ({"script": "echo no shebang\n"}, "#!"),
         ({"script": "#!/bin/sh\r\necho dos\r\n"}, "DOS"),
         ({"script": "#!/bin/sh\n#SBATCH --array=0-999\nsleep 1\n"}, "#SBATCH"),
-        ({"script": "#!/bin/sh\n\n# about\n  #sbatch --exclusive\ntrue\n"}, "#SBATCH"),
+        ({"script": "#!/bin/sh\n\n# about\n#SLURM --exclusive\ntrue\n"}, "line 4 '#SLURM"),
+        ({"script": "#!/bin/sh\ntrue\n#PBS -l walltime=9:00:00\n"}, "line 3 '#PBS"),
+        ({"script": "#!/bin/sh\n:\n#BSUB -W 9\n"}, "line 3 '#BSUB -W 9'"),
         ({"environment": {"BAD-NAME": "x"}}, "identifier"),
         ({"environment": {"NUL": "a\0b"}}, "NUL"),
         ({"environment": {"S": "lone \ud800"}}, "Unicode"),
@@ -101,6 +103,41 @@ def test_unsafe_specs_are_refused_before_any_command(changes: dict[str, Any], me
 def test_sbatch_lines_after_the_first_command_are_plain_comments() -> None:
     spec = make_spec(script="#!/bin/sh\necho hi\n#SBATCH --array=1-3\n")
     assert commands.batch_script(spec) == spec.script.encode()
+
+
+@pytest.mark.parametrize(
+    ("script", "lines"),
+    [
+        ("#!/bin/sh\n#SBATCH --array=0-9\nsrun x\n", [2]),
+        ("#!/bin/sh\n#SBATCH--time=3\n", [2]),  # no space needed: sbatch reads it
+        ("#!/bin/sh\n#SLURM --exclusive\n", [2]),
+        ("#!/bin/sh\n\n \t\n# note\n#SBATCH -N 4\n#SLURM -n 9\ntrue\n", [5, 6]),
+        ("#!/bin/sh\ntrue\n#PBS -l walltime=00:07:00\n", [3]),  # PBS/BSUB count anywhere
+        ("#!/bin/sh\n:\necho\n" + "x\n" * 150 + "#BSUB -W 9\n", [154]),
+        ("#!/bin/sh\n#PBS -N a\n#BSUB -n 2\n#SBATCH -N 2\n", [2, 3, 4]),
+        # Not directives for sbatch (tried on the dev cluster): lower or mixed case, indented,
+        # and #SBATCH/#SLURM after the first command (an indented comment is one).
+        ("#!/bin/sh\n#sbatch --time=3\n#Sbatch -N 2\n#pbs -l x\n#bsub -W 9\n", []),
+        ("#!/bin/sh\n  #SBATCH --time=3\n\t#PBS -l walltime=1:00:00\n", []),
+        ("#!/bin/sh\n  # indented comment ends the header\n#SBATCH -N 2\n", []),
+        ("#!/bin/sh\n: \n#SLURM -N 2\n", []),
+    ],
+)
+def test_script_directives_are_the_lines_sbatch_reads(script: str, lines: list[int]) -> None:
+    found = commands.script_directives(script)
+    assert [number for number, _ in found] == lines
+    assert all(script.split("\n")[number - 1] == text for number, text in found)
+    spec = make_spec(script=script)
+    if lines:
+        with pytest.raises(ValueError, match=f"line {lines[0]} "):
+            commands.batch_script(spec)
+    else:
+        assert commands.batch_script(spec) == script.encode()
+
+
+def test_sbatch_is_always_told_to_ignore_pbs_and_bsub_lines() -> None:
+    for spec in (make_spec(), make_spec(gpus=0, gpu_type=None), make_spec(nodes=2, gpus=2)):
+        assert "--ignore-pbs" in commands.sbatch("/usr/bin", spec)
 
 
 def test_environment_goes_into_the_script_quoted() -> None:

@@ -17,7 +17,9 @@ from broker.service.identity import Actor
 from tests.broker.fake_slurm import FakeSlurm
 
 
-def fake_settings(database_url: str, **poller: Any) -> Settings:
+def fake_settings(
+    database_url: str, *, limits: dict[str, Any] | None = None, **poller: Any
+) -> Settings:
     cluster = {
         "host": "127.0.0.1",
         "user": "svc",
@@ -30,6 +32,7 @@ def fake_settings(database_url: str, **poller: Any) -> Settings:
     return Settings.model_validate(
         {
             "database": {"url": database_url},
+            "limits": limits or {},
             "poller": {
                 "interval_seconds": 1,
                 "missing_polls_before_unknown": 3,
@@ -64,8 +67,14 @@ class Env:
             return identity.authenticate(session, token.token)
 
 
-def build_env(database_url: str, *, gpu_hours: float = 1000.0, **poller: Any) -> Env:
-    settings = fake_settings(database_url, **poller)
+def build_env(
+    database_url: str,
+    *,
+    gpu_hours: float = 1000.0,
+    limits: dict[str, Any] | None = None,
+    **poller: Any,
+) -> Env:
+    settings = fake_settings(database_url, limits=limits, **poller)
     slurm = {"alpha": FakeSlurm(), "beta": FakeSlurm()}
 
     def factory(name: str, cluster: ClusterSettings, observer: object) -> ClusterClient:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, BackgroundTasks, Response
 
-from broker.api.deps import CurrentActor, RuntimeDep
+from broker.api.deps import CurrentActor, RuntimeDep, SessionDep, TransactionDep
 from broker.api.problems import COMMON, responses
-from broker.db.engine import transaction
 from broker.schemas import (
     MemberPublic,
     MemberPut,
@@ -24,52 +23,61 @@ router = APIRouter(prefix="/v1/projects", tags=["projects"], responses=responses
 
 @router.post("", status_code=201, response_model=ProjectPublic)
 def create_project(body: ProjectCreate, actor: CurrentActor, runtime: RuntimeDep) -> ProjectPublic:
-    with transaction(runtime.sessions) as session:
-        created = projects.create_project(session, actor, body, set(runtime.clusters.names))
-    runtime.jobs.prepare_accounts(created.slurm_accounts)
-    return created
+    """The project, then its Slurm accounts where the broker manages them (over SSH, after the
+    commit: see ``JobService.create_project``)."""
+    return runtime.jobs.create_project(actor, body)
 
 
 @router.get("", response_model=ProjectsPublic)
-def list_projects(actor: CurrentActor, runtime: RuntimeDep) -> ProjectsPublic:
-    with runtime.sessions() as session:
-        return projects.list_projects(session, actor)
+def list_projects(actor: CurrentActor, session: SessionDep) -> ProjectsPublic:
+    return projects.list_projects(session, actor)
 
 
 @router.get("/{name}", response_model=ProjectPublic)
-def get_project(name: str, actor: CurrentActor, runtime: RuntimeDep) -> ProjectPublic:
-    with runtime.sessions() as session:
-        return projects.get_project(session, actor, name)
+def get_project(name: str, actor: CurrentActor, session: SessionDep) -> ProjectPublic:
+    return projects.get_project(session, actor, name)
 
 
 @router.put("/{name}/members/{user}", response_model=MemberPublic)
 def put_member(
-    name: str, user: str, body: MemberPut, actor: CurrentActor, runtime: RuntimeDep
+    name: str,
+    user: str,
+    body: MemberPut,
+    actor: CurrentActor,
+    session: TransactionDep,
+    runtime: RuntimeDep,
+    background: BackgroundTasks,
 ) -> MemberPublic:
-    with transaction(runtime.sessions) as session:
-        member = projects.put_member(session, actor, name, user, body)
-        accounts, unix_user = projects.member_identity(session, name, user)
-    runtime.identities.grant(accounts, unix_user)
+    """Add or update a member; once committed, their Unix account gets the project's Slurm
+    associations on every cluster (a cluster that is down gets it at their first submission)."""
+    member = projects.put_member(session, actor, name, user, body)
+    background.add_task(runtime.identities.grant, *projects.member_identity(session, name, user))
     return member
 
 
 @router.delete("/{name}/members/{user}", status_code=204)
-def remove_member(name: str, user: str, actor: CurrentActor, runtime: RuntimeDep) -> Response:
-    with transaction(runtime.sessions) as session:
-        projects.remove_member(session, actor, name, user)
-        accounts, unix_user = projects.member_identity(session, name, user)
-    runtime.identities.revoke(accounts, unix_user)
+def remove_member(
+    name: str,
+    user: str,
+    actor: CurrentActor,
+    session: TransactionDep,
+    runtime: RuntimeDep,
+    background: BackgroundTasks,
+) -> Response:
+    """Remove a member; once committed, their associations with the project's accounts go."""
+    projects.remove_member(session, actor, name, user)
+    background.add_task(runtime.identities.revoke, *projects.member_identity(session, name, user))
     return Response(status_code=204)
 
 
 @router.put("/{name}/quota", response_model=QuotaPublic)
-def put_quota(name: str, body: QuotaPut, actor: CurrentActor, runtime: RuntimeDep) -> QuotaPublic:
+def put_quota(
+    name: str, body: QuotaPut, actor: CurrentActor, session: TransactionDep
+) -> QuotaPublic:
     """Replace the quota. Lowering it below use blocks new jobs and touches no running one."""
-    with transaction(runtime.sessions) as session:
-        return projects.put_quota(session, actor, name, body)
+    return projects.put_quota(session, actor, name, body)
 
 
 @router.get("/{name}/usage", response_model=UsagePublic)
-def project_usage(name: str, actor: CurrentActor, runtime: RuntimeDep) -> UsagePublic:
-    with runtime.sessions() as session:
-        return projects.usage(session, actor, name)
+def project_usage(name: str, actor: CurrentActor, session: SessionDep) -> UsagePublic:
+    return projects.usage(session, actor, name)

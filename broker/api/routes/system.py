@@ -10,9 +10,8 @@ from fastapi import APIRouter, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from broker.api.deps import CurrentActor, RuntimeDep
+from broker.api.deps import CurrentActor, RuntimeDep, SessionDep
 from broker.api.problems import problem
-from broker.errors import ValidationFailed
 from broker.schemas import AuditPage, ClustersPublic, Ready, ReadyCluster, UsageReport, rfc3339
 from broker.service import audit, reports
 from broker.service.clusters import cluster_views
@@ -27,12 +26,11 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", tags=["health"], response_model=Ready)
-def readyz(runtime: RuntimeDep) -> Response:
+def readyz(session: SessionDep, runtime: RuntimeDep) -> Response:
     """200 when the database answers, with each cluster's state from the last poll."""
     try:
-        with runtime.sessions() as session:
-            session.execute(text("SELECT 1"))
-            views = cluster_views(session, runtime.clusters.names)
+        session.execute(text("SELECT 1"))
+        views = cluster_views(session, runtime.clusters.names)
     except Exception:
         return problem(503, "not-ready", "Not ready", "the database does not answer")
     body = Ready(
@@ -54,31 +52,22 @@ def metrics(request: Request) -> Response:
 
 
 @router.get("/v1/clusters", tags=["clusters"], response_model=ClustersPublic)
-def clusters(actor: CurrentActor, runtime: RuntimeDep) -> ClustersPublic:
+def clusters(actor: CurrentActor, session: SessionDep, runtime: RuntimeDep) -> ClustersPublic:
     """Capacity from the broker's last poll: no SSH on the request path."""
-    with runtime.sessions() as session:
-        return cluster_views(session, runtime.clusters.names)
+    return cluster_views(session, runtime.clusters.names)
 
 
 @router.get("/v1/usage", tags=["reports"], response_model=UsageReport)
 def usage_report(
     request: Request,
     actor: CurrentActor,
-    runtime: RuntimeDep,
+    session: SessionDep,
     from_: Annotated[datetime | None, Query(alias="from")] = None,
     to: datetime | None = None,
     group_by: Literal["project", "user", "cluster", "gpu_type"] = "project",
 ) -> Response:
     """GPU-hours and job counts per group; ``Accept: text/csv`` for CSV."""
-    actor.require_reader()
-    for name, value in (("from", from_), ("to", to)):
-        if value is not None and value.tzinfo is None:
-            raise ValidationFailed(
-                f"{name} needs a timezone",
-                [{"field": name, "message": "e.g. 2027-01-01T00:00:00Z"}],
-            )
-    with runtime.sessions() as session:
-        report = reports.usage(session, group_by, from_, to)
+    report = reports.usage(session, actor, group_by, from_, to)
     if "text/csv" in request.headers.get("accept", ""):
         return Response(reports.usage_csv(report), media_type="text/csv")
     payload = report.model_dump(mode="json", by_alias=True)
@@ -89,10 +78,9 @@ def usage_report(
 @router.get("/v1/audit", tags=["reports"], response_model=AuditPage)
 def audit_log(
     actor: CurrentActor,
+    session: SessionDep,
     runtime: RuntimeDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: str | None = None,
 ) -> AuditPage:
-    actor.require_reader()
-    with runtime.sessions() as session:
-        return audit.page(session, limit, cursor)
+    return audit.page(session, actor, runtime.cursors, limit, cursor)

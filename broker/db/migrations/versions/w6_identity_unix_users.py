@@ -1,7 +1,7 @@
 """jobs run as the researcher: users' and jobs' unix_user, jobs' output paths
 
 Revision ID: w6_identity
-Revises: 0001
+Revises: w3api_cursor_key
 Create Date: 2026-11-26
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "w6_identity"
-down_revision = "0001"
+down_revision = "w3api_cursor_key"
 branch_labels = None
 depends_on = None
 
