@@ -214,6 +214,37 @@ class ClusterStatusRecord(Base):
     partitions: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
 
 
+class ForeignJobRecord(Base):
+    """A job in a project's Slurm account that the broker did not submit (e.g. sbatch from inside
+    a job): cancelled or only charged, per ``[identity] foreign_jobs``, and charged to the project
+    from its sacct record once it ended (``charged_gpu_seconds`` is None until then)."""
+
+    __tablename__ = "foreign_jobs"
+    __table_args__ = (
+        UniqueConstraint("cluster", "slurm_job_id", name="uq_foreign_jobs_cluster_id"),
+        Index("ix_foreign_jobs_project_ended", "project_id", "ended_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    cluster: Mapped[str] = mapped_column(String(64))
+    slurm_job_id: Mapped[str] = mapped_column(String(32))
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    account: Mapped[str] = mapped_column(String(64))
+    unix_user: Mapped[str | None] = mapped_column(String(32))
+    name: Mapped[str | None] = mapped_column(String(128))
+    gpu_type: Mapped[str | None] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(16))
+    """``cancel`` or ``charge``: what the broker did about it."""
+    slurm_state: Mapped[str] = mapped_column(String(32))
+    seen_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+    alloc_gpus: Mapped[int | None]
+    elapsed_s: Mapped[int | None]
+    missing_polls: Mapped[int] = mapped_column(Integer, default=0)
+    charged_gpu_seconds: Mapped[int | None] = mapped_column(BigInteger)
+
+
 class LeaseRecord(Base):
     """Named leases: the poller holds ``poller`` so only one process polls at a time."""
 

@@ -135,6 +135,13 @@ class BrokerMetrics:
             ["cluster"],
             registry=registry,
         )
+        self.foreign_jobs = Counter(
+            "broker_foreign_jobs",
+            "Jobs found in a project's Slurm account that the broker did not submit, by what the "
+            "broker did (cancel or charge)",
+            ["cluster", "action"],
+            registry=registry,
+        )
         self.drift = Gauge(
             "broker_ledger_drift_gpu_seconds",
             "Broker-charged minus sacct-derived weighted GPU-seconds over the drift check window",
@@ -183,6 +190,8 @@ class BrokerMetrics:
         self.poll_duration.labels(cluster)
         self.poll_status_commands.labels(cluster)
         self.jobs_lost.labels(cluster)
+        for action in ("cancel", "charge"):
+            self.foreign_jobs.labels(cluster, action)
         for command in COMMANDS:
             self.command_duration.labels(cluster, command)
             for kind in self._kinds:
@@ -205,6 +214,11 @@ class BrokerMetrics:
 
     def job_lost(self, cluster: str) -> None:
         self.jobs_lost.labels(cluster).inc()
+
+    def foreign_job(self, cluster: str, action: str) -> None:
+        self.foreign_jobs.labels(
+            cluster, action if action in ("cancel", "charge") else "other"
+        ).inc()
 
     def poll(self, cluster: str, ok: bool, seconds: float, status_commands: int) -> None:
         self.polls.labels(cluster, "ok" if ok else "failed").inc()

@@ -18,6 +18,10 @@ class BrokerObserver(Protocol):
     def job_lost(self, cluster: str) -> None:
         """A followed job was settled ``unknown``: neither squeue nor sacct knows it any more."""
 
+    def foreign_job(self, cluster: str, action: str) -> None:
+        """A job the broker did not submit was found in a project's account (``cancel`` or
+        ``charge``: what the broker did about it)."""
+
     def poll(self, cluster: str, ok: bool, seconds: float, status_commands: int) -> None:
         """One poll cycle of one cluster ended."""
 
@@ -35,6 +39,9 @@ class NullObserver:
         return None
 
     def job_lost(self, cluster: str) -> None:
+        return None
+
+    def foreign_job(self, cluster: str, action: str) -> None:
         return None
 
     def poll(self, cluster: str, ok: bool, seconds: float, status_commands: int) -> None:

@@ -35,7 +35,7 @@ from broker.config import Settings
 from broker.db.engine import transaction
 from broker.db.models import ClusterStatusRecord, JobEventRecord, JobRecord, ProjectRecord
 from broker.lifecycle import FOLLOWED, JobState, from_slurm, is_final, values
-from broker.service import ledger, transitions
+from broker.service import foreign, ledger, transitions
 from broker.service.clusters import ClusterRegistry
 from broker.service.lease import Fence, LeaseLost
 from broker.service.observer import BrokerObserver, NullObserver
@@ -69,6 +69,9 @@ class CycleReport:
     corrected: int = 0
     """Charges corrected after settlement from a later sacct record."""
     lease_lost: bool = False
+    foreign_detected: int = 0
+    foreign: list[str] = field(default_factory=list)
+    """The action (``cancel`` or ``charge``) taken on each foreign job first seen this cycle."""
     status_commands: int = 0
     duration_s: float = 0.0
     started: list[tuple[str, float]] = field(default_factory=list)
@@ -221,6 +224,8 @@ class Poller:
             observer.job_started(report.cluster, gpu_type, waited)
         for _ in range(report.lost):
             observer.job_lost(report.cluster)
+        for action in report.foreign:
+            observer.foreign_job(report.cluster, action)
 
     # --- following live jobs ---------------------------------------------------------------
 
@@ -237,13 +242,52 @@ class Poller:
                 ).all()
                 if slurm_job_id is not None
             }
+            accounts = foreign.managed_accounts(session, cluster)
+            foreign_ids = foreign.open_ids(session, cluster)
         report.followed = len(followed)
-        if not followed:
+        if not followed and not accounts and not foreign_ids:
             return
         if fence is not None:
             fence.renew()
-        status = self._clusters.client(cluster).statuses(sorted(set(followed.values())))
+        # One squeue for every job of the projects' accounts: the broker's own and foreign ones.
+        status = self._clusters.client(cluster).statuses(
+            sorted(set(followed.values()) | foreign_ids), accounts=sorted(accounts) or None
+        )
         report.status_commands = status.commands
+        if followed:
+            self._apply_all(cluster, followed, status, report, fence)
+        self._foreign_jobs(cluster, status, accounts, report, fence)
+
+    def _foreign_jobs(
+        self,
+        cluster: str,
+        status: StatusReport,
+        accounts: dict[str, int],
+        report: CycleReport,
+        fence: Fence | None,
+    ) -> None:
+        action = self._settings.identity.foreign_jobs
+        with self._write(fence) as session:
+            work = foreign.apply(session, self._clusters.config(cluster), action, status, accounts)
+        report.foreign_detected += len(work.detected)
+        report.foreign.extend(what for _, what in work.detected)
+        client = self._clusters.client(cluster)
+        for slurm_job_id, unix_user in work.cancel:
+            try:
+                client.cancel(slurm_job_id, as_user=unix_user if unix_user else None)
+            except AdapterError as exc:
+                log.warning(
+                    "foreign job %s on %s not cancelled yet: %s", slurm_job_id, cluster, exc
+                )
+
+    def _apply_all(
+        self,
+        cluster: str,
+        followed: dict[str, str],
+        status: StatusReport,
+        report: CycleReport,
+        fence: Fence | None,
+    ) -> None:
         threshold = self._settings.poller.missing_polls_before_unknown
         with self._write(fence) as session:
             jobs = list(
@@ -411,9 +455,13 @@ class Poller:
                     )
                 ).all()
             )
+            accounts = sorted(foreign.managed_accounts(session, cluster)) if candidates else []
         client = self._clusters.client(cluster)
         for job_id, tag, submitted_at in candidates:
-            found = client.find_by_tag(tag, since=submitted_at - TAG_LOOKBACK)
+            # The job runs as its researcher: look in the projects' accounts, for every user.
+            found = client.find_by_tag(
+                tag, since=submitted_at - TAG_LOOKBACK, accounts=accounts or None
+            )
             with self._write(fence) as session:
                 job = session.get_one(JobRecord, job_id)
                 if job.state not in (JobState.SUBMITTING.value, JobState.SUBMIT_UNKNOWN.value):
@@ -461,8 +509,8 @@ class Poller:
     def _retry_cancels(self, cluster: str) -> None:
         with self._sessions() as session:
             pending_cancels = list(
-                session.scalars(
-                    select(JobRecord.slurm_job_id).where(
+                session.execute(
+                    select(JobRecord.slurm_job_id, JobRecord.unix_user).where(
                         JobRecord.cluster == cluster,
                         JobRecord.state.in_(FOLLOWED_STATES),
                         JobRecord.cancel_requested_at.is_not(None),
@@ -471,9 +519,9 @@ class Poller:
                 )
             )
         client = self._clusters.client(cluster)
-        for slurm_job_id in pending_cancels:
+        for slurm_job_id, unix_user in pending_cancels:
             if slurm_job_id is not None:
-                client.cancel(slurm_job_id)
+                client.cancel(slurm_job_id, as_user=unix_user)
 
     # --- the ledger against sacct -----------------------------------------------------------
 

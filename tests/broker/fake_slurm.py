@@ -115,12 +115,21 @@ class FakeSlurm:
                 raise ConnectionLost("fake", "connection reset after the command was sent")
             return job_id
 
-    def statuses(self, job_ids: Iterable[str]) -> StatusReport:
+    def statuses(
+        self, job_ids: Iterable[str], *, accounts: Sequence[str] | None = None
+    ) -> StatusReport:
         """As the real client: the current holder of each id, and when that one came from sacct
-        (it ended), the older sacct records under the same id."""
+        (it ended), the older sacct records under the same id; with ``accounts``, the jobs of
+        those accounts in squeue that were not asked about are ``others``."""
         if self.on_statuses is not None:
             self.on_statuses()
         self._check_up()
+        job_ids = list(job_ids)
+        others = tuple(
+            self._status(job)
+            for job_id, job in self.jobs.items()
+            if accounts and job.spec.account in accounts and job_id not in job_ids and job.in_squeue
+        )
         found: dict[str, JobStatus] = {}
         earlier: dict[str, tuple[JobStatus, ...]] = {}
         missing: set[str] = set()
@@ -137,7 +146,9 @@ class FakeSlurm:
             found[job_id] = self._status(job)
             if found[job_id].source == "sacct" and older:
                 earlier[job_id] = tuple(older)
-        return StatusReport(found=found, missing=frozenset(missing), earlier=earlier, commands=2)
+        return StatusReport(
+            found=found, missing=frozenset(missing), earlier=earlier, others=others, commands=2
+        )
 
     def _status(self, job: FakeJob) -> JobStatus:
         ended = is_ended(job.state)
@@ -153,9 +164,14 @@ class FakeSlurm:
             start_time=job.started,
             end_time=job.ended if ended else None,
             source="sacct" if ended else "squeue",
+            account=job.spec.account,
+            user=job.spec.run_as,
+            partition=job.spec.partition,
         )
 
-    def find_by_tag(self, tag: str, since: datetime) -> list[JobStatus]:
+    def find_by_tag(
+        self, tag: str, since: datetime, *, accounts: Sequence[str] | None = None
+    ) -> list[JobStatus]:
         self._check_up()
         return [self._status(j) for j in self.jobs.values() if j.spec.tag == tag]
 
@@ -243,6 +259,32 @@ class FakeSlurm:
         job.ended = job.started + timedelta(seconds=elapsed_s) if end_known else None
         job.alloc_gpus = alloc_gpus if alloc_gpus is not None else job.spec.gpus
         job.reason = None
+
+    def sbatch_from_a_job(
+        self,
+        account: str,
+        user: str,
+        gpus: int,
+        *,
+        partition: str = "gpu",
+        comment: str | None = None,
+    ) -> str:
+        """A researcher's script runs sbatch itself: a job in ``account`` the broker never
+        submitted (no tag of its own, or whatever ``comment`` the script chose)."""
+        with self._lock:
+            job_id = str(next(self._ids))
+            spec = JobSpec(
+                script="#!/bin/sh\n",
+                account=account,
+                partition=partition,
+                gpus=gpus,
+                time_limit_minutes=60,
+                tag="unused",
+                name="wrap",
+                run_as=user,
+            )
+            self.jobs[job_id] = FakeJob(job_id, spec, comment=comment)
+            return job_id
 
     def start(self, job_id: str, at: datetime | None = None) -> None:
         job = self.jobs[job_id]

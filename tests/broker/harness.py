@@ -18,7 +18,11 @@ from tests.broker.fake_slurm import FakeSlurm
 
 
 def fake_settings(
-    database_url: str, *, limits: dict[str, Any] | None = None, **poller: Any
+    database_url: str,
+    *,
+    limits: dict[str, Any] | None = None,
+    identity_settings: dict[str, Any] | None = None,
+    **poller: Any,
 ) -> Settings:
     cluster = {
         "host": "127.0.0.1",
@@ -33,6 +37,7 @@ def fake_settings(
         {
             "database": {"url": database_url},
             "limits": limits or {},
+            "identity": identity_settings or {},
             "poller": {
                 "interval_seconds": 1,
                 "missing_polls_before_unknown": 3,
@@ -72,9 +77,12 @@ def build_env(
     *,
     gpu_hours: float = 1000.0,
     limits: dict[str, Any] | None = None,
+    identity_settings: dict[str, Any] | None = None,
     **poller: Any,
 ) -> Env:
-    settings = fake_settings(database_url, limits=limits, **poller)
+    settings = fake_settings(
+        database_url, limits=limits, identity_settings=identity_settings, **poller
+    )
     slurm = {"alpha": FakeSlurm(), "beta": FakeSlurm()}
 
     def factory(name: str, cluster: ClusterSettings, observer: object) -> ClusterClient:
