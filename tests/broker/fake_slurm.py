@@ -47,6 +47,7 @@ class FakeJob:
     in_squeue: bool = True
     in_sacct: bool = True
     started: datetime | None = None
+    ended: datetime | None = None
 
 
 @dataclass
@@ -114,6 +115,7 @@ class FakeSlurm:
             exit_code=job.exit_code,
             elapsed_s=job.elapsed_s,
             start_time=job.started,
+            end_time=job.ended,
             source="sacct" if job.state.is_final else "squeue",
         )
 
@@ -157,9 +159,11 @@ class FakeSlurm:
         elapsed_s: int,
         alloc_gpus: int | None = None,
         exit_code: int = 0,
+        at: datetime | None = None,
     ) -> None:
+        """The job ends (at ``at``, or whenever the broker settles it when not given)."""
         job = self.jobs[job_id]
-        job.state, job.elapsed_s, job.exit_code = state, elapsed_s, exit_code
+        job.state, job.elapsed_s, job.exit_code, job.ended = state, elapsed_s, exit_code, at
         job.started = job.started or datetime.now(UTC)
         job.alloc_gpus = alloc_gpus if alloc_gpus is not None else job.spec.gpus
         job.reason = None
