@@ -27,6 +27,7 @@ from sqlalchemy import (
     false,
     func,
     literal_column,
+    not_,
     or_,
     select,
     true,
@@ -91,29 +92,24 @@ Bound: TypeAlias = datetime | SQLColumnExpression[datetime] | None
 
 
 def _charged(start: Bound, end: Bound) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
-    """(whole, split): rows whose charge lies wholly inside ``[start, end)``, and rows whose run
-    crosses one of its ends. Rows in neither have nothing in the window. Mirrors
-    ``quotas.periods.charged_within``: a run is ``started_at..ended_at``; a job with no run has its
-    charge at the instant it ended."""
+    """(ends_inside, split) for the window ``[start, end)``, mirroring ``quotas.periods``.
+
+    ``split``: rows whose run reaches or crosses an end of the window; only these need
+    ``charged_within``. Every other row (no start time, or a run on one side of each end) has
+    its whole charge in the window when it ended inside it (``ends_inside``), else none.
+    """
     job = JobRecord
-    ran = and_(job.started_at.is_not(None), job.ended_at > job.started_at)
-    instant = or_(job.started_at.is_(None), job.ended_at <= job.started_at)
-    starts_after = true() if start is None else job.started_at >= start
-    ends_before = true() if end is None else job.ended_at <= end
-    whole = or_(
-        and_(ran, starts_after, ends_before),
-        and_(
-            instant,
-            true() if start is None else job.ended_at >= start,
-            true() if end is None else job.ended_at < end,
-        ),
+    ends_inside = and_(
+        true() if start is None else job.ended_at >= start,
+        true() if end is None else job.ended_at < end,
     )
-    crosses = [
-        *([] if start is None else [and_(job.started_at < start, job.ended_at > start)]),
-        *([] if end is None else [and_(job.started_at < end, job.ended_at > end)]),
+    reaches = [
+        and_(job.started_at < bound, job.ended_at >= bound)
+        for bound in (start, end)
+        if bound is not None
     ]
-    split = and_(ran, or_(*crosses)) if crosses else false()
-    return whole, split
+    split = or_(*reaches) if reaches else false()
+    return ends_inside, split
 
 
 def _charged_rows(start: Bound) -> list[ColumnElement[bool]]:
@@ -136,7 +132,8 @@ def charges_within(
     ``keys`` and ``where`` are expressions over ``JobRecord``. Groups with nothing charged in the
     window are absent.
     """
-    whole, split = _charged(start, end)
+    ends_inside, split = _charged(start, end)
+    whole = and_(ends_inside, or_(JobRecord.started_at.is_(None), not_(split)))
     base = [*_charged_rows(start), *where]
     totals: dict[tuple[Any, ...], int] = defaultdict(int)
     for *key, seconds in session.execute(
@@ -166,18 +163,18 @@ def current_periods(session: Session) -> dict[int, tuple[int, int]]:
     as a group of its own, to be split here.
     """
     start, end = QuotaRecord.period_start, QuotaRecord.period_end
-    whole, split = _charged(start, end)
+    ends_inside, split = _charged(start, end)
     # "+ 0": a plain scan of the jobs; on SQLite an index walk with a lookup per row is slower.
     project_key = JobRecord.project_id + literal_column("0")
     charged = JobRecord.charged_gpu_seconds
-    crossing = case((and_(charged > 0, split), JobRecord.id), else_=None)
+    crossing = case((split, JobRecord.id), else_=None)
     totals: dict[int, tuple[int, int]] = {}
     crossing_ids: list[str] = []
     for project_id, job_id, used, reserved in session.execute(
         select(
             project_key,
             crossing,
-            func.sum(case((and_(charged > 0, whole), charged), else_=0)),
+            func.sum(case((ends_inside, charged), else_=0)),
             func.sum(
                 case((JobRecord.state.in_(LIVE_STATES), JobRecord.reserved_gpu_seconds), else_=0)
             ),
@@ -186,7 +183,8 @@ def current_periods(session: Session) -> dict[int, tuple[int, int]]:
         .group_by(project_key, crossing)
     ):
         if job_id is not None:
-            crossing_ids.append(job_id)
+            crossing_ids.append(job_id)  # its share of the period is computed below
+            used = 0
         was_used, was_reserved = totals.get(int(project_id), (0, 0))
         totals[int(project_id)] = (was_used + int(used or 0), was_reserved + int(reserved or 0))
     for project_id, charge, started, ended, period_start, period_end in session.execute(
