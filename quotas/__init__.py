@@ -1,20 +1,19 @@
 """Quota policy and GPU-hour accounting: pure, typed, framework-free.
 
-``decide`` admits or refuses a job request against a project's policy and ledger; the ledger moves
-(``reserve``, ``start``, ``settle``, ``release``) and the rounding rules live in ``quotas.policy``.
+``decide`` admits or refuses a job request against a project's policy and ledger, and the rounding
+rules of reservations and charges live in ``quotas.policy``; ``quotas.periods`` says which part of a
+finished job's charge belongs to which allocation period. The ledger itself is the broker's
+(``broker.service.ledger``), derived from its job rows.
 """
 
+from quotas.periods import charged_before, charged_within, split_charge
 from quotas.policy import (
     budget_gpu_seconds,
     charge_gpu_seconds,
     decide,
     gpu_hours,
-    release,
     remaining_gpu_seconds,
     reservation_gpu_seconds,
-    reserve,
-    settle,
-    start,
     weight_for,
 )
 from quotas.types import (
@@ -37,13 +36,12 @@ __all__ = [
     "Violation",
     "budget_gpu_seconds",
     "charge_gpu_seconds",
+    "charged_before",
+    "charged_within",
     "decide",
     "gpu_hours",
-    "release",
     "remaining_gpu_seconds",
     "reservation_gpu_seconds",
-    "reserve",
-    "settle",
-    "start",
+    "split_charge",
     "weight_for",
 ]

@@ -12,8 +12,7 @@ tenth, not the nearest binary fraction), so ``0.1 x 3600`` reserves 360 seconds,
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
-from dataclasses import replace
+from collections.abc import Iterator
 from fractions import Fraction
 
 from quotas.types import Decision, JobRequest, LedgerSnapshot, LimitName, QuotaPolicy, Violation
@@ -143,99 +142,6 @@ def _dynamic_violations(
         )
 
 
-# Ledger transitions. The broker applies the same moves to its ledger rows; these pure versions
-# state the bookkeeping once and let the property tests check it. A job's life is
-# reserve -> start -> settle, or reserve -> release when it never ran (submit failed, or
-# cancelled while pending).
-
-
-def reserve(
-    ledger: LedgerSnapshot, decision_or_seconds: Decision | int, job: JobRequest | None = None
-) -> LedgerSnapshot:
-    """Hold an admitted job's reservation; given ``job``, also count its GPUs and queue place."""
-    if isinstance(decision_or_seconds, Decision):
-        if not decision_or_seconds.admitted:
-            raise ValueError("cannot reserve for a refused request")
-        seconds = decision_or_seconds.reserve_gpu_seconds
-    else:
-        seconds = decision_or_seconds
-    _require_non_negative(reserved_gpu_seconds=seconds)
-    ledger = replace(ledger, reserved_gpu_seconds=ledger.reserved_gpu_seconds + seconds)
-    if job is None:
-        return ledger
-    _require_non_negative(gpus=job.gpus)
-    return replace(
-        ledger,
-        live_gpus=ledger.live_gpus + job.gpus,
-        live_gpus_by_cluster=_add_gpus(ledger.live_gpus_by_cluster, job.cluster, job.gpus),
-        pending_jobs=ledger.pending_jobs + 1,
-    )
-
-
-def start(ledger: LedgerSnapshot) -> LedgerSnapshot:
-    """A job left the queue and runs: one pending job fewer (its GPUs stay live)."""
-    if ledger.pending_jobs < 1:
-        raise ValueError("no pending job to start")
-    return replace(ledger, pending_jobs=ledger.pending_jobs - 1)
-
-
-def settle(
-    ledger: LedgerSnapshot,
-    reserved_gpu_seconds: int,
-    charge_gpu_seconds: int,
-    job: JobRequest | None = None,
-) -> LedgerSnapshot:
-    """A job that ran has ended: drop its reservation, add its charge to use, free its GPUs.
-
-    The charge is taken as given, even above the reservation (Slurm may let a job overrun its time
-    limit a little); the budget check of later requests absorbs it.
-    """
-    _require_non_negative(
-        reserved_gpu_seconds=reserved_gpu_seconds, charge_gpu_seconds=charge_gpu_seconds
-    )
-    if reserved_gpu_seconds > ledger.reserved_gpu_seconds:
-        raise ValueError(
-            f"cannot settle a reservation of {reserved_gpu_seconds} GPU-seconds: "
-            f"only {ledger.reserved_gpu_seconds} are reserved"
-        )
-    ledger = replace(
-        ledger,
-        used_gpu_seconds=ledger.used_gpu_seconds + charge_gpu_seconds,
-        reserved_gpu_seconds=ledger.reserved_gpu_seconds - reserved_gpu_seconds,
-    )
-    if job is None:
-        return ledger
-    _require_non_negative(gpus=job.gpus)
-    live_on_cluster = ledger.live_gpus_by_cluster.get(job.cluster, 0)
-    if job.gpus > ledger.live_gpus or job.gpus > live_on_cluster:
-        raise ValueError(
-            f"cannot free {job.gpus} GPUs on {job.cluster!r}: {live_on_cluster} are live there, "
-            f"{ledger.live_gpus} in total"
-        )
-    return replace(
-        ledger,
-        live_gpus=ledger.live_gpus - job.gpus,
-        live_gpus_by_cluster=_add_gpus(ledger.live_gpus_by_cluster, job.cluster, -job.gpus),
-    )
-
-
-def release(
-    ledger: LedgerSnapshot, reserved_gpu_seconds: int, job: JobRequest | None = None
-) -> LedgerSnapshot:
-    """A job ended without running: settle it with no charge and take it off the queue."""
-    if job is not None:
-        ledger = start(ledger)
-    return settle(ledger, reserved_gpu_seconds, 0, job)
-
-
-def _add_gpus(by_cluster: Mapping[str, int], cluster: str, gpus: int) -> dict[str, int]:
-    counts = dict(by_cluster)
-    counts[cluster] = counts.get(cluster, 0) + gpus
-    if counts[cluster] == 0:
-        del counts[cluster]
-    return counts
-
-
 def _display_hours(seconds: int) -> float:
     return round(gpu_hours(seconds), HOURS_DECIMALS)
 
@@ -255,9 +161,3 @@ def _exact(value: float, name: str) -> Fraction:
 
 def _round_half_up(value: Fraction) -> int:
     return math.floor(value + Fraction(1, 2))
-
-
-def _require_non_negative(**amounts: int) -> None:
-    for name, amount in amounts.items():
-        if amount < 0:
-            raise ValueError(f"{name} must not be negative, got {amount}")

@@ -33,9 +33,9 @@ class LedgerSnapshot:
     """A project's position in the current period, read under the ledger lock."""
 
     used_gpu_seconds: int
-    """Charged for finished jobs."""
+    """Charged for finished jobs: what each ran inside the period (see ``quotas.periods``)."""
     reserved_gpu_seconds: int
-    """Held for jobs not yet finished."""
+    """Held for jobs not yet finished, whenever they were submitted."""
     live_gpus: int = 0
     """GPUs of every job not yet final (submitting, pending, running): they may all run at once."""
     live_gpus_by_cluster: Mapping[str, int] = field(default_factory=dict)

@@ -47,6 +47,38 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+class ClippedString(TypeDecorator[str]):
+    """``VARCHAR(length)`` for free text from outside the broker (Slurm, users, errors).
+
+    Text longer than the column is cut to fit, its last character an ellipsis, and NUL characters
+    (which PostgreSQL refuses in text) become U+FFFD, so one long Slurm reason or refusal can never
+    make a write fail. Only the value sent to the database changes; the column type is unchanged.
+    Identifiers (names, keys, tags, lease holders) stay plain ``String``: two clipped values could
+    collide, so those are validated where they enter instead.
+    """
+
+    impl = String
+    cache_ok = True
+    ELLIPSIS = "\u2026"
+
+    def __init__(self, length: int) -> None:
+        if length < 1:
+            raise ValueError("a clipped column needs a length of at least 1")
+        super().__init__(length)
+        self.length = length
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+        return None if value is None else clip(value, self.length)
+
+
+def clip(text: str, length: int) -> str:
+    """``text`` fitted into ``length`` characters (see ``ClippedString``)."""
+    text = text.replace("\x00", "\ufffd")
+    if len(text) <= length:
+        return text
+    return text[: length - 1] + ClippedString.ELLIPSIS
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON}
 
@@ -57,7 +89,7 @@ class UserRecord(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     role: Mapped[str] = mapped_column(String(16))
-    email: Mapped[str | None] = mapped_column(String(254))
+    email: Mapped[str | None] = mapped_column(ClippedString(254))
     created_at: Mapped[datetime]
     unix_user: Mapped[str | None] = mapped_column(String(32))
     """The Unix account this user's jobs run as on every cluster (None: cannot submit)."""
@@ -69,7 +101,7 @@ class TokenRecord(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    description: Mapped[str] = mapped_column(String(200), default="")
+    description: Mapped[str] = mapped_column(ClippedString(200), default="")
     created_at: Mapped[datetime]
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
@@ -132,6 +164,7 @@ class JobRecord(Base):
         Index("ix_jobs_cluster_state", "cluster", "state"),
         Index("ix_jobs_submitted", "submitted_at", "id"),
         Index("ix_jobs_project_submitted", "project_id", "submitted_at"),
+        Index("ix_jobs_project_ended", "project_id", "ended_at"),
         Index("ix_jobs_tag", "tag", unique=True),
     )
 
@@ -139,7 +172,7 @@ class JobRecord(Base):
     tag: Mapped[str] = mapped_column(String(64))
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
-    name: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(ClippedString(128))
     cluster: Mapped[str] = mapped_column(String(64))
     partition: Mapped[str] = mapped_column(String(64))
     gpu_type: Mapped[str] = mapped_column(String(64))
@@ -151,7 +184,7 @@ class JobRecord(Base):
     mem_per_gpu_gb: Mapped[int | None]
     script_sha256: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16))
-    state_reason: Mapped[str | None] = mapped_column(String(200))
+    state_reason: Mapped[str | None] = mapped_column(ClippedString(200))
     slurm_job_id: Mapped[str | None] = mapped_column(String(32))
     exit_code: Mapped[int | None]
     submitted_at: Mapped[datetime]
@@ -185,7 +218,7 @@ class JobEventRecord(Base):
     at: Mapped[datetime]
     from_state: Mapped[str | None] = mapped_column(String(16))
     to_state: Mapped[str] = mapped_column(String(16))
-    reason: Mapped[str | None] = mapped_column(String(300))
+    reason: Mapped[str | None] = mapped_column(ClippedString(300))
 
 
 class AuditRecord(Base):
@@ -196,7 +229,7 @@ class AuditRecord(Base):
     actor: Mapped[str] = mapped_column(String(64))
     action: Mapped[str] = mapped_column(String(64))
     target_type: Mapped[str] = mapped_column(String(32))
-    target: Mapped[str] = mapped_column(String(200))
+    target: Mapped[str] = mapped_column(ClippedString(200))
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
@@ -210,7 +243,7 @@ class ClusterStatusRecord(Base):
     last_poll_at: Mapped[datetime | None]
     last_success_at: Mapped[datetime | None]
     last_poll_duration_s: Mapped[float | None]
-    last_error: Mapped[str | None] = mapped_column(String(500))
+    last_error: Mapped[str | None] = mapped_column(ClippedString(500))
     partitions: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
 
 

@@ -18,6 +18,7 @@ from broker.db.models import (
     QuotaRecord,
 )
 from broker.scheduler import LEASE_NAME
+from broker.service import ledger
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +71,7 @@ class DatabaseState:
 
 
 def read_state(session: Session) -> DatabaseState:
-    """Everything the scrape-time series need, in five queries whatever the number of jobs."""
+    """Everything the scrape-time series need, in a few queries whatever the number of jobs."""
     started = time.perf_counter()
     projects: dict[int, str] = {}
     project_clusters: dict[str, frozenset[str]] = {}
@@ -87,22 +88,10 @@ def read_state(session: Session) -> DatabaseState:
 
     # The ledger of the current period: the same sums as broker.service.ledger.snapshot, for every
     # project at once (jobs submitted in the quota's period; reserved is what they still hold).
-    period_sums = {
-        project_id: (int(used or 0), int(reserved or 0))
-        for project_id, used, reserved in session.execute(
-            select(
-                project_key,
-                func.coalesce(func.sum(JobRecord.charged_gpu_seconds), 0),
-                func.coalesce(func.sum(JobRecord.reserved_gpu_seconds), 0),
-            )
-            .join(QuotaRecord, QuotaRecord.project_id == project_key)
-            .where(
-                JobRecord.submitted_at >= QuotaRecord.period_start,
-                JobRecord.submitted_at < QuotaRecord.period_end,
-            )
-            .group_by(project_key)
-        )
-    }
+    # The ledger of the current period, as broker.service.ledger.snapshot counts it, for every
+    # project at once: the part of each charge run inside the quota's period, and what live jobs
+    # still hold whenever they were submitted.
+    period_sums = ledger.current_periods(session)
     ledgers = {name: ProjectLedger() for name in projects.values()}
     for project_id, start, end, budget in session.execute(
         select(

@@ -1,21 +1,43 @@
 """A project's quota ledger, derived from its job rows, and the lock that serialises admission.
 
-Used = charges of jobs submitted in the current period; reserved = what live jobs still hold.
-Both are sums over job rows, so the ledger cannot drift from the jobs. Every change to those
-columns happens in a transaction that first takes ``lock_project``.
+Reserved = what the project's live jobs still hold, whenever they were submitted (a job admitted in
+the last period and still running holds its reservation in this one). Used in a period = the part of
+each finished job's charge that it ran inside the period (``quotas.periods``): a job that straddles
+the period's start charges only what it ran after it, the rest stays with the period before.
+
+Both are read from the job rows (``reserved_gpu_seconds``, ``charged_gpu_seconds``, ``started_at``,
+``ended_at``), so the ledger cannot drift from the jobs. Jobs that ran wholly inside a window are
+summed by the database; only the few whose run crosses one of its ends (at most the jobs that were
+running at that instant) are read and split here, with the same exact arithmetic everywhere. Every
+change to those columns happens in a transaction that first takes ``lock_project``.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from datetime import datetime
+from typing import Any, TypeAlias
 
-from sqlalchemy import ColumnElement, and_, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    SQLColumnExpression,
+    and_,
+    case,
+    false,
+    func,
+    literal_column,
+    not_,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from broker import lifecycle
 from broker.db.models import JobRecord, ProjectRecord, QuotaRecord
-from quotas import LedgerSnapshot, QuotaPolicy
+from quotas import LedgerSnapshot, QuotaPolicy, charged_within
 
 LIVE_STATES = lifecycle.values(lifecycle.LIVE)
 NOT_STARTED_STATES = lifecycle.values(lifecycle.NOT_STARTED)
@@ -56,37 +78,152 @@ def _frozen(values: list[str] | None) -> frozenset[str] | None:
     return None if values is None else frozenset(values)
 
 
-def _in_period(start: datetime, end: datetime) -> ColumnElement[bool]:
-    return and_(JobRecord.submitted_at >= start, JobRecord.submitted_at < end)
+Bound: TypeAlias = datetime | SQLColumnExpression[datetime] | None
+"""One end of a window: a time, a column holding one (a quota's period), or None for unbounded."""
+
+
+def _charged(start: Bound, end: Bound) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    """(ends_inside, split) for the window ``[start, end)``, mirroring ``quotas.periods``.
+
+    ``split``: rows whose run reaches or crosses an end of the window; only these need
+    ``charged_within``. Every other row (no start time, or a run on one side of each end) has
+    its whole charge in the window when it ended inside it (``ends_inside``), else none.
+    """
+    job = JobRecord
+    ends_inside = and_(
+        true() if start is None else job.ended_at >= start,
+        true() if end is None else job.ended_at < end,
+    )
+    reaches = [
+        and_(job.started_at < bound, job.ended_at >= bound)
+        for bound in (start, end)
+        if bound is not None
+    ]
+    split = or_(*reaches) if reaches else false()
+    return ends_inside, split
+
+
+def _charged_rows(start: Bound) -> list[ColumnElement[bool]]:
+    """Filters every row with a charge in a window from ``start`` on satisfies (index-friendly)."""
+    where = [JobRecord.charged_gpu_seconds > 0]
+    if start is not None:
+        where.append(JobRecord.ended_at >= start)
+    return where
+
+
+def charges_within(
+    session: Session,
+    keys: Sequence[SQLColumnExpression[Any]],
+    start: datetime | None,
+    end: datetime | None,
+    *where: ColumnElement[bool],
+) -> dict[tuple[Any, ...], int]:
+    """Weighted GPU-seconds charged in ``[start, end)`` (None: unbounded), by ``keys``.
+
+    ``keys`` and ``where`` are expressions over ``JobRecord``. Groups with nothing charged in the
+    window are absent.
+    """
+    ends_inside, split = _charged(start, end)
+    whole = and_(ends_inside, or_(JobRecord.started_at.is_(None), not_(split)))
+    base = [*_charged_rows(start), *where]
+    totals: dict[tuple[Any, ...], int] = defaultdict(int)
+    for *key, seconds in session.execute(
+        select(*keys, func.sum(JobRecord.charged_gpu_seconds)).where(*base, whole).group_by(*keys)
+    ):
+        totals[tuple(key)] += int(seconds or 0)
+    for *key, charge, started, ended in session.execute(
+        select(
+            *keys, JobRecord.charged_gpu_seconds, JobRecord.started_at, JobRecord.ended_at
+        ).where(*base, split)
+    ):
+        part = (
+            0
+            if charge is None or ended is None
+            else charged_within(charge, started, ended, start, end)
+        )
+        if part:
+            totals[tuple(key)] += part
+    return {key: seconds for key, seconds in totals.items() if seconds}
+
+
+def current_periods(session: Session) -> dict[int, tuple[int, int]]:
+    """(used, reserved) of every project with a quota, in its own quota's period, by project id.
+
+    One pass over the jobs for all projects (for metrics): the database sums what lies wholly
+    inside each period and what live jobs hold, and returns each job that crosses a period's end
+    as a group of its own, to be split here.
+    """
+    start, end = QuotaRecord.period_start, QuotaRecord.period_end
+    ends_inside, split = _charged(start, end)
+    # "+ 0": a plain scan of the jobs; on SQLite an index walk with a lookup per row is slower.
+    project_key = JobRecord.project_id + literal_column("0")
+    charged = JobRecord.charged_gpu_seconds
+    crossing = case((split, JobRecord.id), else_=None)
+    totals: dict[int, tuple[int, int]] = {}
+    crossing_ids: list[str] = []
+    for project_id, job_id, used, reserved in session.execute(
+        select(
+            project_key,
+            crossing,
+            func.sum(case((ends_inside, charged), else_=0)),
+            func.sum(
+                case((JobRecord.state.in_(LIVE_STATES), JobRecord.reserved_gpu_seconds), else_=0)
+            ),
+        )
+        .join(QuotaRecord, QuotaRecord.project_id == project_key)
+        .group_by(project_key, crossing)
+    ):
+        if job_id is not None:
+            crossing_ids.append(job_id)  # its share of the period is computed below
+            used = 0
+        was_used, was_reserved = totals.get(int(project_id), (0, 0))
+        totals[int(project_id)] = (was_used + int(used or 0), was_reserved + int(reserved or 0))
+    for project_id, charge, started, ended, period_start, period_end in session.execute(
+        select(JobRecord.project_id, charged, JobRecord.started_at, JobRecord.ended_at, start, end)
+        .join(QuotaRecord, QuotaRecord.project_id == JobRecord.project_id)
+        .where(JobRecord.id.in_(crossing_ids))
+    ):
+        if charge is not None and ended is not None:
+            part = charged_within(charge, started, ended, period_start, period_end)
+            was_used, was_reserved = totals[project_id]
+            totals[project_id] = (was_used + part, was_reserved)
+    return totals
 
 
 def snapshot(session: Session, project_id: int, quota: QuotaRecord | None) -> LedgerSnapshot:
     """The project's ledger now. Call under ``lock_project`` when the result decides a change."""
-    used: int | None = 0
-    reserved: int | None = 0
+    used = 0
     if quota is not None:
-        used, reserved = session.execute(
-            select(
-                func.coalesce(func.sum(JobRecord.charged_gpu_seconds), 0),
-                func.coalesce(func.sum(JobRecord.reserved_gpu_seconds), 0),
-            ).where(
+        used = sum(
+            charges_within(
+                session,
+                [],
+                quota.period_start,
+                quota.period_end,
                 JobRecord.project_id == project_id,
-                _in_period(quota.period_start, quota.period_end),
-            )
-        ).one()
+            ).values()
+        )
     by_cluster: dict[str, int] = defaultdict(int)
     pending = 0
-    for cluster, state, gpus, count in session.execute(
-        select(JobRecord.cluster, JobRecord.state, func.sum(JobRecord.gpus), func.count())
+    reserved = 0
+    for cluster, state, gpus, count, held in session.execute(
+        select(
+            JobRecord.cluster,
+            JobRecord.state,
+            func.sum(JobRecord.gpus),
+            func.count(),
+            func.sum(JobRecord.reserved_gpu_seconds),
+        )
         .where(JobRecord.project_id == project_id, JobRecord.state.in_(LIVE_STATES))
         .group_by(JobRecord.cluster, JobRecord.state)
     ):
         by_cluster[cluster] += int(gpus)
+        reserved += int(held or 0)
         if state in NOT_STARTED_STATES:
             pending += int(count)
     return LedgerSnapshot(
-        used_gpu_seconds=int(used or 0),
-        reserved_gpu_seconds=int(reserved or 0),
+        used_gpu_seconds=used,
+        reserved_gpu_seconds=reserved,
         live_gpus=sum(by_cluster.values()),
         live_gpus_by_cluster=dict(by_cluster),
         pending_jobs=pending,
@@ -97,25 +234,17 @@ def used_breakdown(
     session: Session, project_id: int, quota: QuotaRecord
 ) -> tuple[dict[str, int], dict[str, int], dict[int, int]]:
     """Charged GPU-seconds of the current period by cluster, by GPU type and by user id."""
-    rows = session.execute(
-        select(
-            JobRecord.cluster,
-            JobRecord.gpu_type,
-            JobRecord.user_id,
-            func.sum(JobRecord.charged_gpu_seconds),
-        )
-        .where(
-            JobRecord.project_id == project_id,
-            JobRecord.charged_gpu_seconds.is_not(None),
-            _in_period(quota.period_start, quota.period_end),
-        )
-        .group_by(JobRecord.cluster, JobRecord.gpu_type, JobRecord.user_id)
+    charges = charges_within(
+        session,
+        [JobRecord.cluster, JobRecord.gpu_type, JobRecord.user_id],
+        quota.period_start,
+        quota.period_end,
+        JobRecord.project_id == project_id,
     )
     by_cluster: dict[str, int] = defaultdict(int)
     by_type: dict[str, int] = defaultdict(int)
     by_user: dict[int, int] = defaultdict(int)
-    for cluster, gpu_type, user_id, total in rows:
-        seconds = int(total or 0)
+    for (cluster, gpu_type, user_id), seconds in charges.items():
         by_cluster[cluster] += seconds
         by_type[gpu_type] += seconds
         by_user[user_id] += seconds

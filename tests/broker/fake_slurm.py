@@ -250,13 +250,18 @@ class FakeSlurm:
         exit_code: int = 0,
         *,
         end_known: bool = True,
+        at: datetime | None = None,
     ) -> None:
-        """The job ends as ``state`` (a Slurm code) after ``elapsed_s``; ``end_known=False`` is
-        sacct after a slurmdbd restart: ``End=Unknown``."""
+        """The job ends as ``state`` (a Slurm code) after ``elapsed_s``, at ``at`` (default:
+        now); ``end_known=False`` is sacct after a slurmdbd restart: ``End=Unknown``."""
         job = self.jobs[job_id]
         job.state, job.elapsed_s, job.exit_code = state, elapsed_s, exit_code
-        job.started = job.started or datetime.now(UTC) - timedelta(seconds=elapsed_s)
-        job.ended = job.started + timedelta(seconds=elapsed_s) if end_known else None
+        end = at or datetime.now(UTC)
+        job.started = job.started or end - timedelta(seconds=elapsed_s)
+        if not end_known:
+            job.ended = None
+        else:
+            job.ended = at if at is not None else job.started + timedelta(seconds=elapsed_s)
         job.alloc_gpus = alloc_gpus if alloc_gpus is not None else job.spec.gpus
         job.reason = None
 

@@ -150,8 +150,9 @@ def job_row(
         "slurm_job_id": None,
         "exit_code": None,
         "submitted_at": submitted,
-        "started_at": None,
-        "ended_at": None,
+        # A settled job ran from its submission for its elapsed time (the ledger reads the run).
+        "started_at": submitted if elapsed is not None else None,
+        "ended_at": submitted + timedelta(seconds=elapsed or 0) if charged is not None else None,
         "updated_at": submitted,
         "weight": 1.0,
         "reservation_gpu_seconds": reserved,
