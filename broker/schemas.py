@@ -301,6 +301,9 @@ class UsagePublic(BaseModel):
     by_cluster: dict[str, float]
     by_gpu_type: dict[str, float]
     by_user: dict[str, float]
+    foreign_gpu_hours: float = 0.0
+    """Part of ``used_gpu_hours``: jobs in the project's Slurm accounts that the broker did not
+    submit (sbatch from inside a job), charged from their accounting records."""
 
 
 # --- users and tokens ----------------------------------------------------------------------

@@ -36,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from broker import lifecycle
-from broker.db.models import JobRecord, ProjectRecord, QuotaRecord
+from broker.db.models import ForeignJobRecord, JobRecord, ProjectRecord, QuotaRecord
 from quotas import LedgerSnapshot, QuotaPolicy, charged_within
 
 LIVE_STATES = lifecycle.values(lifecycle.LIVE)
@@ -187,7 +187,31 @@ def current_periods(session: Session) -> dict[int, tuple[int, int]]:
             part = charged_within(charge, started, ended, period_start, period_end)
             was_used, was_reserved = totals[project_id]
             totals[project_id] = (was_used + part, was_reserved)
+    for project_id, foreign in session.execute(
+        select(ForeignJobRecord.project_id, func.sum(ForeignJobRecord.charged_gpu_seconds))
+        .join(QuotaRecord, QuotaRecord.project_id == ForeignJobRecord.project_id)
+        .where(
+            ForeignJobRecord.ended_at >= QuotaRecord.period_start,
+            ForeignJobRecord.ended_at < QuotaRecord.period_end,
+        )
+        .group_by(ForeignJobRecord.project_id)
+    ):
+        was_used, was_reserved = totals.get(int(project_id), (0, 0))
+        totals[int(project_id)] = (was_used + int(foreign or 0), was_reserved)
     return totals
+
+
+def foreign_within(session: Session, project_id: int, start: datetime, end: datetime) -> int:
+    """What the project's foreign jobs (``broker.service.foreign``) were charged in [start, end):
+    a foreign job's whole charge counts in the period it ended in."""
+    total = session.scalar(
+        select(func.coalesce(func.sum(ForeignJobRecord.charged_gpu_seconds), 0)).where(
+            ForeignJobRecord.project_id == project_id,
+            ForeignJobRecord.ended_at >= start,
+            ForeignJobRecord.ended_at < end,
+        )
+    )
+    return int(total or 0)
 
 
 def snapshot(session: Session, project_id: int, quota: QuotaRecord | None) -> LedgerSnapshot:
@@ -203,6 +227,7 @@ def snapshot(session: Session, project_id: int, quota: QuotaRecord | None) -> Le
                 JobRecord.project_id == project_id,
             ).values()
         )
+        used += foreign_within(session, project_id, quota.period_start, quota.period_end)
     by_cluster: dict[str, int] = defaultdict(int)
     pending = 0
     reserved = 0

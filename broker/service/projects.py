@@ -216,6 +216,11 @@ def usage(session: Session, actor: Actor, project_name: str) -> UsagePublic:
     )
     budget = quota.budget_gpu_seconds if quota is not None else 0
     remaining = budget - snap.used_gpu_seconds - snap.reserved_gpu_seconds
+    foreign = (
+        ledger.foreign_within(session, project.id, quota.period_start, quota.period_end)
+        if quota is not None
+        else 0
+    )
     return UsagePublic(
         project=project.name,
         period_start=quota.period_start if quota else None,
@@ -228,4 +233,5 @@ def usage(session: Session, actor: Actor, project_name: str) -> UsagePublic:
         by_cluster={k: gpu_hours(v) for k, v in by_cluster.items()},
         by_gpu_type={k: gpu_hours(v) for k, v in by_type.items()},
         by_user={names.get(k, str(k)): gpu_hours(v) for k, v in by_user_id.items()},
+        foreign_gpu_hours=gpu_hours(foreign),
     )

@@ -37,7 +37,8 @@ def load_yaml(path: Path) -> Any:
 def test_promtool_accepts_the_rules() -> None:
     result = run(["promtool", "check", "rules", str(RULES)])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 11 rules found" in result.stdout
+    written = sum(len(group["rules"]) for group in load_yaml(RULES)["groups"])
+    assert f"SUCCESS: {written} rules found" in result.stdout
 
 
 @needs_promtool

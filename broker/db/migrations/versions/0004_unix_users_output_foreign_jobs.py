@@ -1,7 +1,7 @@
 """jobs run as the researcher: users' and jobs' unix_user, jobs' output paths, foreign jobs
 
 Revision ID: w6_identity
-Revises: w3api_cursor_key
+Revises: w5_ledger_ended
 Create Date: 2026-11-26
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "w6_identity"
-down_revision = "w3api_cursor_key"
+down_revision = "w5_ledger_ended"
 branch_labels = None
 depends_on = None
 
