@@ -139,7 +139,7 @@ class BrokerMetrics:
             "broker_foreign_jobs",
             "Jobs found in a project's Slurm account that the broker did not submit, by what the "
             "broker did (cancel or charge)",
-            ["cluster", "action"],
+            ["cluster", "outcome"],
             registry=registry,
         )
         self.drift = Gauge(
