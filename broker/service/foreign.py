@@ -21,7 +21,6 @@ from adapters.slurm.types import JobStatus, StatusReport
 from broker.clock import utcnow
 from broker.config import ClusterSettings
 from broker.db.models import ForeignJobRecord, JobRecord, ProjectRecord, QuotaRecord
-from broker.lifecycle import LIVE, values
 from broker.service import audit, ledger
 from quotas import charge_gpu_seconds, weight_for
 
@@ -76,12 +75,16 @@ def apply(
     """Record new foreign jobs, follow and charge the open ones; in the caller's transaction."""
     work = ForeignWork()
     name = cluster.name
-    ours = set(
-        session.scalars(
-            select(JobRecord.tag).where(
-                JobRecord.cluster == name, JobRecord.state.in_(values(LIVE))
+    # A job carrying the tag of one of the broker's own jobs is that job (still being submitted,
+    # or ended and not followed any more), unless the broker job already has another Slurm id:
+    # then the tag was copied onto a job of the researcher's own.
+    tags = {job.tag for job in status.others if job.tag}
+    ours: dict[str, str | None] = dict(
+        session.execute(
+            select(JobRecord.tag, JobRecord.slurm_job_id).where(
+                JobRecord.cluster == name, JobRecord.tag.in_(tags)
             )
-        )
+        ).all()
     )
     known = {
         row.slurm_job_id: row
@@ -93,7 +96,9 @@ def apply(
         )
     }
     for job in status.others:
-        if job.account not in accounts or job.tag in ours:
+        if job.account not in accounts:
+            continue
+        if job.tag in ours and ours[job.tag] in (None, job.job_id):
             continue
         row = known.get(job.job_id)
         if row is None:

@@ -7,10 +7,13 @@ account ``slurmsvc`` acts as them only through ``sudo -n -u``.
 
 from __future__ import annotations
 
+import os
+import subprocess
 from typing import Any
 
 import pytest
 
+from tests import devcluster
 from tests.e2e.live import Client, LiveBroker, job_body, new_project, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -124,3 +127,57 @@ def test_a_job_cannot_cancel_another_projects_job(broker: LiveBroker) -> None:
     assert "rc=0" not in text, text
     done = bob.wait_state(victim["id"], {"completed", "cancelled", "failed"}, timeout=90)
     assert done["state"] == "completed", done
+
+
+def test_a_job_submitted_around_the_broker_is_cancelled_charged_and_audited(
+    broker: LiveBroker,
+) -> None:
+    """sbatch from inside a job into its own project's account: Slurm takes it (alice has that
+    association); the broker's next cycle cancels it, audits it and charges what it used."""
+    admin, alice = broker.client("root"), broker.client("alice")
+    project = new_project(admin, "alice", gpu_hours=10)
+    script = (
+        "#!/bin/bash\n"
+        f"sbatch --parsable -A {project} --gres=gpu:h100:2 --time=5 --wrap 'sleep 120'\n"
+    )
+    job = run(alice, project, script)
+    foreign_id = whole_output(alice, job["id"]).strip()
+    assert foreign_id.isdigit(), foreign_id
+
+    def audited() -> dict[str, Any] | None:
+        entries = admin.http.get("/v1/audit", params={"limit": 100}).json()["data"]
+        return next((e for e in entries if e["target"] == f"alpha/{foreign_id}"), None)
+
+    entry = wait_for(audited, timeout=30, what=f"foreign job {foreign_id} in the audit")
+    assert entry["action"] == "foreign_job.cancel"
+    assert entry["details"]["project"] == project and entry["details"]["unix_user"] == "alice"
+
+    dev = devcluster.cluster("alpha")
+
+    def accounted() -> tuple[str, int, int] | None:
+        out = subprocess.run(
+            ["sacct", "-X", "-n", "-P", "-j", foreign_id, "-o", "State,ElapsedRaw,AllocTRES,End"],
+            env={**os.environ, "SLURM_CONF": str(dev.slurm_conf)},
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        state, elapsed, tres, end = [*out.split("|"), "", "", "", ""][:4]
+        if not state.startswith("CANCELLED") or end in ("", "Unknown"):
+            return None
+        gpus = sum(int(p.split("=")[1]) for p in tres.split(",") if p.startswith("gres/gpu="))
+        return state, int(elapsed), gpus
+
+    _, elapsed, gpus = wait_for(accounted, timeout=60, what="sacct to show it cancelled")
+    assert elapsed < 60  # cancelled within a cycle or two, not left to run its 120 s
+
+    def charged() -> dict[str, Any] | None:
+        usage: dict[str, Any] = admin.http.get(f"/v1/projects/{project}/usage").json()
+        expected = gpus * elapsed / 3600  # h100 weight 1.0
+        return usage if abs(usage["foreign_gpu_hours"] - expected) < 1e-6 else None
+
+    usage = wait_for(charged, timeout=60, what="the foreign job's charge in the project's usage")
+    assert usage["used_gpu_hours"] >= usage["foreign_gpu_hours"]
+    # The broker's own job was never taken for a foreign one.
+    entries = admin.http.get("/v1/audit", params={"limit": 100}).json()["data"]
+    assert f"alpha/{job['slurm_job_id']}" not in {e["target"] for e in entries}
