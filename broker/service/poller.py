@@ -122,6 +122,9 @@ def own_status(
     submitted_at: datetime,
     slurm_job_id: str,
     status: StatusReport,
+    *,
+    account: str | None = None,
+    unix_user: str | None = None,
 ) -> JobStatus | None:
     """What Slurm said about this broker job: the record under its Slurm id carrying its tag.
 
@@ -144,6 +147,26 @@ def own_status(
                 or candidate.submit_time >= submitted_at - TAG_CLOCK_SKEW
             )
         ):
+            return candidate
+    for candidate in candidates:
+        # The comment is the job owner's to change (scontrol update comment=...). A record under
+        # this job's id, in its account, run by its Unix user and submitted no earlier than it, is
+        # this job with its tag overwritten: it is still followed and charged, never let go as
+        # lost while it runs.
+        if (
+            unix_user is not None
+            and not (candidate.tag or "").startswith("brk-")  # not another broker job's
+            and candidate.user == unix_user
+            and candidate.account == account
+            and candidate.submit_time is not None
+            and candidate.submit_time >= submitted_at - TAG_CLOCK_SKEW
+        ):
+            log.warning(
+                "job %s: Slurm job %s had its comment changed to %r; still followed as this job",
+                job_id,
+                slurm_job_id,
+                candidate.comment,
+            )
             return candidate
     if candidates:
         log.debug(
@@ -297,7 +320,14 @@ class Poller:
             )
             seen = {
                 job.id: own_status(
-                    job.id, job.tag, job.name, job.submitted_at, followed[job.id], status
+                    job.id,
+                    job.tag,
+                    job.name,
+                    job.submitted_at,
+                    followed[job.id],
+                    status,
+                    account=job.account,
+                    unix_user=job.unix_user,
                 )
                 for job in jobs
             }

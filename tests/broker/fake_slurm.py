@@ -54,6 +54,8 @@ class FakeJob:
     """sacct's End; ``None`` is ``End=Unknown``."""
     comment: str | None = None
     """What Slurm shows as the comment (the tag first, as sbatch set it); ``None``: no comment."""
+    submitted: datetime | None = None
+    """Slurm's SubmitTime; ``None``: not shown."""
 
 
 @dataclass
@@ -166,6 +168,7 @@ class FakeSlurm:
             source="sacct" if ended else "squeue",
             account=job.spec.account,
             user=job.spec.run_as,
+            submit_time=job.submitted,
             partition=job.spec.partition,
         )
 

@@ -217,6 +217,25 @@ def test_a_record_with_a_foreign_tag_is_never_applied(env: Env) -> None:
     assert lost.state == "unknown" and lost.charged_gpu_hours == 0.0  # never seen running
 
 
+def test_a_job_whose_owner_overwrote_its_tag_is_still_followed_and_charged(env: Env) -> None:
+    """``scontrol update comment=...`` is the job owner's right: a researcher who wipes the tag of
+    their running job must not make it look lost, which would release it unpaid while it runs."""
+    job = submit(env)
+    fake = env.slurm["alpha"]
+    slurm_job = fake.jobs[job.slurm_job_id or ""]
+    slurm_job.submitted = datetime.now(UTC)
+    fake.start(job.slurm_job_id or "", at=datetime.now(UTC) - timedelta(minutes=10))
+    slurm_job.comment = "mine now"
+    for _ in range(5):
+        env.runtime.poller.poll("alpha")
+        assert get(env, job).state == "running"
+    fake.finish(job.slurm_job_id or "", "COMPLETED", elapsed_s=1800)
+    env.runtime.poller.poll("alpha")
+    done = get(env, job)
+    assert done.state == "completed"
+    assert done.charged_gpu_hours == pytest.approx(8 * 1800 / 3600)
+
+
 # --- one bad job does not stop the cycle ------------------------------------------------------
 
 
