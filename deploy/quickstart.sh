@@ -23,15 +23,16 @@ url=http://127.0.0.1:$port
 cat <<MSG
 
 The broker is starting at $url (OpenAPI: $url/docs, metrics: $url/metrics).
-Demo researcher "alice" in project "demo" (1000 GPU-hours; h100 weight 1.0, a100 weight 0.5).
-In another shell:
+Demo researcher "alice" in project "demo" (1000 GPU-hours; h100 weight 1.0, a100 weight 0.5);
+her jobs run as the Unix user alice on the dev cluster. In another shell:
 
   export BROKER_URL=$url
   export BROKER_TOKEN=$RESEARCHER_TOKEN
-  printf '#!/bin/bash\nsrun hostname\nsleep 30\n' > job.sh
+  printf '#!/bin/bash\nid -un\nsrun hostname\nsleep 30\n' > job.sh
   $repo/.venv/bin/broker submit job.sh --project demo --cluster alpha --gpus 8 --time 10
   $repo/.venv/bin/broker jobs
   $repo/.venv/bin/broker usage demo
+  $repo/.venv/bin/broker logs JOB_ID -f     # JOB_ID: the "id" submit printed
 
 Admin token (for 'broker project ...' and 'broker user ...'): $ADMIN_TOKEN
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import typer
 
-from broker.cli import clusters, jobs, projects, reports, users
+from broker.cli import clusters, jobs, logs, projects, reports, users
 from broker.cli.context import global_options
 
 
@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
     """Add the client commands and the ``project``, ``user``, ``report`` groups to ``app``, and
     make ``global_options`` its callback (it replaces any callback ``app`` had)."""
     app.callback()(global_options)
-    for commands in (jobs.app, projects.app, clusters.app, users.app, reports.app):
+    for commands in (jobs.app, logs.app, projects.app, clusters.app, users.app, reports.app):
         app.add_typer(commands)
     app.add_typer(projects.group, name="project")
     app.add_typer(users.group, name="user")

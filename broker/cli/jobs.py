@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from broker.cli import logs
 from broker.cli.arguments import AllOption, CursorOption, LimitOption, parse_pairs, read_script
 from broker.cli.context import ClientTyper, connect, options
 from broker.cli.errors import BrokerUnreachable
@@ -71,6 +72,18 @@ def submit(
         str | None,
         typer.Option("--idempotency-key", help="Retry-safe key; one is generated if omitted."),
     ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="Wait for the job to end; exit 0 if it completed, its own exit code if it "
+            "failed with one, 1 otherwise.",
+        ),
+    ] = False,
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", help="Print the job's output as it runs; implies --wait."),
+    ] = False,
 ) -> None:
     """Submit a batch script as a GPU job; the broker admits it against the project's quota."""
     body: dict[str, Any] = {
@@ -109,14 +122,26 @@ def submit(
                 f" --idempotency-key {key} to avoid a duplicate"
             ) from exc
         job = decode(response)
+        if options(ctx).json and not (wait or follow):
+            print_json(job)
+            return
+        if not options(ctx).json:
+            summary = fields((label, job.get(label)) for label in _JOB_SUMMARY)
+            typer.echo(summary, err=follow)  # with --follow, stdout is the job's output
+        if response.headers.get("Idempotent-Replayed") == "true":
+            typer.echo("(an earlier submission with this idempotency key; no new job)", err=True)
+        if job.get("state") == "submit_unknown":
+            typer.echo("sbatch's answer was lost; the broker is finding the job in Slurm", err=True)
+        if not (wait or follow):
+            return
+        if follow:
+            logs.stream_output(api, job["id"], follow=True)
+        final = logs.wait_for_end(api, job["id"])
     if options(ctx).json:
-        print_json(job)
-        return
-    typer.echo(fields((label, job.get(label)) for label in _JOB_SUMMARY))
-    if response.headers.get("Idempotent-Replayed") == "true":
-        typer.echo("(an earlier submission with this idempotency key; no new job)", err=True)
-    if job.get("state") == "submit_unknown":
-        typer.echo("sbatch's answer was lost; the broker is finding the job in Slurm", err=True)
+        print_json(final)
+    else:
+        typer.echo(f"job {final['id']} {final['state']}", err=True)
+    raise typer.Exit(logs.outcome_exit_code(final))
 
 
 @app.command("jobs")

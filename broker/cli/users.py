@@ -33,13 +33,34 @@ def user_create(
     name: NameArgument,
     role: Annotated[str, typer.Option("--role", help="researcher, engineer or admin.")],
     email: Annotated[str | None, typer.Option("--email")] = None,
+    unix_user: Annotated[
+        str | None,
+        typer.Option("--unix-user", help="The Unix account the user's jobs run as."),
+    ] = None,
 ) -> None:
     """Create a user."""
     body: dict[str, Any] = {"name": name, "role": role}
     if email is not None:
         body["email"] = email
+    if unix_user is not None:
+        body["unix_user"] = unix_user
     with connect(ctx) as api:
         data = api.json("POST", "/v1/users", body=body)
+    if options(ctx).json:
+        print_json(data)
+    else:
+        typer.echo(fields(data.items()))
+
+
+@group.command("set-unix-user")
+def user_set_unix_user(
+    ctx: typer.Context,
+    name: NameArgument,
+    unix_user: Annotated[str, typer.Argument(metavar="UNIX_USER")],
+) -> None:
+    """Set the Unix account a user's jobs run as (their Slurm associations follow)."""
+    with connect(ctx) as api:
+        data = api.json("PATCH", f"/v1/users/{segment(name)}", body={"unix_user": unix_user})
     if options(ctx).json:
         print_json(data)
     else:

@@ -14,10 +14,16 @@ from tests.e2e.live import LiveBroker, new_project
 
 pytestmark = pytest.mark.cluster
 BROKER = str(Path(sys.executable).with_name("broker"))
+REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(broker: LiveBroker, user: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"BROKER_URL": broker.url, "BROKER_TOKEN": broker.tokens[user], "PATH": "/usr/bin:/bin"}
+    env = {
+        "BROKER_URL": broker.url,
+        "BROKER_TOKEN": broker.tokens[user],
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(REPO),  # this checkout's code, whichever one the venv was made from
+    }
     return subprocess.run(
         [BROKER, *args], env=env, capture_output=True, text=True, timeout=120, check=False
     )
@@ -70,3 +76,30 @@ def test_submit_follow_and_account_from_the_command_line(broker: LiveBroker, tmp
     assert "gpu_hours" in too_big.stderr
     assert cli(broker, "bob", "job", job["id"]).returncode == 3  # invisible: not found
     assert cli(broker, "eve", "cancel", job["id"]).returncode == 6  # engineers cannot write
+
+
+def test_submit_wait_follow_and_logs(broker: LiveBroker, tmp_path: Any) -> None:
+    project = new_project(broker.client("root"), "alice", gpu_hours=2)
+    script = tmp_path / "job.sh"
+    script.write_text(
+        "#!/bin/bash\nfor i in 1 2 3; do echo step-$i; sleep 1; done\necho oops >&2\n"
+    )
+    base = ("--project", project, "--cluster", "alpha", "--gpus", "1", "--time", "5")
+    followed = cli(broker, "alice", "submit", str(script), *base, "--follow")
+    assert followed.returncode == 0, followed.stderr
+    assert followed.stdout == "step-1\nstep-2\nstep-3\n"  # the job's own output, as it ran
+    assert "completed" in followed.stderr
+
+    failing = tmp_path / "fails.sh"
+    failing.write_text("#!/bin/bash\necho about to fail\nexit 3\n")
+    waited = cli(broker, "alice", "submit", str(failing), *base, "--wait", "--json")
+    assert waited.returncode == 3, waited.stderr  # the job's own exit code
+    job = json.loads(waited.stdout)
+    assert job["state"] == "failed" and job["exit_code"] == 3
+
+    logs = cli(broker, "alice", "logs", job["id"], "-f")
+    assert logs.returncode == 0 and logs.stdout == "about to fail\n"
+    first = json.loads(cli(broker, "alice", "logs", job["id"], "--json").stdout)
+    assert first["eof"] and first["data"] == "about to fail\n"
+    assert cli(broker, "alice", "logs", job["id"], "--stderr").stdout == ""
+    assert cli(broker, "bob", "logs", job["id"]).returncode == 3  # not his: not found
