@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from benchmarks.slurm import BENCH_ACCOUNT, BROKER_TOML
+from benchmarks.slurm import BENCH_ACCOUNT, BROKER_TOML, RESEARCHER_UNIX_USER
 from broker.clock import utcnow
 from broker.config import Settings, environment_for, load_settings
 from broker.db.engine import make_engine, make_session_factory, transaction
@@ -109,7 +109,9 @@ def open_database(url: str) -> Database:
 def add_researcher(db: Database, name: str) -> str:
     """A researcher and a token for them; returns the token."""
     with transaction(db.sessions) as session:
-        identity.create_user(session, ADMIN, UserCreate(name=name, role="researcher"))
+        # Jobs run as the dev cluster's researcher alice, through sudo, as in production.
+        body = UserCreate(name=name, role="researcher", unix_user=RESEARCHER_UNIX_USER)
+        identity.create_user(session, ADMIN, body)
         return identity.issue_token(session, ADMIN, name, "benchmark").token
 
 

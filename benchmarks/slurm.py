@@ -31,6 +31,10 @@ DEV_DIR = REPO / ".dev-cluster"
 BROKER_TOML = DEV_DIR / "broker.toml"
 
 BENCH_ACCOUNT = "bench"
+PARENT_ACCOUNT = "broker"
+"""The account the service account coordinates (deploy/dev-cluster/up.sh)."""
+RESEARCHER_UNIX_USER = "alice"
+"""The dev cluster's researcher the broker submits the benchmark's jobs as."""
 """Slurm account (and broker project) of every benchmark job."""
 JOB_SCRIPT = "#!/bin/bash\ntrue\n"
 JOB_NAME = "bench"
@@ -249,21 +253,44 @@ class SshSbatch:
 
 
 def prepare_account(cluster: Cluster) -> None:
-    """Create the ``bench`` account for the service account, with ``GrpJobs=0`` (idempotent)."""
+    """Create the ``bench`` account below the broker's parent account, for the service account
+    (direct sbatch) and the researcher the broker submits as, with ``GrpJobs=0`` (idempotent)."""
     for argv in (
-        ("sacctmgr", "-i", "add", "account", BENCH_ACCOUNT, f"cluster={cluster.name}"),
         (
             "sacctmgr",
             "-i",
             "add",
-            "user",
-            cluster.user,
-            f"account={BENCH_ACCOUNT}",
+            "account",
+            BENCH_ACCOUNT,
             f"cluster={cluster.name}",
+            f"parent={PARENT_ACCOUNT}",
+        ),
+        # An account made by an earlier version of this script sits below root: move it (root may).
+        ("sacctmgr", "-i", "modify", "account", BENCH_ACCOUNT, "set", f"parent={PARENT_ACCOUNT}"),
+        (
+            "sacctmgr",
+            "-i",
+            "add",
+            "coordinator",
+            f"account={BENCH_ACCOUNT}",
+            f"names={cluster.user}",
+        ),
+        *(
+            (
+                "sacctmgr",
+                "-i",
+                "add",
+                "user",
+                user,
+                f"account={BENCH_ACCOUNT}",
+                f"cluster={cluster.name}",
+            )
+            for user in (cluster.user, RESEARCHER_UNIX_USER)
         ),
     ):
         done = cluster.admin(*argv)
-        already = "nothing new added" in (done.stdout + done.stderr).lower()
+        text = (done.stdout + done.stderr).lower()
+        already = "nothing new added" in text or "nothing modified" in text
         if done.returncode != 0 and not already:
             raise ClusterError(f"{' '.join(argv)}: {done.stderr.strip() or done.stdout.strip()}")
     cluster.admin(

@@ -40,6 +40,7 @@ pytestmark = pytest.mark.cluster
 
 T = TypeVar("T")
 ACCOUNT = "dev"
+PARENT = "broker"
 NASTY = '$(touch {marker}); `touch {marker}`; it\'s "quoted" \\ a,b;c | & > <\nsecond line $HOME'
 
 
@@ -275,13 +276,15 @@ def test_statuses_cost_the_same_for_10_and_1000_jobs(alpha: Cluster) -> None:
 
 
 def test_ping_and_ensure_account(beta: Cluster) -> None:
+    """Over SSH the login user is the service account, a coordinator of the parent account
+    ``broker`` and no Slurm administrator: it creates accounts below ``broker`` only."""
     beta.client.ping()
     user = runner_user(beta.kind, beta.dev)
     beta.client.ensure_account(ACCOUNT, user)  # exists: idempotent
     account = f"ct{uuid.uuid4().hex[:8]}"
     try:
-        beta.client.ensure_account(account, user)
-        beta.client.ensure_account(account, user)
+        beta.client.ensure_account(account, user, parent=PARENT, coordinator=beta.dev.user)
+        beta.client.ensure_account(account, user, parent=PARENT, coordinator=beta.dev.user)
         job_id = beta.submit(account=account, script="#!/bin/sh\ntrue\n")
         beta.wait_state(job_id, "COMPLETED")
     finally:

@@ -78,7 +78,7 @@ class FakeSlurm:
     created_accounts: set[tuple[str, str | None]] = field(default_factory=set)
     """(account, parent) the broker created."""
     cancelled_as: list[str | None] = field(default_factory=list)
-    unix_users: set[str] = field(default_factory=lambda: {"alice", "bob"})
+    unix_users: set[str] = field(default_factory=lambda: {"alice", "bob", "ops"})
     """Unix accounts sudo lets the service account act as."""
     directories: set[tuple[str, str]] = field(default_factory=set)
     files: dict[str, tuple[str, bytes]] = field(default_factory=dict)

@@ -92,7 +92,7 @@ def build_env(
     upgrade(runtime.engine)
     with transaction(runtime.sessions) as session:
         for name, role, unix_user in (
-            ("root", "admin", None),
+            ("root", "admin", "ops"),
             ("alice", "researcher", "alice"),
             ("bob", "researcher", "bob"),
             ("eve", "engineer", None),

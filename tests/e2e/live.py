@@ -141,7 +141,7 @@ def seed_users(runtime: Runtime) -> dict[str, str]:
             ("eve", "engineer", None),
         ):
             body = UserCreate.model_validate({"name": name, "role": role, "unix_user": unix_user})
-            identity.create_user(session, "test", body, runtime.settings)
+            identity.create_user(session, "test", body)
             tokens[name] = identity.issue_token(session, "test", name, "e2e").token
     return tokens
 

@@ -82,7 +82,10 @@ def test_the_broker_sbatch_line_keeps_the_options_of_the_spec(
         time_limit_minutes=10,
         tag=f"brk-directives-{uuid.uuid4().hex[:8]}",
         name="directives",
+        run_as="alice",  # as the broker submits: as the researcher, through sudo
     )
+    # The membership's association is added after the response; make sure it is there now.
+    broker.runtime.identities.ensure_association("alpha", project, "alice")
     with pytest.raises(ValueError, match="sbatch directives"):
         client.submit(spec)  # the adapter itself refuses the script
 
@@ -103,7 +106,7 @@ def test_the_broker_sbatch_line_keeps_the_options_of_the_spec(
             assert theirs.get(field) == their_value
     finally:
         for job_id in started:
-            client.cancel(job_id)
+            client.cancel(job_id, as_user="alice")
 
 
 def _remember(started: list[str], job_id: str) -> str:

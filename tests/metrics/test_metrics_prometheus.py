@@ -228,7 +228,7 @@ def scenario(broker: Broker, prometheus: Prometheus) -> Scenario:
     now = datetime.now(UTC)
     with broker.client(broker.admin_token) as admin:
         for method, path, body in (
-            ("POST", "/v1/users", {"name": researcher, "role": "researcher"}),
+            ("POST", "/v1/users", {"name": researcher, "role": "researcher", "unix_user": "alice"}),
             (
                 "POST",
                 "/v1/projects",
