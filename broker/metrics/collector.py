@@ -120,12 +120,12 @@ class DatabaseCollector:
         )
         used = GaugeMetricFamily(
             "broker_project_used_gpu_seconds",
-            "Weighted GPU-seconds charged to jobs submitted in the current period",
+            "Weighted GPU-seconds charged in the current period: what jobs ran inside it",
             labels=["project"],
         )
         reserved = GaugeMetricFamily(
             "broker_project_reserved_gpu_seconds",
-            "Weighted GPU-seconds still reserved by live jobs of the current period",
+            "Weighted GPU-seconds still held by the project's live jobs, whenever submitted",
             labels=["project"],
         )
         remaining = GaugeMetricFamily(
