@@ -10,7 +10,14 @@ from datetime import UTC, datetime
 
 import pytest
 
-from adapters.errors import CommandFailed, HostUnreachable, SlurmOutputError, SlurmUnavailable
+from adapters.errors import (
+    CommandFailed,
+    HostUnreachable,
+    RunAsRefused,
+    SlurmOutputError,
+    SlurmUnavailable,
+    SubmitMisrouted,
+)
 from adapters.runner import CommandResult, CommandRunner
 from adapters.slurm.client import SlurmClient
 from adapters.slurm.commands import SACCT_FIELDS, SQUEUE_FIELDS, SQUEUE_MAX_IDS
@@ -398,3 +405,30 @@ def test_several_sacct_records_under_one_id_are_all_reported_newest_first() -> N
     assert [s.tag for s in report.earlier["7"]] == ["brk-old"]
     assert [s.tag for s in report.candidates("7")] == ["brk-new", "brk-old"]
     assert report.found["7"].ended and report.earlier["7"][0].ended
+
+
+def test_an_answer_naming_another_cluster_is_a_failed_submit_and_that_job_is_cancelled() -> None:
+    """``sbatch --parsable`` printing ``id;other``: the job went where no quota admitted it."""
+    runner = ScriptedRunner({"sbatch": (0, "77;beta\n", ""), "scancel": (0, "", "")})
+    with pytest.raises(SubmitMisrouted) as caught:
+        client_for(runner).submit(SPEC)
+    assert (caught.value.job_id, caught.value.cluster) == ("77", "beta")
+    assert not caught.value.transient and not caught.value.may_have_run
+    assert caught.value.reason is not None and "beta" in caught.value.reason
+    assert runner.calls[1][0] == ["/usr/bin/scancel", "--clusters=beta", "77"]
+
+
+def test_a_job_is_submitted_as_its_researcher_and_a_refused_identity_is_no_slurm_error() -> None:
+    runner = ScriptedRunner({"sudo": (0, "4242\n", "")})
+    spec = dataclasses.replace(SPEC, run_as="alice", workdir="/home/alice/.broker/jobs")
+    assert client_for(runner).submit(spec) == "4242"
+    argv, stdin = runner.calls[0]
+    assert argv[:5] == ["/usr/bin/sudo", "-n", "-u", "alice", "--"]
+    assert argv[5] == "/usr/bin/sbatch" and "--chdir=/home/alice/.broker/jobs" in argv
+    assert stdin == SPEC.script.encode()
+    refused = ScriptedRunner({"sudo": (1, "", "sudo: a password is required\n")})
+    with pytest.raises(RunAsRefused) as caught:
+        client_for(refused).submit(spec)
+    assert caught.value.user == "alice" and not caught.value.may_have_run
+    with pytest.raises(ValueError, match="root"):
+        client_for(runner).submit(dataclasses.replace(SPEC, run_as="root"))
