@@ -15,7 +15,7 @@ from broker.api import deps
 from broker.api.app import create_app
 from broker.service import identity
 from tests.broker.harness import Env, build_env
-from tests.broker.test_api import problem, token
+from tests.broker.http_api import problem, token
 
 SCRIPT = "#!/bin/bash\nsleep 1\n"
 JOB = {"project": "climate", "script": SCRIPT, "gpus": 1, "time_limit_minutes": 10}

@@ -26,8 +26,9 @@ from broker.db.models import (
 )
 from broker.errors import SubmitRejected
 from broker.schemas import JobCreate
-from broker.service import identity, projects
+from broker.service import projects
 from tests.broker.harness import Env, build_env
+from tests.broker.http_api import token
 
 LONG_REASON = "ReqNodeNotAvail, UnavailableNodes:" + ",".join(
     f"gpu-node-{i:04d}" for i in range(70)
@@ -119,17 +120,12 @@ def test_a_long_sbatch_refusal_is_a_422_with_the_reservation_released(env: Env) 
 
     # The same through HTTP: a problem document, not a 500.
     env.slurm["alpha"].refuse_next_submit = "Invalid feature specification: " + "y" * 1000
-    with transaction(env.runtime.sessions) as session:
-        issued = identity.issue_token(session, "test", "alice", "test")
+    alice = token(env, "alice")
     with TestClient(create_app(env.runtime)) as api:
         response = api.post(
-            "/v1/jobs",
-            json=job().model_dump(mode="json", exclude_none=True),
-            headers={"Authorization": f"Bearer {issued.token}"},
+            "/v1/jobs", json=job().model_dump(mode="json", exclude_none=True), headers=alice
         )
-        climate = api.get(
-            "/v1/projects/climate/usage", headers={"Authorization": f"Bearer {issued.token}"}
-        ).json()
+        climate = api.get("/v1/projects/climate/usage", headers=alice).json()
     assert response.status_code == 422, response.text
     assert response.json()["type"] == "submit-rejected"
     assert climate["reserved_gpu_hours"] == 0.0

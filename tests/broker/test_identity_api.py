@@ -14,9 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from broker.api.app import create_app
-from broker.db.engine import transaction
-from broker.service import identity
 from tests.broker.harness import Env, build_env
+from tests.broker.http_api import problem, token
 
 SCRIPT = "#!/bin/bash\nid -un\n"
 
@@ -32,19 +31,6 @@ def env(tmp_path: Any) -> Iterator[Env]:
 def api(env: Env) -> Iterator[TestClient]:
     with TestClient(create_app(env.runtime)) as client:
         yield client
-
-
-def token(env: Env, user: str) -> dict[str, str]:
-    with transaction(env.runtime.sessions) as session:
-        issued = identity.issue_token(session, "test", user, "test")
-    return {"Authorization": f"Bearer {issued.token}"}
-
-
-def problem(response: Any, status: int, type_: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body: dict[str, Any] = response.json()
-    assert body["type"] == type_, body
-    return body
 
 
 def submit(api: TestClient, headers: dict[str, str], **fields: Any) -> Any:

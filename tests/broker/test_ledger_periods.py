@@ -19,8 +19,9 @@ from broker.db.models import JobRecord, ProjectRecord, QuotaRecord
 from broker.errors import QuotaExceeded
 from broker.metrics.state import read_state
 from broker.schemas import JobCreate, QuotaPut
-from broker.service import identity, ledger, projects, reports
+from broker.service import ledger, projects, reports
 from tests.broker.harness import Env, build_env
+from tests.broker.http_api import token
 
 HOUR = timedelta(hours=1)
 
@@ -160,7 +161,7 @@ def test_usage_endpoints_agree_with_the_ledger(env: Env) -> None:
     assert reserved == 2 * 240 * 60
 
     with TestClient(create_app(env.runtime)) as api:
-        eve = bearer(env, "eve")
+        eve = token(env, "eve")
         body: dict[str, Any] = api.get("/v1/projects/climate/usage", headers=eve).json()
         report = api.get(
             "/v1/usage",
@@ -173,9 +174,3 @@ def test_usage_endpoints_agree_with_the_ledger(env: Env) -> None:
     assert body["by_gpu_type"] == {"h100": 8.0, "a100": 1.0}
     assert sum(row["gpu_hours"] for row in report["data"]) == used / 3600
     assert {row["key"]: row["gpu_hours"] for row in report["data"]} == {"alpha": 8.0, "beta": 1.0}
-
-
-def bearer(env: Env, user: str) -> dict[str, str]:
-    with transaction(env.runtime.sessions) as session:
-        issued = identity.issue_token(session, "test", user, "test")
-    return {"Authorization": f"Bearer {issued.token}"}
