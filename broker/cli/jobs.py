@@ -13,7 +13,7 @@ from broker.cli.arguments import AllOption, CursorOption, LimitOption, parse_pai
 from broker.cli.context import ClientTyper, connect, options
 from broker.cli.errors import BrokerUnreachable
 from broker.cli.http import decode, segment
-from broker.cli.output import fields, more_hint, print_json, print_table
+from broker.cli.output import fields, more_hint, print_json, print_record, print_table
 
 SUBMIT_TIMEOUT = 60.0  # sbatch runs over SSH before the broker answers
 
@@ -178,10 +178,7 @@ def job(ctx: typer.Context, job_id: Annotated[str, typer.Argument(metavar="ID")]
     """Show one job."""
     with connect(ctx) as api:
         data = api.json("GET", f"/v1/jobs/{segment(job_id)}")
-    if options(ctx).json:
-        print_json(data)
-    else:
-        typer.echo(fields(data.items()))
+    print_record(data, options(ctx).json)
 
 
 @app.command("job-events")

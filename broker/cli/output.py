@@ -74,6 +74,14 @@ def print_json(data: Any) -> None:
         typer.echo(json_text(data))
 
 
+def print_record(data: Mapping[str, Any], as_json: bool) -> None:
+    """One object: as JSON, or as aligned ``key: value`` lines."""
+    if as_json:
+        print_json(data)
+    else:
+        typer.echo(fields(data.items()))
+
+
 def print_table(headers: list[str], rows: list[list[Any]], empty: str) -> None:
     typer.echo(table(headers, rows) if rows else empty)
 

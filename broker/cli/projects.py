@@ -10,7 +10,7 @@ import typer
 from broker.cli.arguments import parse_pairs, timestamp
 from broker.cli.context import ClientTyper, connect, options
 from broker.cli.http import segment
-from broker.cli.output import fields, print_json, print_table, table
+from broker.cli.output import fields, print_json, print_record, print_table, table
 
 app = ClientTyper()
 group = ClientTyper(help="Projects, their members and quotas.", no_args_is_help=True)
@@ -184,7 +184,4 @@ def project_set_quota(
     body.update({key: value for key, value in optional.items() if value is not None})
     with connect(ctx) as api:
         data = api.json("PUT", f"/v1/projects/{segment(name)}/quota", body=body)
-    if options(ctx).json:
-        print_json(data)
-    else:
-        typer.echo(fields(data.items()))
+    print_record(data, options(ctx).json)

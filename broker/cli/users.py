@@ -8,7 +8,7 @@ import typer
 
 from broker.cli.context import ClientTyper, connect, options
 from broker.cli.http import segment
-from broker.cli.output import fields, print_json, print_table
+from broker.cli.output import fields, print_json, print_record, print_table
 
 app = ClientTyper()
 group = ClientTyper(help="Users and their API tokens.", no_args_is_help=True)
@@ -21,10 +21,7 @@ def whoami(ctx: typer.Context) -> None:
     """Show the token's user, role and projects."""
     with connect(ctx) as api:
         data = api.json("GET", "/v1/me")
-    if options(ctx).json:
-        print_json(data)
-    else:
-        typer.echo(fields(data.items()))
+    print_record(data, options(ctx).json)
 
 
 @group.command("create")
@@ -46,10 +43,7 @@ def user_create(
         body["unix_user"] = unix_user
     with connect(ctx) as api:
         data = api.json("POST", "/v1/users", body=body)
-    if options(ctx).json:
-        print_json(data)
-    else:
-        typer.echo(fields(data.items()))
+    print_record(data, options(ctx).json)
 
 
 @group.command("set-unix-user")
@@ -61,10 +55,7 @@ def user_set_unix_user(
     """Set the Unix account a user's jobs run as (their Slurm associations follow)."""
     with connect(ctx) as api:
         data = api.json("PATCH", f"/v1/users/{segment(name)}", body={"unix_user": unix_user})
-    if options(ctx).json:
-        print_json(data)
-    else:
-        typer.echo(fields(data.items()))
+    print_record(data, options(ctx).json)
 
 
 @group.command("list")
