@@ -50,6 +50,13 @@ def check_unix_user(settings: Settings | None, value: str) -> str:
     return value
 
 
+def default_unix_user(settings: Settings, name: str) -> str | None:
+    """A user's name as their Unix account, where it may be one; else None (an admin sets it)."""
+    if _UNIX_USER.fullmatch(name) and name not in refused_unix_users(settings):
+        return name
+    return None
+
+
 def output_dir(cluster: ClusterSettings, unix_user: str) -> str:
     """The researcher's job directory on ``cluster`` (``output_dir`` template filled in)."""
     return cluster.output_dir.format(unix_user=unix_user, cluster=cluster.name)

@@ -30,7 +30,7 @@ from broker.schemas import (
     UsersPublic,
 )
 from broker.service import audit
-from broker.service.cluster_identity import check_unix_user
+from broker.service.cluster_identity import check_unix_user, default_unix_user
 
 TOKEN_PREFIX = "brk_"  # noqa: S105 - a public prefix, not a secret
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -156,10 +156,10 @@ def create_user(
     if session.scalar(select(UserRecord.id).where(UserRecord.name == body.name)) is not None:
         raise Conflict(f"user {body.name} already exists")
     unix_user = body.unix_user
-    if unix_user is None and settings is not None and settings.identity.unix_user_defaults_to_name:
-        unix_user = body.name
     if unix_user is not None:
         check_unix_user(settings, unix_user)
+    elif settings is not None and settings.identity.unix_user_defaults_to_name:
+        unix_user = default_unix_user(settings, body.name)
     user = UserRecord(
         name=body.name,
         role=body.role,

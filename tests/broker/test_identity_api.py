@@ -201,3 +201,30 @@ def test_output_is_for_the_submitter_and_admins_only(api: TestClient, env: Env) 
     for user in ("bob", "eve"):
         problem(api.get(url, headers=token(env, user)), 404, "not-found")
     assert api.get(url, headers=admin).json()["data"] == "alice's secret\n"
+
+
+def test_unix_user_defaults_to_the_name_where_the_site_says_so(tmp_path: Any) -> None:
+    environment = build_env(
+        f"sqlite:///{tmp_path}/named.db", identity_settings={"unix_user_defaults_to_name": True}
+    )
+    try:
+        with TestClient(create_app(environment.runtime)) as client:
+            admin = token(environment, "root")
+            created = client.post(
+                "/v1/users", json={"name": "dora", "role": "researcher"}, headers=admin
+            )
+            assert created.status_code == 201 and created.json()["unix_user"] == "dora"
+            # An explicit one wins; a name that cannot be a Unix account (upper case, a service
+            # account's) leaves it unset for an admin to choose.
+            other = client.post(
+                "/v1/users",
+                json={"name": "emil", "role": "researcher", "unix_user": "emil2"},
+                headers=admin,
+            )
+            assert other.json()["unix_user"] == "emil2"
+            root_named = client.post(
+                "/v1/users", json={"name": "root", "role": "admin"}, headers=admin
+            )
+            problem(root_named, 409, "conflict")  # exists already; never becomes a Unix user
+    finally:
+        environment.runtime.close()
