@@ -317,6 +317,17 @@ class ClusterSettings(_Section):
             )
         if self.slurm_cluster_name and not _NAME_RE.fullmatch(self.slurm_cluster_name):
             problems.append(("slurm_cluster_name", f"must match {NAME_PATTERN}"))
+        try:
+            example = self.output_dir.format(unix_user="alice", cluster="alpha")
+        except (KeyError, IndexError, ValueError):
+            example = ""
+        if not example.startswith("/") or "{unix_user}" not in self.output_dir:
+            problems.append(
+                (
+                    "output_dir",
+                    "must be an absolute path with {unix_user} (and optionally {cluster}) in it",
+                )
+            )
         _raise_problems(problems)
         return self
 

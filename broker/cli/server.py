@@ -48,6 +48,10 @@ def _logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("paramiko").setLevel(logging.WARNING)
+    if level.lower() != "debug":
+        # APScheduler logs every run of the poller's job at INFO: per-cycle chatter that buries
+        # what matters (the poller logs its own events: lease taken, jobs settled, outages).
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 @app.command()

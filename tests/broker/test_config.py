@@ -481,3 +481,18 @@ def test_with_several_clusters_and_no_default_there_is_no_default_cluster(tmp_pa
 
     assert sorted(settings.clusters) == ["alpha", "beta"]
     assert settings.default_cluster is None
+
+
+@pytest.mark.parametrize(
+    "output_dir", ["relative/{unix_user}", "/home/shared/jobs", "/home/{user}/jobs", "/x/{0}"]
+)
+def test_output_dir_must_be_absolute_and_per_user(tmp_path: Path, output_dir: str) -> None:
+    """Every researcher's output in one directory would let them read each other's."""
+    cluster = {
+        "transport": "local",
+        "default_partition": "gpu",
+        "partitions": {"gpu": {"gpu_type": "h100"}},
+        "output_dir": output_dir,
+    }
+    with pytest.raises(ValidationError, match="output_dir"):
+        Settings.model_validate({"clusters": {"alpha": cluster}})
