@@ -300,7 +300,14 @@ class JobService:
         self._observer.submission(outcome.job.cluster, result, None, time.monotonic() - started)
         return outcome
 
-    def _submit(self, actor: Actor, body: JobCreate, idempotency_key: str | None) -> SubmitOutcome:
+    def _submit(
+        self,
+        actor: Actor,
+        body: JobCreate,
+        idempotency_key: str | None,
+        *,
+        again: bool = True,
+    ) -> SubmitOutcome:
         limits = self._settings.limits
         if len(body.script.encode()) > limits.max_script_bytes:
             raise PayloadTooLarge(
@@ -346,7 +353,12 @@ class JobService:
             _check_replay(job_id, earlier_sha256, fingerprint)
             replayed = True
         if replayed:
-            return SubmitOutcome(self._await_submitted(actor, job_id), created=False)
+            earlier_job = self._await_submitted(actor, job_id)
+            if earlier_job.state == JobState.SUBMIT_FAILED.value and again:
+                # The request this one repeats never reached Slurm and gave its key back while
+                # this one waited: this retry is a new submission under the same key (once).
+                return self._submit(actor, body, idempotency_key, again=False)
+            return SubmitOutcome(earlier_job, created=False)
         submitted = self._run_sbatch(job_id, cluster_name, spec, body.project, actor.name)
         return SubmitOutcome(submitted, created=True)
 
