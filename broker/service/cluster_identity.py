@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from adapters.errors import AdapterError, RunAsRefused, TransportError
 from broker.config import ClusterSettings, Settings
@@ -68,9 +68,22 @@ class ClusterIdentities:
     def __init__(self, clusters: ClusterRegistry, settings: Settings) -> None:
         self._clusters = clusters
         self._settings = settings
-        self._ready: set[tuple[str, str]] = set()
-        self._associated: set[tuple[str, str, str]] = set()
+        self._done: set[tuple[str, ...]] = set()
+        """What this process already set up on a cluster (directories, accounts, associations)."""
         self._lock = threading.Lock()
+
+    def _once(self, key: tuple[str, ...], action: Callable[[], None]) -> None:
+        """Run ``action`` unless ``key`` was set up already by this process; remember success."""
+        with self._lock:
+            if key in self._done:
+                return
+        action()
+        with self._lock:
+            self._done.add(key)
+
+    def _forget(self, key: tuple[str, ...]) -> None:
+        with self._lock:
+            self._done.discard(key)
 
     def prepare(self, cluster_name: str, unix_user: str | None) -> str:
         """The job directory of ``unix_user`` on the cluster, created as them if need be.
@@ -85,12 +98,12 @@ class ClusterIdentities:
             )
         cluster = self._clusters.config(cluster_name)
         directory = output_dir(cluster, unix_user)
-        key = (cluster_name, unix_user)
-        with self._lock:
-            if key in self._ready:
-                return directory
+        client = self._clusters.client(cluster_name)
         try:
-            self._clusters.client(cluster_name).prepare_directory(unix_user, directory)
+            self._once(
+                ("directory", cluster_name, unix_user),
+                lambda: client.prepare_directory(unix_user, directory),
+            )
         except RunAsRefused as exc:
             log.warning("cluster %s refuses to act as %s: %s", cluster_name, unix_user, exc)
             raise NoClusterIdentity(
@@ -109,22 +122,33 @@ class ClusterIdentities:
                 cluster_name,
                 f"the job directory of {unix_user} cannot be created on cluster {cluster_name}",
             ) from exc
-        with self._lock:
-            self._ready.add(key)
         return directory
 
-    def ensure_association(self, cluster_name: str, account: str, unix_user: str) -> None:
-        """Let ``unix_user`` charge ``account`` on the cluster (once per process)."""
+    def ensure_account(self, cluster_name: str, account: str) -> None:
+        """Create a project's account where the broker manages them (once per process): below
+        ``parent_account``, with the service account as its coordinator, so slurmctld lets it
+        cancel there (SLURM-NOTES: coordinator rights do not reach accounts made later)."""
         cluster = self._clusters.config(cluster_name)
         if not cluster.manage_accounts:
             return
-        key = (cluster_name, account, unix_user)
-        with self._lock:
-            if key in self._associated:
-                return
-        self._clusters.client(cluster_name).ensure_association(account, unix_user)
-        with self._lock:
-            self._associated.add(key)
+        parent = cluster.parent_account or None
+        client = self._clusters.client(cluster_name)
+        self._once(
+            ("account", cluster_name, account),
+            lambda: client.ensure_account(
+                account, parent=parent, coordinator=cluster.user if parent else None
+            ),
+        )
+
+    def ensure_association(self, cluster_name: str, account: str, unix_user: str) -> None:
+        """Let ``unix_user`` charge ``account`` on the cluster (once per process)."""
+        if not self._clusters.config(cluster_name).manage_accounts:
+            return
+        client = self._clusters.client(cluster_name)
+        self._once(
+            ("association", cluster_name, account, unix_user),
+            lambda: client.ensure_association(account, unix_user),
+        )
 
     def grant(self, accounts: dict[str, str], unix_user: str | None) -> None:
         """A new member: associations on every cluster of the project (best effort; a cluster
@@ -151,8 +175,7 @@ class ClusterIdentities:
         if unix_user is None:
             return failed
         for cluster_name, account in self._managed(accounts):
-            with self._lock:
-                self._associated.discard((cluster_name, account, unix_user))
+            self._forget(("association", cluster_name, account, unix_user))
             try:
                 self._clusters.client(cluster_name).remove_association(account, unix_user)
                 log.info("association %s/%s for %s removed", cluster_name, account, unix_user)

@@ -38,7 +38,6 @@ class ForeignWork:
     """(Slurm job id, action) of foreign jobs seen for the first time."""
     cancel: list[tuple[str, str | None]] = field(default_factory=list)
     """(Slurm job id, Unix user) to scancel: new ones, and earlier ones that still run."""
-    charged: int = 0
 
 
 def managed_accounts(session: Session, cluster: str) -> dict[str, int]:
@@ -124,7 +123,7 @@ def apply(
         row.missing_polls = 0
         row.slurm_state = found.state
         if found.ended and found.source == "sacct" and found.end_time is not None:
-            work.charged += _charge(session, row, found)
+            _charge(session, row, found)
         elif not found.ended and row.action == "cancel":
             work.cancel.append((slurm_job_id, row.unix_user))  # the earlier scancel failed
     if work.detected:
@@ -187,7 +186,7 @@ def _record(
     return row
 
 
-def _charge(session: Session, row: ForeignJobRecord, record: JobStatus) -> int:
+def _charge(session: Session, row: ForeignJobRecord, record: JobStatus) -> None:
     """Charge an ended foreign job what sacct says it used, under the project's ledger lock."""
     ledger.lock_project(session, row.project_id)
     quota = session.get(QuotaRecord, row.project_id)
@@ -208,4 +207,3 @@ def _charge(session: Session, row: ForeignJobRecord, record: JobStatus) -> int:
         row.account,
         row.charged_gpu_seconds,
     )
-    return 1

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import posixpath
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -201,8 +200,6 @@ class JobService:
         self._settings = settings
         self._observer: BrokerObserver = observer or NullObserver()
         self._identities = identities or ClusterIdentities(clusters, settings)
-        self._accounts_ensured: set[tuple[str, str]] = set()
-        self._accounts_lock = threading.Lock()
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -514,21 +511,6 @@ class JobService:
                 remaining=0.0,
             )
 
-    def _ensure_account(self, cluster_name: str, account: str) -> None:
-        cluster = self._clusters.config(cluster_name)
-        if not cluster.manage_accounts:
-            return
-        key = (cluster_name, account)
-        with self._accounts_lock:
-            if key in self._accounts_ensured:
-                return
-        parent = cluster.parent_account or None
-        self._clusters.client(cluster_name).ensure_account(
-            account, parent=parent, coordinator=cluster.user if parent else None
-        )
-        with self._accounts_lock:
-            self._accounts_ensured.add(key)
-
     def create_project(self, actor: Actor, body: ProjectCreate) -> ProjectPublic:
         """Create a project (admins), then its Slurm accounts, outside the transaction."""
         with transaction(self._sessions) as session:
@@ -541,7 +523,7 @@ class JobService:
         a cluster that is down now gets its account at the project's first submission)."""
         for cluster_name, account in slurm_accounts.items():
             try:
-                self._ensure_account(cluster_name, account)
+                self._identities.ensure_account(cluster_name, account)
             except AdapterError as exc:
                 log.warning("account %s on %s not created yet: %s", account, cluster_name, exc)
 
@@ -549,7 +531,7 @@ class JobService:
         self, job_id: str, cluster_name: str, spec: JobSpec, project: str, user_name: str
     ) -> JobPublic:
         try:
-            self._ensure_account(cluster_name, spec.account)
+            self._identities.ensure_account(cluster_name, spec.account)
             if spec.run_as is not None:
                 self._identities.ensure_association(cluster_name, spec.account, spec.run_as)
             slurm_job_id = self._clusters.client(cluster_name).submit(spec)

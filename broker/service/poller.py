@@ -69,7 +69,6 @@ class CycleReport:
     corrected: int = 0
     """Charges corrected after settlement from a later sacct record."""
     lease_lost: bool = False
-    foreign_detected: int = 0
     foreign: list[str] = field(default_factory=list)
     """The action (``cancel`` or ``charge``) taken on each foreign job first seen this cycle."""
     status_commands: int = 0
@@ -279,7 +278,8 @@ class Poller:
         report.status_commands = status.commands
         if followed:
             self._apply_all(cluster, followed, status, report, fence)
-        self._foreign_jobs(cluster, status, accounts, report, fence)
+        if foreign_ids or any(job.account in accounts for job in status.others):
+            self._foreign_jobs(cluster, status, accounts, report, fence)
 
     def _foreign_jobs(
         self,
@@ -292,7 +292,6 @@ class Poller:
         action = self._settings.identity.foreign_jobs
         with self._write(fence) as session:
             work = foreign.apply(session, self._clusters.config(cluster), action, status, accounts)
-        report.foreign_detected += len(work.detected)
         report.foreign.extend(what for _, what in work.detected)
         client = self._clusters.client(cluster)
         for slurm_job_id, unix_user in work.cancel:
