@@ -21,7 +21,8 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, get_args
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -147,7 +148,68 @@ class DatabaseSettings(_Section):
         return self
 
 
+JwtAlgorithm = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
+]
+"""Signature algorithms ``auth.oidc.algorithms`` may pin: public-key ones only. ``none`` and the
+HMAC family are never accepted: an HMAC "key" from a JWKS would be a public value anybody has."""
+JWT_ALGORITHMS: tuple[str, ...] = get_args(JwtAlgorithm)
+
+
+def _is_https_or_loopback(url: str) -> bool:
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")
+
+
+class OidcSettings(_Section):
+    """Federated sign-in: the site's OpenID Connect provider's JWTs as bearer tokens (API.md,
+    "Tokens and federated login"). Present as ``[auth.oidc]``: enabled."""
+
+    issuer: str
+    """The provider's issuer URL, exactly as its tokens' ``iss`` and its discovery document say
+    (https; http only on a loopback address, for development)."""
+    audience: str
+    """What the provider puts into ``aud`` of tokens meant for the broker."""
+    user_claim: str = Field(default="preferred_username", min_length=1)
+    """The claim whose value is the broker user's name."""
+    unknown_users: Literal["refuse", "create"] = "refuse"
+    """A valid token naming a user the broker does not know: 401, or the user is created as a
+    researcher without projects (an admin adds them to projects)."""
+    algorithms: Annotated[list[JwtAlgorithm], Field(min_length=1)] = ["RS256"]
+    """Signature algorithms accepted, pinned; a token signed otherwise is refused."""
+    leeway_seconds: float = Field(default=30.0, ge=0, le=300)
+    """Clock skew tolerated on ``exp``, ``nbf`` and ``iat``."""
+    jwks_refresh_min_seconds: float = Field(default=30.0, ge=0)
+    """A token signed with an unknown key id fetches the provider's keys again, at most this
+    often (tokens with made-up key ids cannot make the broker hammer the provider)."""
+    jwks_max_age_seconds: float = Field(default=600.0, gt=0)
+    """Keys are fetched again after this long, so a key the provider removed stops working.
+    While the provider cannot be reached, the keys last fetched stay in use."""
+    http_timeout_seconds: PositiveFloat = 5.0
+    """Timeout of each request to the provider (discovery, keys, token endpoint)."""
+    web_client_id: str = ""
+    """The web pages' client at the provider (authorization code + PKCE); empty: no web sign-in."""
+    web_client_secret: Annotated[SecretStr | None, BeforeValidator(_empty_is_none)] = None
+    """That client's secret; unset for a public client."""
+
+    @model_validator(mode="after")
+    def _check_urls(self) -> Self:
+        problems = []
+        if not _is_https_or_loopback(self.issuer):
+            problems.append(
+                ("issuer", "must be an https:// URL (http:// only on 127.0.0.1 or localhost)")
+            )
+        if not self.audience.strip():
+            problems.append(("audience", "must not be empty"))
+        _raise_problems(problems)
+        return self
+
+
 class AuthSettings(_Section):
+    oidc: OidcSettings | None = None
+    """``[auth.oidc]``: accept the site's OpenID provider's JWTs; absent: broker tokens only."""
     token_bytes: int = Field(default=32, ge=16, le=1024)
     """Random bytes in each issued API token; 16 (128 bits) is the floor."""
     cursor_secret: Annotated[

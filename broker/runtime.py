@@ -15,6 +15,7 @@ from broker.service.cluster_identity import ClusterIdentities
 from broker.service.clusters import ClusterRegistry
 from broker.service.cursors import CursorSigner
 from broker.service.jobs import JobService
+from broker.service.oidc import OidcAuthenticator
 from broker.service.output import JobOutputReader
 from broker.service.poller import Poller
 
@@ -32,6 +33,8 @@ class Runtime:
     metrics: BrokerMetrics
     cursors: CursorSigner
     schedule: PollerSchedule | None = field(default=None)
+    oidc: OidcAuthenticator | None = field(default=None)
+    """The site's OpenID provider's JWTs as bearer tokens, where ``[auth.oidc]`` is configured."""
 
     def start_poller(self) -> None:
         if self.schedule is None:
@@ -43,6 +46,8 @@ class Runtime:
             self.schedule.shutdown()
             self.schedule = None
         self.clusters.close()
+        if self.oidc is not None:
+            self.oidc.close()
         self.engine.dispose()
 
 
@@ -75,4 +80,5 @@ def build_runtime(settings: Settings, *, clusters: ClusterRegistry | None = None
         poller=Poller(sessions, registry, settings, observer=metrics),
         metrics=metrics,
         cursors=cursors,
+        oidc=OidcAuthenticator(settings) if settings.auth.oidc is not None else None,
     )

@@ -20,6 +20,7 @@ from broker.db.engine import transaction
 from broker.errors import Unauthenticated
 from broker.runtime import Runtime
 from broker.service.identity import Actor, authenticate, hash_token
+from broker.service.oidc import looks_like_jwt
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -52,7 +53,9 @@ def get_actor(request: Request, runtime: RuntimeDep) -> Actor:
     Each presented token has a bucket keyed by its hash. Requests that fail authentication (no
     token, an unknown or revoked one) also draw on a bucket of the client's address; while that
     one is empty, tokens never seen to authenticate are refused (429) without a database look-up.
-    A token that has authenticated keeps working from its own bucket.
+    A token that has authenticated keeps working from its own bucket. Where ``[auth.oidc]`` is
+    configured, a JWT goes to the provider's verifier (``broker.service.oidc``), under the same
+    limits.
     """
     limiter: RateLimiter = request.app.state.rate_limiter
     failures = f"failed-auth:{request.client.host if request.client else '-'}"
@@ -67,8 +70,11 @@ def get_actor(request: Request, runtime: RuntimeDep) -> Actor:
     if not limiter.known(token_hash):
         limiter.require_room(failures)
     try:
-        with transaction(runtime.sessions) as session:
-            actor = authenticate(session, token)
+        if runtime.oidc is not None and looks_like_jwt(token):
+            actor = runtime.oidc.authenticate(runtime.sessions, token)
+        else:
+            with transaction(runtime.sessions) as session:
+                actor = authenticate(session, token)
     except Unauthenticated:
         limiter.check(failures)
         raise
