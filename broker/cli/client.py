@@ -1,7 +1,8 @@
 """The everyday command-line client: ``broker submit``, ``broker jobs``, ``broker project ...``.
 
 It talks to a running broker only through the REST contract (API.md), with the URL from
-``--url`` or ``BROKER_URL`` and the bearer token from ``--token`` or ``BROKER_TOKEN``. Output is a
+``--url`` or ``BROKER_URL`` and the bearer token from ``--token`` or ``BROKER_TOKEN``, else the
+identity provider's token ``broker login`` kept. Output is a
 plain table for people; ``--json`` prints the broker's JSON (for scripts). These three global
 options go before the command (``broker --json jobs``) or after it (``broker jobs --json``).
 Errors go to stderr as the problem document's ``title: detail``, followed by its numbers
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import typer
 
-from broker.cli import clusters, jobs, logs, projects, reports, users
+from broker.cli import clusters, jobs, login, logs, projects, reports, users
 from broker.cli.context import global_options
 
 
@@ -32,7 +33,15 @@ def register(app: typer.Typer) -> None:
     """Add the client commands and the ``project``, ``user``, ``report`` groups to ``app``, and
     make ``global_options`` its callback (it replaces any callback ``app`` had)."""
     app.callback()(global_options)
-    for commands in (jobs.app, logs.app, projects.app, clusters.app, users.app, reports.app):
+    for commands in (
+        jobs.app,
+        logs.app,
+        projects.app,
+        clusters.app,
+        users.app,
+        reports.app,
+        login.app,
+    ):
         app.add_typer(commands)
     app.add_typer(projects.group, name="project")
     app.add_typer(users.group, name="user")

@@ -1,8 +1,9 @@
 """The client commands' global options, taken once and handed to every command in its context.
 
-``--url``/``BROKER_URL``, ``--token``/``BROKER_TOKEN`` and ``--json`` are read by one callback on
-the ``broker`` command (``broker --json jobs``). For scripts written before that, every client
-command also accepts them after its name (``broker jobs --json``); given there, they win.
+``--url``/``BROKER_URL``, ``--token``/``BROKER_TOKEN`` (else the token ``broker login`` kept for
+that URL) and ``--json`` are read by one callback on the ``broker`` command (``broker --json
+jobs``). For scripts written before that, every client command also accepts them after its name
+(``broker jobs --json``); given there, they win.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import typer
 import typer.main
 from typer.core import TyperCommand
 
-from broker.cli import http
+from broker.cli import credentials, http
 from broker.cli.errors import CliError, MissingToken
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -136,9 +137,12 @@ def connect(ctx: typer.Context) -> Iterator[http.BrokerClient]:
     """A client for the command's body; ``CliError``s become a stderr report and an exit code."""
     given = options(ctx)
     try:
-        if not given.token:
-            raise MissingToken("no API token: pass --token or set BROKER_TOKEN")
-        client = http.BrokerClient(given.url, given.token, transport=http._transport)
+        token = given.token or credentials.token_for(given.url)
+        if not token:
+            raise MissingToken(
+                "no API token: pass --token or set BROKER_TOKEN (or sign in: broker login)"
+            )
+        client = http.BrokerClient(given.url, token, transport=http._transport)
     except CliError as exc:
         _report(exc)
         raise typer.Exit(exc.exit_code) from None
@@ -149,6 +153,16 @@ def connect(ctx: typer.Context) -> Iterator[http.BrokerClient]:
         raise typer.Exit(exc.exit_code) from None
     finally:
         client.close()
+
+
+@contextmanager
+def report_errors() -> Iterator[None]:
+    """``CliError``s in the block become a stderr report and the exit code."""
+    try:
+        yield
+    except CliError as exc:
+        _report(exc)
+        raise typer.Exit(exc.exit_code) from None
 
 
 def _report(exc: CliError) -> None:

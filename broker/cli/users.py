@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
 
+from broker.cli import credentials
 from broker.cli.context import ClientTyper, connect, options
 from broker.cli.http import segment
 from broker.cli.output import fields, print_json, print_record, print_table
@@ -18,10 +21,31 @@ NameArgument = Annotated[str, typer.Argument(metavar="NAME")]
 
 @app.command("whoami")
 def whoami(ctx: typer.Context) -> None:
-    """Show the token's user, role and projects."""
+    """Show who the broker takes you for (user, role, projects) and which token says so."""
     with connect(ctx) as api:
         data = api.json("GET", "/v1/me")
-    print_record(data, options(ctx).json)
+    given = options(ctx)
+    if given.json:
+        print_json(data)
+        return
+    stored = None if given.token else credentials.load(given.url)
+    if stored is not None:
+        data = {
+            **data,
+            "token": f"signed in at {stored.issuer} (broker login)",
+            "token_expires": _expiry(stored.expires_at),
+        }
+    else:
+        data = {**data, "token": "from --token or BROKER_TOKEN"}
+    print_record(data, False)
+
+
+def _expiry(expires_at: float | None) -> str:
+    if expires_at is None:
+        return "unknown"
+    when = datetime.fromtimestamp(expires_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    minutes = (expires_at - time.time()) / 60
+    return f"{when} (in {minutes:.0f} min)" if minutes >= 0 else f"{when} (expired)"
 
 
 @group.command("create")
