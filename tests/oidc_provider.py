@@ -118,19 +118,36 @@ class _ToPort(httpx.HTTPTransport):
 
 
 class Browser:
-    """Follows the provider's pages like a person would: submit each form, fill in the login."""
+    """Follows the provider's pages like a person would: submit each form, fill in the login,
+    follow redirects within the provider and stop at one that leaves it (a client's callback)."""
 
     def __init__(self, provider: Provider) -> None:
-        self.http = httpx.Client(transport=_ToPort(provider.port), follow_redirects=True)
+        self.http = httpx.Client(transport=_ToPort(provider.port))
+        self.origin = httpx.URL(provider.issuer).copy_with(path="/", query=None)
 
     def close(self) -> None:
         self.http.close()
+
+    def go(
+        self, method: str, url: str | httpx.URL, data: Mapping[str, str] | None = None
+    ) -> httpx.Response:
+        response = self.http.request(method, url, data=data)
+        for _ in range(20):
+            if not response.is_redirect:
+                return response
+            location = response.url.join(response.headers["location"])
+            if (location.host, location.port) != (self.origin.host, self.origin.port):
+                return response  # leaving the provider: the caller reads the Location
+            response = self.http.get(location)
+        raise AssertionError("too many redirects")
 
     def sign_in(self, start: httpx.Response, username: str, password: str) -> httpx.Response:
         """Submit the forms from ``start`` on (the login form with these credentials) until a
         page without a form, or a redirect away from the provider, ends the journey."""
         response = start
         for _ in range(10):
+            if response.is_redirect or response.status_code == 401:
+                return response
             parser = _Forms()
             parser.feed(response.text)
             if not parser.forms:
@@ -139,15 +156,12 @@ class Browser:
             fields: dict[str, str] = dict(form["fields"])
             if "username" in fields:
                 fields.update(username=username, password=password)
-            target = response.url.join(form["action"])
-            response = self.http.post(target, data=fields)
-            if response.status_code == 401:
-                return response
+            response = self.go("POST", response.url.join(form["action"]), fields)
         raise AssertionError("the sign-in did not finish within 10 pages")
 
     def approve_device(self, verification_uri_complete: str, username: str) -> httpx.Response:
         """A person opening the device flow's link and signing in there."""
-        page = self.http.get(verification_uri_complete)
+        page = self.go("GET", verification_uri_complete)
         done = self.sign_in(page, username, PASSWORDS.get(username, "wrong"))
         assert "Sign-in Success" in done.text, done.text[:500]
         return done

@@ -76,7 +76,7 @@ class ProviderKeys:
         self._clock = clock
         self._lock = threading.Lock()
         self._keys: _KeySet | None = None
-        self._jwks_uri: str | None = None
+        self._metadata: dict[str, Any] | None = None
         self._last_attempt = -float("inf")
         self._failing = False
         self.fetches = 0
@@ -121,21 +121,27 @@ class ProviderKeys:
             self._keys = fetched
             return fetched
 
-    def _fetch(self) -> _KeySet:
-        if self._jwks_uri is None:
-            discovery = self._get_json(
+    def metadata(self) -> dict[str, Any]:
+        """The provider's discovery document (fetched once, then kept), checked to name the
+        configured issuer; ``ProviderUnreachable`` if it cannot be had."""
+        document = self._metadata
+        if document is None:
+            document = self._get_json(
                 self.settings.issuer.rstrip("/") + "/.well-known/openid-configuration"
             )
-            if discovery.get("issuer") != self.settings.issuer:
+            if document.get("issuer") != self.settings.issuer:
                 raise ProviderUnreachable(
-                    f"the discovery document names issuer {discovery.get('issuer')!r}, "
+                    f"the discovery document names issuer {document.get('issuer')!r}, "
                     f"not {self.settings.issuer!r}"
                 )
-            uri = discovery.get("jwks_uri")
-            if not isinstance(uri, str) or not uri.startswith(("https://", "http://")):
-                raise ProviderUnreachable("the discovery document has no jwks_uri")
-            self._jwks_uri = uri
-        document = self._get_json(self._jwks_uri)
+            self._metadata = document
+        return document
+
+    def _fetch(self) -> _KeySet:
+        uri = self.metadata().get("jwks_uri")
+        if not isinstance(uri, str) or not uri.startswith(("https://", "http://")):
+            raise ProviderUnreachable("the discovery document has no jwks_uri")
+        document = self._get_json(uri)
         entries = document.get("keys")
         if not isinstance(entries, list):
             raise ProviderUnreachable("the JWKS document has no keys list")
@@ -179,8 +185,12 @@ class OidcVerifier:
         self.settings = settings
         self.keys = keys
 
-    def verify(self, token: str) -> dict[str, Any]:
-        """The token's claims, or ``Unauthenticated`` saying what is wrong with it."""
+    def verify(self, token: str, audience: str | None = None) -> dict[str, Any]:
+        """The token's claims, or ``Unauthenticated`` saying what is wrong with it.
+
+        ``audience``: what ``aud`` must hold; the broker's (``auth.oidc.audience``) by default,
+        a client id for an ID token.
+        """
         if len(token) > MAX_TOKEN_LENGTH:
             raise Unauthenticated("invalid token: too long")
         try:
@@ -205,7 +215,7 @@ class OidcVerifier:
                 token,
                 key=key,
                 algorithms=[alg],
-                audience=self.settings.audience,
+                audience=audience or self.settings.audience,
                 issuer=self.settings.issuer,
                 leeway=self.settings.leeway_seconds,
                 options={"require": ["exp", "iss", "aud"]},
@@ -249,16 +259,22 @@ class OidcAuthenticator:
             raise ValueError("auth.oidc is not configured")
         self.settings = settings
         self.oidc = oidc
-        self._http = http or httpx.Client(follow_redirects=False)
-        self.verifier = OidcVerifier(oidc, ProviderKeys(oidc, self._http, clock))
+        self.http = http or httpx.Client(follow_redirects=False)
+        self.verifier = OidcVerifier(oidc, ProviderKeys(oidc, self.http, clock))
 
     def close(self) -> None:
-        self._http.close()
+        self.http.close()
 
     def authenticate(self, sessions: sessionmaker[Session], token: str) -> Actor:
         """Verify ``token`` (outside any transaction: it may fetch keys) and resolve its user."""
         claims = self.verifier.verify(token)
-        name = self.verifier.user_name(claims)
+        return self.actor_for(sessions, self.verifier.user_name(claims), claims)
+
+    def actor_for(
+        self, sessions: sessionmaker[Session], name: str, claims: Mapping[str, Any]
+    ) -> Actor:
+        """The broker user ``name`` that verified ``claims`` stand for, created where configured;
+        ``Unauthenticated`` if the broker does not know them and may not create them."""
         with transaction(sessions) as session:
             user = session.scalar(select(UserRecord).where(UserRecord.name == name))
             if user is None:
