@@ -165,12 +165,14 @@ def _is_https_or_loopback(url: str) -> bool:
 
 class OidcSettings(_Section):
     """Federated sign-in: the site's OpenID Connect provider's JWTs as bearer tokens (API.md,
-    "Tokens and federated login"). Present as ``[auth.oidc]``: enabled."""
+    "Tokens and federated login")."""
 
-    issuer: str
+    enabled: bool = False
+    """Off: broker tokens only, and the keys below are not used."""
+    issuer: str = ""
     """The provider's issuer URL, exactly as its tokens' ``iss`` and its discovery document say
     (https; http only on a loopback address, for development)."""
-    audience: str
+    audience: str = ""
     """What the provider puts into ``aud`` of tokens meant for the broker."""
     user_claim: str = Field(default="preferred_username", min_length=1)
     """The claim whose value is the broker user's name."""
@@ -196,6 +198,8 @@ class OidcSettings(_Section):
 
     @model_validator(mode="after")
     def _check_urls(self) -> Self:
+        if not self.enabled:
+            return self
         problems = []
         if not _is_https_or_loopback(self.issuer):
             problems.append(
@@ -208,8 +212,8 @@ class OidcSettings(_Section):
 
 
 class AuthSettings(_Section):
-    oidc: OidcSettings | None = None
-    """``[auth.oidc]``: accept the site's OpenID provider's JWTs; absent: broker tokens only."""
+    oidc: OidcSettings = Field(default_factory=OidcSettings)
+    """``[auth.oidc]``: the site's OpenID provider's JWTs as bearer tokens, where enabled."""
     token_bytes: int = Field(default=32, ge=16, le=1024)
     """Random bytes in each issued API token; 16 (128 bits) is the floor."""
     cursor_secret: Annotated[

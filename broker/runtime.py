@@ -34,7 +34,7 @@ class Runtime:
     cursors: CursorSigner
     schedule: PollerSchedule | None = field(default=None)
     oidc: OidcAuthenticator | None = field(default=None)
-    """The site's OpenID provider's JWTs as bearer tokens, where ``[auth.oidc]`` is configured."""
+    """The site's OpenID provider's JWTs as bearer tokens, where ``[auth.oidc]`` is enabled."""
 
     def start_poller(self) -> None:
         if self.schedule is None:
@@ -80,5 +80,5 @@ def build_runtime(settings: Settings, *, clusters: ClusterRegistry | None = None
         poller=Poller(sessions, registry, settings, observer=metrics),
         metrics=metrics,
         cursors=cursors,
-        oidc=OidcAuthenticator(settings) if settings.auth.oidc is not None else None,
+        oidc=OidcAuthenticator(settings) if settings.auth.oidc.enabled else None,
     )

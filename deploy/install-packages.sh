@@ -8,15 +8,23 @@ set -euo pipefail
 # the accounting database with it. The rest are programs the tests and the benchmark smoke test run
 # (tests/deploy/test_install_packages.py checks that this list covers every one): prometheus
 # (promtool), systemd (systemd-analyze), wrk (the benchmarks' HTTP load), git (the benchmark report
-# records the commit), sudo (jobs run as the researcher through sudo on the login node).
+# records the commit), sudo (jobs run as the researcher through sudo on the login node), nodejs and
+# npm (the local OpenID provider, deploy/oidc; NodeSource's nodejs package provides npm itself).
 PACKAGES=(slurm-wlm slurmdbd munge openssh-server openssh-client mariadb-client prometheus systemd
-    wrk git sudo)
+    wrk git sudo nodejs npm)
 
 # These replace the slurmctld/slurmd alternatives with an emulator that cannot run real nodes
 # ("No front end nodes defined"): never install them, and refuse to go on when they are present.
 FORBIDDEN=(slurm-wlm-emulator slurm-client-emulator)
 
 installed() { [[ $(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null) == installed ]]; }
+
+# An installed package that provides "$1" (npm comes with NodeSource's nodejs; installing Debian's
+# npm over it would conflict).
+provided() {
+    dpkg-query -W -f='${db:Status-Status} ${Provides}\n' 2>/dev/null |
+        awk -v want="$1" '$1 == "installed" { for (i = 2; i <= NF; i++) { sub(/[ ,(].*/, "", $i); if ($i == want) found = 1 } } END { exit !found }'
+}
 
 # A MariaDB that already answers (local or in another container) serves slurmdbd; install a server
 # only when there is none.
@@ -38,7 +46,7 @@ main() {
             exit 1
         fi
     done
-    for pkg in "${PACKAGES[@]}"; do installed "$pkg" || missing+=("$pkg"); done
+    for pkg in "${PACKAGES[@]}"; do installed "$pkg" || provided "$pkg" || missing+=("$pkg"); done
     if ! installed mariadb-server && ! mariadb_answers; then missing+=(mariadb-server); fi
     ((${#missing[@]} == 0)) && return 0
 

@@ -214,6 +214,7 @@ def robot_token(provider: Provider, resource: str = AUDIENCE) -> str:
 def provider_settings(provider: Provider, **changes: Any) -> Mapping[str, Any]:
     """``[auth.oidc]`` for a broker that trusts ``provider``."""
     return {
+        "enabled": True,
         "issuer": provider.issuer,
         "audience": AUDIENCE,
         "leeway_seconds": 0,

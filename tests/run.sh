@@ -12,6 +12,7 @@ cd "$repo"
 
 bash deploy/install-packages.sh
 bash deploy/python-env.sh dev,bench
+bash deploy/oidc/install.sh # the local OpenID provider's npm packages (tests/oidc start it)
 BROKER_TEST_POSTGRES=$(bash deploy/postgres-for-tests.sh)
 export BROKER_TEST_POSTGRES
 

@@ -54,7 +54,7 @@ def get_actor(request: Request, runtime: RuntimeDep) -> Actor:
     token, an unknown or revoked one) also draw on a bucket of the client's address; while that
     one is empty, tokens never seen to authenticate are refused (429) without a database look-up.
     A token that has authenticated keeps working from its own bucket. Where ``[auth.oidc]`` is
-    configured, a JWT goes to the provider's verifier (``broker.service.oidc``), under the same
+    enabled, a JWT goes to the provider's verifier (``broker.service.oidc``), under the same
     limits.
     """
     limiter: RateLimiter = request.app.state.rate_limiter

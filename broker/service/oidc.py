@@ -255,8 +255,8 @@ class OidcAuthenticator:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         oidc = settings.auth.oidc
-        if oidc is None:
-            raise ValueError("auth.oidc is not configured")
+        if not oidc.enabled:
+            raise ValueError("auth.oidc is not enabled")
         self.settings = settings
         self.oidc = oidc
         self.http = http or httpx.Client(follow_redirects=False)

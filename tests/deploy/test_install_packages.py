@@ -50,6 +50,8 @@ PROVIDED_BY = {
     "systemd-analyze": "systemd",
     "wrk": "wrk",
     "sudo": "sudo",
+    "node": "nodejs",
+    "npm": "npm",
     "broker": VENV,
 }
 """Program -> the Debian 12 package that installs it (slurm-wlm pulls in slurm-client)."""
