@@ -123,7 +123,10 @@ class Browser:
 
     def __init__(self, provider: Provider) -> None:
         self.http = httpx.Client(transport=_ToPort(provider.port))
-        self.origin = httpx.URL(provider.issuer).copy_with(path="/", query=None)
+        issuer = httpx.URL(provider.issuer)
+        # The provider's own pages: at its issuer's origin, or where it listens (requests to
+        # the issuer's origin are sent there).
+        self.origins = {(issuer.host, issuer.port), ("127.0.0.1", provider.port)}
 
     def close(self) -> None:
         self.http.close()
@@ -136,7 +139,7 @@ class Browser:
             if not response.is_redirect:
                 return response
             location = response.url.join(response.headers["location"])
-            if (location.host, location.port) != (self.origin.host, self.origin.port):
+            if (location.host, location.port) not in self.origins:
                 return response  # leaving the provider: the caller reads the Location
             response = self.http.get(location)
         raise AssertionError("too many redirects")
