@@ -26,12 +26,13 @@ from typing import Any
 import httpx
 import jwt
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.config import OidcSettings, Settings
 from broker.db.engine import transaction
 from broker.db.models import MembershipRecord, UserRecord
-from broker.errors import Conflict, Unauthenticated, ValidationFailed
+from broker.errors import Conflict, Unauthenticated
 from broker.schemas import UserCreate
 from broker.service.identity import TOKEN_PREFIX, Actor, create_user
 
@@ -275,24 +276,17 @@ class OidcAuthenticator:
     ) -> Actor:
         """The broker user ``name`` that verified ``claims`` stand for, created where configured;
         ``Unauthenticated`` if the broker does not know them and may not create them."""
-        with transaction(sessions) as session:
-            user = session.scalar(select(UserRecord).where(UserRecord.name == name))
-            if user is None:
-                user = self._unknown_user(session, name, claims)
-            project_ids = frozenset(
-                session.scalars(
-                    select(MembershipRecord.project_id).where(MembershipRecord.user_id == user.id)
-                )
-            )
-            return Actor(
-                user_id=user.id,
-                name=user.name,
-                role=user.role,
-                project_ids=project_ids,
-                unix_user=user.unix_user,
-            )
+        actor = _actor_named(sessions, name)
+        if actor is None:
+            self._create_user(sessions, name, claims)
+            actor = _actor_named(sessions, name)
+        if actor is None:
+            raise Unauthenticated(f"user {name} cannot be created")
+        return actor
 
-    def _unknown_user(self, session: Session, name: str, claims: Mapping[str, Any]) -> UserRecord:
+    def _create_user(
+        self, sessions: sessionmaker[Session], name: str, claims: Mapping[str, Any]
+    ) -> None:
         if self.oidc.unknown_users == "refuse":
             raise Unauthenticated(f"user {name} is not known to the broker; ask an admin")
         email = claims.get("email")
@@ -305,13 +299,32 @@ class OidcAuthenticator:
                 body = UserCreate(name=name, role="researcher")
             except ValueError:
                 raise Unauthenticated(f"{name!r} cannot be a broker user name") from None
+        # Its own transaction: concurrent first requests of one person race to create them, and
+        # the losers (a unique-key conflict; on SQLite, a write lock lost to the winner) read
+        # the winner's row afterwards.
         try:
-            with session.begin_nested():
+            with transaction(sessions) as session:
                 create_user(session, "oidc", body, self.settings)
-        except (Conflict, ValidationFailed):
-            pass  # created meanwhile by a concurrent first request (or refused below)
+        except (Conflict, IntegrityError, OperationalError) as exc:
+            log.debug("creating user %s at first sign-in lost a race: %s", name, exc)
+            return
+        log.info("created user %s (researcher, no projects) at first sign-in through OIDC", name)
+
+
+def _actor_named(sessions: sessionmaker[Session], name: str) -> Actor | None:
+    with sessions() as session:
         user = session.scalar(select(UserRecord).where(UserRecord.name == name))
         if user is None:
-            raise Unauthenticated(f"user {name} cannot be created")
-        log.info("created user %s (researcher, no projects) at first sign-in through OIDC", name)
-        return user
+            return None
+        project_ids = frozenset(
+            session.scalars(
+                select(MembershipRecord.project_id).where(MembershipRecord.user_id == user.id)
+            )
+        )
+        return Actor(
+            user_id=user.id,
+            name=user.name,
+            role=user.role,
+            project_ids=project_ids,
+            unix_user=user.unix_user,
+        )

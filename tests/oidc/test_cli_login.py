@@ -136,3 +136,26 @@ def test_login_as_someone_the_broker_does_not_know_keeps_nothing(
     assert code == 6
     assert "the broker refuses you" in err and "user admin is not known" in err
     assert not (home / "aifactory-broker" / "credentials.json").exists()
+
+
+def test_an_expired_sign_in_asks_to_sign_in_again_without_calling_the_broker(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "config"
+    url = "http://127.0.0.1:9"  # nothing listens: a request would exit 7, not 6
+    saved = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from broker.cli import credentials as c; "
+            "c.save(sys.argv[1], c.StoredToken('a.b.c', 'https://idp', 'broker-cli', time.time()))",
+            url,
+        ],
+        env=cli_env(home),
+        cwd=REPO,
+        check=True,
+    )
+    assert saved.returncode == 0
+    result = broker_cli(home, "--url", url, "jobs")
+    assert result.returncode == 6
+    assert "your sign-in at https://idp has expired: run broker login again" in result.stderr

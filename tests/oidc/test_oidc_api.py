@@ -12,6 +12,7 @@ import hmac
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +254,27 @@ def test_an_unknown_user_is_created_as_a_researcher_without_projects_when_config
                 )
                 user = identity.get_user(session, root, "admin")
             assert user.email == "admin@example.org"
+    finally:
+        env.runtime.close()
+
+
+def test_concurrent_first_sign_ins_create_the_user_once(
+    tmp_path: Path, provider: Provider, database_url: str
+) -> None:
+    env = build_env(
+        database_url, auth={"oidc": provider_settings(provider, unknown_users="create")}
+    )
+    try:
+        oidc = env.runtime.oidc
+        assert oidc is not None
+        token = access_token(provider, "admin")
+        with ThreadPoolExecutor(4) as pool:
+            actors = list(
+                pool.map(lambda _: oidc.authenticate(env.runtime.sessions, token), range(4))
+            )
+        assert {(a.name, a.role, a.user_id) for a in actors} == {
+            ("admin", "researcher", actors[0].user_id)
+        }
     finally:
         env.runtime.close()
 
