@@ -8,9 +8,10 @@ set -euo pipefail
 # the accounting database with it. The rest are programs the tests and the benchmark smoke test run
 # (tests/deploy/test_install_packages.py checks that this list covers every one): prometheus
 # (promtool), systemd (systemd-analyze), wrk (the benchmarks' HTTP load), git (the benchmark report
-# records the commit), sudo (jobs run as the researcher through sudo on the login node).
+# records the commit), sudo (jobs run as the researcher through sudo on the login node), chromium
+# (the browser tests of the web pages drive it through Playwright).
 PACKAGES=(slurm-wlm slurmdbd munge openssh-server openssh-client mariadb-client prometheus systemd
-    wrk git sudo)
+    wrk git sudo chromium)
 
 # These replace the slurmctld/slurmd alternatives with an emulator that cannot run real nodes
 # ("No front end nodes defined"): never install them, and refuse to go on when they are present.
