@@ -50,6 +50,7 @@ PROVIDED_BY = {
     "systemd-analyze": "systemd",
     "wrk": "wrk",
     "sudo": "sudo",
+    "chromium": "chromium",
     "broker": VENV,
 }
 """Program -> the Debian 12 package that installs it (slurm-wlm pulls in slurm-client)."""
