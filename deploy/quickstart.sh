@@ -36,5 +36,7 @@ her jobs run as the Unix user alice on the dev cluster. In another shell:
 
 Admin token (for 'broker project ...' and 'broker user ...'): $ADMIN_TOKEN
 
+Or in a browser: $url/ui/ and sign in with alice's token above (or the admin's).
+
 MSG
 exec .venv/bin/broker serve --config "$config" --port "$port"

@@ -87,8 +87,18 @@ def login_form(request: Request, next: str | None = None, error: str = "") -> Re
 
 def _login_page(request: Request, target: str, error: str, status: int = 200) -> Response:
     login_csrf = secrets.token_urlsafe(32)
+    state = request.app.state
     response = render(
-        request, "login.html", None, status=status, next=target, error=error, csrf=login_csrf
+        request,
+        "login.html",
+        None,
+        status=status,
+        next=target,
+        error=error,
+        csrf=login_csrf,
+        # Set by a federated sign-in (OIDC) when one is configured: its start URL and label.
+        oidc_url=getattr(state, "ui_oidc_login_url", None),
+        oidc_name=getattr(state, "ui_oidc_login_label", "your institution"),
     )
     response.set_cookie(
         LOGIN_CSRF_COOKIE,

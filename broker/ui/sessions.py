@@ -154,15 +154,5 @@ def end_session(request: Request, response: Response, runtime: Runtime) -> None:
     response.delete_cookie(COOKIE, path=COOKIE_PATH)
 
 
-def end_user_sessions(runtime: Runtime, user_name: str) -> int:
-    """Sign a user out everywhere (e.g. when their account is compromised); how many ended."""
-    with transaction(runtime.sessions) as session:
-        user_id = session.scalar(select(UserRecord.id).where(UserRecord.name == user_name))
-        if user_id is None:
-            return 0
-        result = session.execute(delete(UiSessionRecord).where(UiSessionRecord.user_id == user_id))
-        return int(getattr(result, "rowcount", 0) or 0)
-
-
 def csrf_ok(expected: str, presented: str | None) -> bool:
     return bool(presented) and secrets.compare_digest(expected.encode(), (presented or "").encode())

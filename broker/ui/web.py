@@ -71,6 +71,12 @@ def _when(value: datetime | str | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _short(value: datetime | str | None) -> str:
+    """A time in a table cell: ``2026-11-26 17:03`` (UTC, as the column header says)."""
+    return _when(value)[:16] if value else "-"
+
+
+ENV.filters["short"] = _short
 ENV.filters["hours"] = _hours
 ENV.filters["when"] = _when
 ENV.filters["q"] = lambda value: quote(str(value), safe="")

@@ -298,3 +298,27 @@ def test_the_submit_form_gives_the_apis_messages_by_the_field(app: Any, env: Env
     messages = {e["field"]: e["message"] for e in problem.json()["errors"]}
     assert messages["body.gpus"] == errors["gpus"]
     assert messages["body.script"].replace("'", "&#39;") == errors["script"]
+
+
+def test_another_sign_in_method_starts_a_session_through_the_module(app: Any, env: Env) -> None:
+    """The interface a federated sign-in (OIDC callback) uses once it knows the user's name."""
+    from fastapi import Request
+    from fastapi.responses import RedirectResponse
+
+    from broker.errors import NotFound
+    from broker.ui.sessions import start_session
+
+    scope = {"type": "http", "scheme": "https", "path": "/ui/login/oidc", "headers": []}
+    request = Request(scope)
+    response = RedirectResponse("/ui/jobs", status_code=303)
+    start_session(response, request, env.runtime, "alice", via="oidc")
+    cookie = response.headers["set-cookie"]
+    assert "Secure" in cookie and "HttpOnly" in cookie
+    session_id = cookie.split(";", 1)[0].split("=", 1)[1]
+    browser = TestClient(app, follow_redirects=False, cookies={COOKIE: session_id})
+    assert browser.get("/ui/projects").status_code == 200
+    with env.runtime.sessions() as session:
+        (row,) = session.query(UiSessionRecord).all()
+    assert row.via == "oidc" and row.token_id is None
+    with pytest.raises(NotFound):
+        start_session(response, request, env.runtime, "nobody", via="oidc")

@@ -53,13 +53,19 @@ class Session:
         )
         self.context.set_default_timeout(20_000)
         self.dialogs: list[str] = []
+        self.csp_violations: list[str] = []
         self.page: Page = self.context.new_page()
         self.page.on("dialog", self._dialog)
+        self.page.on("console", self._console)
         self.page.goto("/ui/jobs")  # not signed in: sent to the sign-in page
         expect(self.page).to_have_url(re.compile(r"/ui/login\?next="))
         self.page.fill("#token", broker.tokens[user])
         self.page.click("button[type=submit]")
         expect(self.page).to_have_url(re.compile(r"/ui/jobs$"))
+
+    def _console(self, message: Any) -> None:
+        if "Content Security Policy" in message.text:
+            self.csp_violations.append(message.text)
 
     def _dialog(self, dialog: Any) -> None:
         self.dialogs.append(dialog.message)
@@ -84,6 +90,8 @@ def sign_in(browser: Browser, broker: LiveBroker) -> Iterator[Callable[[str], Se
     yield open_as
     for session in sessions:
         assert session.dialogs == [], f"a page opened a dialog: {session.dialogs}"
+        # The pages work under their own CSP: nothing they do is blocked.
+        assert session.csp_violations == [], session.csp_violations
         session.close()
 
 
