@@ -308,7 +308,13 @@ def test_another_sign_in_method_starts_a_session_through_the_module(app: Any, en
     from broker.errors import NotFound
     from broker.ui.sessions import start_session
 
-    scope = {"type": "http", "scheme": "https", "path": "/ui/login/oidc", "headers": []}
+    scope = {
+        "type": "http",
+        "scheme": "https",
+        "server": ("broker.example", 443),
+        "path": "/ui/login/oidc",
+        "headers": [],
+    }
     request = Request(scope)
     response = RedirectResponse("/ui/jobs", status_code=303)
     start_session(response, request, env.runtime, "alice", via="oidc")
