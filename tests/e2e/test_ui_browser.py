@@ -160,6 +160,7 @@ def test_researcher_submits_watches_output_cancels_and_sees_the_budget_move(
     page.click("form.form-grid button[type=submit]")
     expect(page).to_have_url(re.compile(r"/ui/jobs/[0-9a-f-]{36}$"))
     job_id = job_id_of(page)
+    page.evaluate("window.notReloaded = true")
     # While it runs, the page follows the job without a reload: state, then output.
     expect(page.locator("#job-status .state").first).to_have_text(
         re.compile("pending|running|completed"), timeout=30_000
@@ -168,6 +169,7 @@ def test_researcher_submits_watches_output_cancels_and_sees_the_budget_move(
     expect(page.locator("pre#stdout")).to_contain_text("hello from the browser", timeout=30_000)
     expect(page.locator("pre#stderr")).to_contain_text("to stderr", timeout=30_000)
     expect(page.locator("pre#stdout .eof")).to_have_count(1, timeout=30_000)
+    assert page.evaluate("window.notReloaded") is True
     alice.shot("job")
     job = broker.client("alice").http.get(f"/v1/jobs/{job_id}").json()
     assert job["state"] == "completed" and job["charged_gpu_hours"] > 0
@@ -184,6 +186,13 @@ def test_researcher_submits_watches_output_cancels_and_sees_the_budget_move(
     page.goto(f"/ui/projects/{project}")
     expect(page.locator("#budget .reserved")).to_have_text("0.333")  # 1 GPU x 20 minutes
     alice.shot("project")
+    # A second tab on the jobs list sees the cancellation without reloading.
+    listing = alice.context.new_page()
+    listing.on("console", alice._console)
+    listing.goto(f"/ui/jobs?project={project}")
+    row_state = listing.locator(f"tr[data-job='{cancel_id}'] .state")
+    expect(row_state).to_have_text(re.compile("pending|running"))
+    listing.evaluate("window.notReloaded = true")
     page.goto(f"/ui/jobs/{cancel_id}")
     page.click("text=Cancel job…")
     expect(page).to_have_url(re.compile(r"/cancel$"))
@@ -191,6 +200,9 @@ def test_researcher_submits_watches_output_cancels_and_sees_the_budget_move(
     page.click("text=Yes, cancel the job")
     expect(page).to_have_url(re.compile(rf"/ui/jobs/{cancel_id}$"))
     expect(page.locator("#job-status .state").first).to_have_text("cancelled", timeout=60_000)
+    expect(row_state).to_have_text("cancelled", timeout=15_000)
+    assert listing.evaluate("window.notReloaded") is True
+    listing.close()
 
     # The jobs list shows both, live.
     page.goto(f"/ui/jobs?project={project}")
