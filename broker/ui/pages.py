@@ -165,10 +165,13 @@ def _job_filter(page: PageSession, project: str | None, state: str | None) -> Jo
     )
 
 
-def _jobs(request: Request, page: PageSession, project: str | None, state: str | None) -> Any:
+def _jobs(
+    request: Request, page: PageSession, project: str | None, state: str | None, cursor: str | None
+) -> Any:
     runtime = runtime_of(request)
     where = _job_filter(page, project, state)
-    return runtime.jobs.list(page.actor, where, runtime.settings.limits.default_list_limit, None)
+    limit = runtime.settings.limits.default_list_limit
+    return runtime.jobs.list(page.actor, where, limit, cursor or None)
 
 
 def _project_names(request: Request, page: PageSession) -> list[str]:
@@ -176,12 +179,19 @@ def _project_names(request: Request, page: PageSession) -> list[str]:
         return [p.name for p in projects.list_projects(session, page.actor).data]
 
 
+def _query(**params: str | None) -> str:
+    return urlencode({k: v for k, v in params.items() if v})
+
+
 @router.get("/jobs", response_class=HTMLResponse)
 def jobs_page(
-    request: Request, page: Page, project: str | None = None, state: str | None = None
+    request: Request,
+    page: Page,
+    project: str | None = None,
+    state: str | None = None,
+    cursor: str | None = None,
 ) -> Response:
-    listing = _jobs(request, page, project, state)
-    query = urlencode({k: v for k, v in (("project", project), ("state", state)) if v})
+    listing = _jobs(request, page, project, state, cursor)
     return render(
         request,
         "jobs.html",
@@ -191,17 +201,24 @@ def jobs_page(
         states=STATES,
         project=project or "",
         state=state or "",
-        query=query,
+        query=_query(project=project, state=state, cursor=cursor),
+        older=_query(project=project, state=state, cursor=listing.next_cursor)
+        if listing.next_cursor
+        else "",
     )
 
 
 @router.get("/jobs/rows", response_class=HTMLResponse)
 def jobs_rows(
-    request: Request, page: Page, project: str | None = None, state: str | None = None
+    request: Request,
+    page: Page,
+    project: str | None = None,
+    state: str | None = None,
+    cursor: str | None = None,
 ) -> Response:
     """The table body alone, polled by the jobs page for live states."""
-    listing = _jobs(request, page, project, state)
-    query = urlencode({k: v for k, v in (("project", project), ("state", state)) if v})
+    listing = _jobs(request, page, project, state, cursor)
+    query = _query(project=project, state=state, cursor=cursor)
     return render(request, "_job_rows.html", page, jobs=listing.data, query=query)
 
 

@@ -328,3 +328,40 @@ def test_another_sign_in_method_starts_a_session_through_the_module(app: Any, en
     assert row.via == "oidc" and row.token_id is None
     with pytest.raises(NotFound):
         start_session(response, request, env.runtime, "nobody", via="oidc")
+
+
+def test_jobs_page_by_page_and_every_job_in_the_csv(tmp_path: Any) -> None:
+    from broker.schemas import JobCreate
+
+    env = build_env(f"sqlite:///{tmp_path}/pages.db", limits={"default_list_limit": 2})
+    try:
+        app = create_app(env.runtime)
+        ids = []
+        for n in range(3):
+            body = JobCreate.model_validate(
+                {
+                    "project": "climate",
+                    "name": f"j{n}",
+                    "script": SCRIPT,
+                    "gpus": 1,
+                    "time_limit_minutes": 5,
+                    "cluster": "alpha",
+                }
+            )
+            ids.append(env.runtime.jobs.submit(env.alice, body, None).job.id)
+        alice = signed_in(app, env, "alice")
+        first = alice.get("/ui/jobs")
+        shown = re.findall(r'data-job="([0-9a-f-]+)"', first.text)
+        assert shown == [ids[2], ids[1]]
+        older = re.search(r'href="(/ui/jobs\?[^"]+)">Older jobs', first.text)
+        assert older
+        second = alice.get(older.group(1).replace("&amp;", "&"))
+        assert re.findall(r'data-job="([0-9a-f-]+)"', second.text) == [ids[0]]
+        assert "Older jobs" not in second.text
+        csv_text = alice.get("/ui/projects/climate/jobs.csv")
+        assert csv_text.headers["content-type"].startswith("text/csv")
+        lines = csv_text.text.strip().splitlines()
+        assert lines[0].startswith("id,name,user,state")
+        assert [line.split(",")[0] for line in lines[1:]] == list(reversed(ids))
+    finally:
+        env.runtime.close()

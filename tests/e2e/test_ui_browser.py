@@ -286,6 +286,16 @@ def test_hostile_text_is_shown_as_text(
     assert page.locator("pre#stdout img").count() == 0
     scripts = page.eval_on_selector_all("script", "els => els.map(e => e.src)")
     assert all(src.endswith("/ui/static/htmx.min.js") for src in scripts), scripts
+    # Free text an admin typed is no safer: a project description with markup.
+    described = f"p{uuid.uuid4().hex[:10]}"
+    created = admin.http.post(
+        "/v1/projects", json={"name": described, "description": HOSTILE_OUTPUT}
+    )
+    assert created.status_code == 201, created.text
+    assert admin.http.put(f"/v1/projects/{described}/members/alice", json={}).status_code == 200
+    page.goto(f"/ui/projects/{described}")
+    expect(page.locator("main")).to_contain_text(HOSTILE_OUTPUT)
+    assert page.locator("main img").count() == 0
     page.wait_for_timeout(500)
     assert alice.dialogs == []
 
