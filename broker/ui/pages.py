@@ -38,9 +38,11 @@ from broker.ui.sessions import (
     COOKIE_PATH,
     LOGIN_CSRF_COOKIE,
     PageSession,
+    active_sessions,
     cookie_secure,
     csrf_ok,
     end_session,
+    end_user_sessions,
     start_session,
     token_id_of,
 )
@@ -786,7 +788,8 @@ def _admin_user_page(
     status: int = 200,
     issued: Any = None,
 ) -> Response:
-    with runtime_of(request).sessions() as session:
+    runtime = runtime_of(request)
+    with runtime.sessions() as session:
         user = identity.get_user(session, page.actor, name)  # admins only
         tokens = identity.list_tokens(session, page.actor, name).data
     return render(
@@ -796,6 +799,7 @@ def _admin_user_page(
         status=status,
         user=user,
         tokens=tokens,
+        web_sessions=active_sessions(runtime, page.actor, name),
         errors=errors or {},
         issued=issued,
     )
@@ -825,6 +829,14 @@ def admin_issue_token(request: Request, post: FormPost, name: str) -> Response:
 def admin_revoke_token(request: Request, post: FormPost, name: str, token_id: str) -> Response:
     with transaction(runtime_of(request).sessions) as session:
         identity.revoke_token(session, post.page.actor, name, token_id)
+    return redirect(f"/ui/admin/users/{name}")
+
+
+@router.post("/admin/users/{name}/sessions/end")
+def admin_end_sessions(request: Request, post: FormPost, name: str) -> Response:
+    end_user_sessions(runtime_of(request), post.page.actor, name)
+    if name == post.page.actor.name:
+        return redirect("/ui/login")
     return redirect(f"/ui/admin/users/{name}")
 
 

@@ -22,14 +22,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from fastapi import Request, Response
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 
 from broker.clock import utcnow
 from broker.db.engine import transaction
 from broker.db.models import MembershipRecord, TokenRecord, UiSessionRecord, UserRecord
 from broker.errors import NotFound
 from broker.runtime import Runtime
-from broker.service.identity import Actor, hash_token
+from broker.service import audit
+from broker.service.identity import Actor, get_user_record, hash_token
 
 COOKIE = "broker_session"
 LOGIN_CSRF_COOKIE = "broker_login_csrf"
@@ -152,6 +153,33 @@ def end_session(request: Request, response: Response, runtime: Runtime) -> None:
                 delete(UiSessionRecord).where(UiSessionRecord.id_hash == _hash(session_id))
             )
     response.delete_cookie(COOKIE, path=COOKIE_PATH)
+
+
+def active_sessions(runtime: Runtime, actor: Actor, user_name: str) -> int:
+    """How many unexpired page sessions a user has (admins)."""
+    actor.require_admin()
+    with runtime.sessions() as session:
+        user = get_user_record(session, user_name)
+        return int(
+            session.scalar(
+                select(func.count())
+                .select_from(UiSessionRecord)
+                .where(UiSessionRecord.user_id == user.id, UiSessionRecord.expires_at > utcnow())
+            )
+            or 0
+        )
+
+
+def end_user_sessions(runtime: Runtime, actor: Actor, user_name: str) -> int:
+    """Sign a user out of every browser (admins; audited), e.g. after a lost laptop; how many
+    sessions ended. Their tokens are untouched: revoke those separately."""
+    actor.require_admin()
+    with transaction(runtime.sessions) as session:
+        user = get_user_record(session, user_name)
+        ended = session.execute(delete(UiSessionRecord).where(UiSessionRecord.user_id == user.id))
+        count = int(getattr(ended, "rowcount", 0) or 0)
+        audit.record(session, actor.name, "ui_sessions.end", "user", user_name, {"ended": count})
+    return count
 
 
 def csrf_ok(expected: str, presented: str | None) -> bool:

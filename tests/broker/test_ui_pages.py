@@ -365,3 +365,32 @@ def test_jobs_page_by_page_and_every_job_in_the_csv(tmp_path: Any) -> None:
         assert [line.split(",")[0] for line in lines[1:]] == list(reversed(ids))
     finally:
         env.runtime.close()
+
+
+def test_an_admin_signs_a_user_out_of_every_browser(app: Any, env: Env) -> None:
+    laptop, phone = signed_in(app, env, "alice"), signed_in(app, env, "alice")
+    root = signed_in(app, env, "root")
+    page = root.get("/ui/admin/users/alice")
+    assert re.search(r'id="web-sessions">2 signed-in browsers<', page.text)
+    ended = root.post("/ui/admin/users/alice/sessions/end", data={"csrf_token": csrf_of(page.text)})
+    assert ended.status_code == 303
+    assert laptop.get("/ui/projects").status_code == 303
+    assert phone.get("/ui/projects").status_code == 303
+    assert root.get("/ui/projects").status_code == 200  # only alice's sessions ended
+    with env.runtime.sessions() as session:
+        entries = identity_audit(session)
+    assert ("ui_sessions.end", "alice", {"ended": 2}) in entries
+    # Researchers cannot.
+    bob = signed_in(app, env, "bob")
+    token = csrf_of(bob.get("/ui/projects").text)
+    refused = bob.post("/ui/admin/users/root/sessions/end", data={"csrf_token": token})
+    assert refused.status_code == 403
+
+
+def identity_audit(session: Any) -> list[tuple[str, str, dict[str, Any]]]:
+    from sqlalchemy import select
+
+    from broker.db.models import AuditRecord
+
+    rows = session.scalars(select(AuditRecord).order_by(AuditRecord.id))
+    return [(r.action, r.target, r.details) for r in rows]
