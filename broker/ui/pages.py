@@ -451,10 +451,8 @@ def _problem_errors(exc: BrokerError, errors: dict[str, list[str]], fields: set[
         if field in fields:
             errors.setdefault(field, []).append(str(item.get("message", "")))
             named = True
-    if not named or exc.type != "validation-error":
+    if not named:
         errors.setdefault(FORM_ERROR, []).append(message)
-    else:
-        errors.setdefault(FORM_ERROR, []).append(exc.detail)
 
 
 # --- projects ---------------------------------------------------------------------------------
