@@ -299,6 +299,16 @@ class IdentitySettings(_Section):
     cycle and charged for what they used, or only charged."""
 
 
+class UiSettings(_Section):
+    """The web pages under ``/ui/``: how long a sign-in lasts and how its cookie is sent."""
+
+    session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
+    """A page session ends this long after sign-in (sign-out ends it at once)."""
+    secure_cookie: bool = False
+    """Send the session cookie with ``Secure`` even when the request reached the broker over plain
+    HTTP (set it behind a proxy that terminates TLS); an https request always gets it."""
+
+
 class DefaultsSettings(_Section):
     cluster: str = ""
     """The cluster of a request that names none and whose project names none; empty: no default."""
@@ -420,6 +430,7 @@ class Settings(BaseSettings):
     poller: PollerSettings = Field(default_factory=PollerSettings)
     defaults: DefaultsSettings = Field(default_factory=DefaultsSettings)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
+    ui: UiSettings = Field(default_factory=UiSettings)
     clusters: dict[Name, ClusterSettings] = Field(default_factory=dict)
 
     @classmethod

@@ -9,9 +9,10 @@ set -euo pipefail
 # (tests/deploy/test_install_packages.py checks that this list covers every one): prometheus
 # (promtool), systemd (systemd-analyze), wrk (the benchmarks' HTTP load), git (the benchmark report
 # records the commit), sudo (jobs run as the researcher through sudo on the login node), nodejs and
-# npm (the local OpenID provider, deploy/oidc; NodeSource's nodejs package provides npm itself).
+# npm (the local OpenID provider, deploy/oidc; NodeSource's nodejs package provides npm itself),
+# chromium (the browser tests of the web pages drive it through Playwright).
 PACKAGES=(slurm-wlm slurmdbd munge openssh-server openssh-client mariadb-client prometheus systemd
-    wrk git sudo nodejs npm)
+    wrk git sudo nodejs npm chromium)
 
 # These replace the slurmctld/slurmd alternatives with an emulator that cannot run real nodes
 # ("No front end nodes defined"): never install them, and refuse to go on when they are present.

@@ -48,6 +48,7 @@ her jobs run as the Unix user alice on the dev cluster. In another shell:
 
 Admin token (for 'broker project ...' and 'broker user ...'): $ADMIN_TOKEN
 
+In a browser: $url/ui/ and sign in with alice's token above (or the admin's).
 Or sign in at the local identity provider ($OIDC_ISSUER) instead of using a token:
   $repo/.venv/bin/broker --url $url login --issuer $OIDC_ISSUER
   (open the link it prints; user alice, password alice-dev-password), then

@@ -11,6 +11,7 @@ from broker.api import problems
 from broker.api.guards import BodySizeLimit, RateLimiter
 from broker.api.routes import jobs, projects, system, users
 from broker.runtime import Runtime
+from broker.ui import install as install_pages
 
 API_DESCRIPTION = (
     "Ask for GPUs on the AI Factory's Slurm clusters within your project's quota. "
@@ -41,4 +42,5 @@ def create_app(runtime: Runtime, *, run_poller: bool = False) -> FastAPI:
     problems.install(app)
     for module in (system, users, projects, jobs):
         app.include_router(module.router)
+    install_pages(app)
     return app

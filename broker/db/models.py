@@ -296,3 +296,24 @@ class BrokerKeyRecord(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[datetime]
+
+
+class UiSessionRecord(Base):
+    """A signed-in web page (``/ui/``): the cookie holds a random id, this row its SHA-256.
+
+    Deleting the row signs the browser out. ``token_id`` is the broker token a token sign-in
+    presented: revoking that token ends the session too. OIDC sign-ins have none.
+    """
+
+    __tablename__ = "ui_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_id: Mapped[str | None] = mapped_column(
+        ForeignKey("tokens.id", ondelete="CASCADE"), index=True
+    )
+    via: Mapped[str] = mapped_column(String(16))
+    """How the user signed in: ``token`` or ``oidc``."""
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime] = mapped_column(index=True)

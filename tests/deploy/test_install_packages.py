@@ -52,6 +52,7 @@ PROVIDED_BY = {
     "sudo": "sudo",
     "node": "nodejs",
     "npm": "npm",
+    "chromium": "chromium",
     "broker": VENV,
 }
 """Program -> the Debian 12 package that installs it (slurm-wlm pulls in slurm-client)."""
