@@ -22,6 +22,7 @@ from pydantic import (
 
 from adapters.slurm.commands import batch_script, describe_directives, script_directives
 from adapters.slurm.types import JobSpec
+from broker.waiting import WaitCategory
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 JOB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
@@ -145,6 +146,13 @@ class JobCreate(StrictModel):
         return self
 
 
+class WaitPublic(BaseModel):
+    """Why a pending job has not started: a category and a one-line message (broker.waiting)."""
+
+    category: WaitCategory
+    message: str
+
+
 class JobPublic(BaseModel):
     id: str
     project: str
@@ -167,6 +175,8 @@ class JobPublic(BaseModel):
     charged_gpu_hours: float | None
     unix_user: str | None = None
     """The Unix account the job runs as on its cluster."""
+    wait: WaitPublic | None = None
+    """While the job is pending in Slurm: why it waits, from ``state_reason``."""
 
 
 class JobOutputPublic(BaseModel):

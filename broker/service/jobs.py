@@ -55,6 +55,7 @@ from broker.schemas import (
     JobsPublic,
     ProjectCreate,
     ProjectPublic,
+    WaitPublic,
 )
 from broker.service import cursors, ledger, transitions
 from broker.service.cluster_identity import ClusterIdentities
@@ -63,6 +64,7 @@ from broker.service.cursors import CursorSigner
 from broker.service.identity import Actor
 from broker.service.observer import BrokerObserver, NullObserver
 from broker.service.projects import create_project, visible_project
+from broker.waiting import explain
 from quotas import JobRequest, Violation, decide, gpu_hours, weight_for
 
 log = logging.getLogger(__name__)
@@ -144,7 +146,15 @@ def job_public(job: JobRecord, project: str, user: str) -> JobPublic:
             None if job.charged_gpu_seconds is None else gpu_hours(job.charged_gpu_seconds)
         ),
         unix_user=job.unix_user,
+        wait=_wait(job),
     )
+
+
+def _wait(job: JobRecord) -> WaitPublic | None:
+    if job.state != JobState.PENDING:
+        return None
+    why = explain(job.state_reason)
+    return WaitPublic(category=why.category, message=why.message)
 
 
 def _with_names() -> Select[JobRecord, str, str]:
