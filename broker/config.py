@@ -171,6 +171,9 @@ class LimitsSettings(_Section):
     """Requests a user may send at once before the per-minute rate applies."""
     max_output_bytes: PositiveInt = 1_048_576
     """Most bytes of a job's output one ``GET /v1/jobs/{id}/output`` returns."""
+    max_array_size: int = Field(default=1000, ge=1, le=1_000_000)
+    """Most tasks of one job array. Keep it at most the clusters' ``MaxArraySize`` (slurm.conf,
+    1001 by default: indices up to 1000), or Slurm refuses the sbatch."""
 
     @model_validator(mode="after")
     def _check_consistent(self) -> Self:

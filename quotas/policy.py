@@ -72,7 +72,9 @@ def decide(request: JobRequest, policy: QuotaPolicy, ledger: LedgerSnapshot) -> 
     ones (the project has no room for it now), so a user can fix everything in one go.
     """
     weight = weight_for(policy, request.gpu_type)
-    reservation = reservation_gpu_seconds(request.gpus, request.time_limit_minutes, weight)
+    reservation = request.tasks * reservation_gpu_seconds(
+        request.gpus, request.time_limit_minutes, weight
+    )
     violations = (
         *_static_violations(request, policy),
         *_dynamic_violations(request, policy, ledger, reservation),
@@ -114,19 +116,19 @@ def _dynamic_violations(
             LimitName.PENDING_JOBS, requested=1, used=ledger.pending_jobs, allowed=max_pending
         )
     max_gpus = policy.max_concurrent_gpus
-    if max_gpus is not None and ledger.live_gpus + request.gpus > max_gpus:
+    if max_gpus is not None and ledger.live_gpus + request.concurrent_gpus > max_gpus:
         yield Violation(
             LimitName.CONCURRENT_GPUS,
-            requested=request.gpus,
+            requested=request.concurrent_gpus,
             used=ledger.live_gpus,
             allowed=max_gpus,
         )
     max_on_cluster = policy.max_concurrent_gpus_per_cluster.get(request.cluster)
     live_on_cluster = ledger.live_gpus_by_cluster.get(request.cluster, 0)
-    if max_on_cluster is not None and live_on_cluster + request.gpus > max_on_cluster:
+    if max_on_cluster is not None and live_on_cluster + request.concurrent_gpus > max_on_cluster:
         yield Violation(
             LimitName.CONCURRENT_GPUS,
-            requested=request.gpus,
+            requested=request.concurrent_gpus,
             used=live_on_cluster,
             allowed=max_on_cluster,
             cluster=request.cluster,

@@ -208,6 +208,28 @@ class JobRecord(Base):
     stdout_path: Mapped[str | None] = mapped_column(String(1024))
     """Where the job's output goes on the cluster, set by the broker at submission."""
     stderr_path: Mapped[str | None] = mapped_column(String(1024))
+    array_size: Mapped[int | None]
+    """For a job array: its number of tasks (indices 0..array_size-1); None for a single job."""
+    array_max_parallel: Mapped[int | None]
+
+
+class JobTaskRecord(Base):
+    """One task of a job array, as last seen in Slurm; a task Slurm has not started has no row."""
+
+    __tablename__ = "job_tasks"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    slurm_job_id: Mapped[str | None] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))
+    """A broker job state (broker.lifecycle), from the task's Slurm state."""
+    started_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+    exit_code: Mapped[int | None]
+    alloc_gpus: Mapped[int | None]
+    elapsed_s: Mapped[int | None]
+    charged_gpu_seconds: Mapped[int | None] = mapped_column(BigInteger)
+    """Set once the task is final by its own sacct record (or given up on)."""
 
 
 class JobEventRecord(Base):

@@ -33,7 +33,14 @@ from broker import failpoints
 from broker.clock import utcnow
 from broker.config import Settings
 from broker.db.engine import transaction
-from broker.db.models import JobEventRecord, JobRecord, ProjectRecord, QuotaRecord, UserRecord
+from broker.db.models import (
+    JobEventRecord,
+    JobRecord,
+    JobTaskRecord,
+    ProjectRecord,
+    QuotaRecord,
+    UserRecord,
+)
 from broker.errors import (
     BrokerError,
     ClusterUnavailable,
@@ -48,6 +55,7 @@ from broker.errors import (
 )
 from broker.lifecycle import JobState, is_final
 from broker.schemas import (
+    ArrayRequest,
     JobCreate,
     JobEventPublic,
     JobEventsPublic,
@@ -55,9 +63,12 @@ from broker.schemas import (
     JobsPublic,
     ProjectCreate,
     ProjectPublic,
+    TaskPublic,
+    TasksPublic,
+    TaskSummaryPublic,
     WaitPublic,
 )
-from broker.service import cursors, ledger, transitions
+from broker.service import arrays, cursors, ledger, transitions
 from broker.service.cluster_identity import ClusterIdentities
 from broker.service.clusters import ClusterRegistry
 from broker.service.cursors import CursorSigner
@@ -122,7 +133,13 @@ def _describe(v: Violation) -> str:
             return f"{v.limit.value} {v.requested} is not allowed (allowed: {v.allowed})"
 
 
-def job_public(job: JobRecord, project: str, user: str) -> JobPublic:
+def job_public(
+    job: JobRecord, project: str, user: str, tasks: TaskSummaryPublic | None = None
+) -> JobPublic:
+    """The API's view of a job; ``tasks``: an array's task summary (``arrays.summaries``), else
+    an array is shown with no task started."""
+    if job.array_size and tasks is None:
+        tasks = arrays.task_summary(job, {})
     return JobPublic(
         id=job.id,
         project=project,
@@ -147,6 +164,12 @@ def job_public(job: JobRecord, project: str, user: str) -> JobPublic:
         ),
         unix_user=job.unix_user,
         wait=_wait(job),
+        array=(
+            ArrayRequest(size=job.array_size, max_parallel=job.array_max_parallel)
+            if job.array_size
+            else None
+        ),
+        tasks=tasks,
     )
 
 
@@ -166,6 +189,7 @@ def _with_names() -> Select[JobRecord, str, str]:
 
 
 CURSOR_KIND = "jobs"
+TASK_CURSOR_KIND = "tasks"
 
 
 def _sbatch_spec(job: JobRecord, body: JobCreate, user_name: str) -> JobSpec:
@@ -188,6 +212,8 @@ def _sbatch_spec(job: JobRecord, body: JobCreate, user_name: str) -> JobSpec:
         workdir=posixpath.dirname(job.stdout_path) if job.stdout_path else None,
         stdout_path=job.stdout_path,
         stderr_path=job.stderr_path,
+        array_size=job.array_size,
+        array_max_parallel=job.array_max_parallel,
     )
 
 
@@ -227,7 +253,44 @@ class JobService:
     def get(self, actor: Actor, job_id: str) -> JobPublic:
         with self._sessions() as session:
             job, project, user = self._visible_job(session, actor, job_id)
-            return job_public(job, project, user)
+            return job_public(job, project, user, arrays.summaries(session, [job]).get(job.id))
+
+    def tasks(self, actor: Actor, job_id: str, limit: int, cursor: str | None) -> TasksPublic:
+        """An array's tasks in index order, each as Slurm last showed it; tasks Slurm has not
+        started are listed as pending (no Slurm id of their own yet)."""
+        after = -1
+        if cursor:
+            (encoded,) = self._cursors.decode(TASK_CURSOR_KIND, cursor, 1)
+            if not encoded.isdigit():
+                raise ValidationFailed("bad cursor", [{"field": "cursor", "message": "bad"}])
+            after = int(encoded)
+        with self._sessions() as session:
+            job, _, _ = self._visible_job(session, actor, job_id)
+            size = job.array_size or 0
+            rows = {
+                row.index: row
+                for row in session.scalars(
+                    select(JobTaskRecord)
+                    .where(JobTaskRecord.job_id == job_id, JobTaskRecord.index > after)
+                    .order_by(JobTaskRecord.index)
+                    .limit(limit + 1)
+                )
+            }
+            final = is_final(job.state)
+        page: list[TaskPublic] = []
+        index = after + 1
+        while index < size and len(page) < limit + 1:
+            row = rows.get(index)
+            if row is not None:
+                page.append(arrays.task_public(row))
+            else:  # not started (yet): no row
+                page.append(arrays.unstarted_task(index, cancelled=final))
+            index += 1
+        next_cursor = None
+        if len(page) > limit:
+            page = page[:limit]
+            next_cursor = self._cursors.encode(TASK_CURSOR_KIND, str(page[-1].index))
+        return TasksPublic(data=page, next_cursor=next_cursor)
 
     def events(self, actor: Actor, job_id: str) -> JobEventsPublic:
         with self._sessions() as session:
@@ -273,7 +336,11 @@ class JobService:
         query = query.order_by(JobRecord.submitted_at.desc(), JobRecord.id.desc()).limit(limit + 1)
         with self._sessions() as session:
             rows = session.execute(query).all()
-        page = [job_public(job, project, user) for job, project, user in rows[:limit]]
+            summaries = arrays.summaries(session, [job for job, _, _ in rows[:limit]])
+        page = [
+            job_public(job, project, user, summaries.get(job.id))
+            for job, project, user in rows[:limit]
+        ]
         next_cursor = None
         if len(rows) > limit:
             last = rows[limit - 1][0]
@@ -325,6 +392,11 @@ class JobService:
             raise ValidationFailed(
                 f"at most {limits.max_environment_vars} environment variables",
                 [{"field": "environment", "message": "too many variables"}],
+            )
+        if body.array is not None and body.array.size > limits.max_array_size:
+            raise ValidationFailed(
+                f"an array may have at most {limits.max_array_size} tasks",
+                [{"field": "array.size", "message": f"at most {limits.max_array_size}"}],
             )
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
             raise ValidationFailed(
@@ -397,12 +469,15 @@ class JobService:
                 return earlier, True
         quota = session.get(QuotaRecord, project.id)
         now = utcnow()
+        array = body.array
         request = JobRequest(
             cluster=cluster_name,
             partition=partition,
             gpu_type=gpu_type,
             gpus=body.gpus,
             time_limit_minutes=body.time_limit_minutes,
+            tasks=array.size if array else 1,
+            parallel_tasks=(array.max_parallel or array.size) if array else 1,
         )
         self._check_period(quota, request, now)
         assert quota is not None
@@ -438,8 +513,11 @@ class JobService:
             idempotency_key=idempotency_key,
             request_sha256=fingerprint,
             unix_user=actor.unix_user,
-            stdout_path=f"{directory}/{job_id}.out",
-            stderr_path=f"{directory}/{job_id}.err",
+            # An array's tasks each write their own files: %a is the task index.
+            stdout_path=f"{directory}/{job_id}{'.%a' if array else ''}.out",
+            stderr_path=f"{directory}/{job_id}{'.%a' if array else ''}.err",
+            array_size=array.size if array else None,
+            array_max_parallel=array.max_parallel if array else None,
         )
         session.add(job)
         session.flush()  # the job row must exist before its first event references it
@@ -595,7 +673,7 @@ class JobService:
     def _public(self, job_id: str) -> JobPublic:
         with self._sessions() as session:
             job, project, user = session.execute(_with_names().where(JobRecord.id == job_id)).one()
-            return job_public(job, project, user)
+            return job_public(job, project, user, arrays.summaries(session, [job]).get(job.id))
 
     def _await_submitted(self, actor: Actor, job_id: str) -> JobPublic:
         """A replay waits for the first request's sbatch to finish, then returns its job."""
