@@ -224,6 +224,26 @@ class PollerSettings(_Section):
         return self
 
 
+class QueueSettings(_Section):
+    """The broker's admission queue (API.md, "Queueing in the broker")."""
+
+    enabled: bool = True
+    """A job that fits the budget but not a concurrency or pending-job limit is queued (202);
+    off: refused at once with 409, as before the queue existed."""
+    starvation_seconds: PositiveFloat = 1800.0
+    """A queued job may be passed by later, smaller jobs that fit; once it has waited this long,
+    nothing passes it any more (so large jobs are not starved by a stream of small ones)."""
+
+
+class PlacementSettings(_Section):
+    """Where a job that names no cluster goes, and when it moves (API.md, "Placement")."""
+
+    move_after_seconds: PositiveFloat = 120.0
+    """A job the broker placed that waits in Slurm for resources longer than this is moved, once,
+    to a cluster with idle GPUs of a type the project may use."""
+    moves: bool = True
+
+
 class IdentitySettings(_Section):
     """Who jobs run as on the clusters (API.md, "Identity on the clusters")."""
 
@@ -357,6 +377,8 @@ class Settings(BaseSettings):
     poller: PollerSettings = Field(default_factory=PollerSettings)
     defaults: DefaultsSettings = Field(default_factory=DefaultsSettings)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    placement: PlacementSettings = Field(default_factory=PlacementSettings)
     clusters: dict[Name, ClusterSettings] = Field(default_factory=dict)
 
     @classmethod

@@ -17,6 +17,7 @@ from broker.service.cursors import CursorSigner
 from broker.service.jobs import JobService
 from broker.service.output import JobOutputReader
 from broker.service.poller import Poller
+from broker.service.queue import AdmissionQueue
 
 
 @dataclass
@@ -29,13 +30,14 @@ class Runtime:
     identities: ClusterIdentities
     output: JobOutputReader
     poller: Poller
+    queue: AdmissionQueue
     metrics: BrokerMetrics
     cursors: CursorSigner
     schedule: PollerSchedule | None = field(default=None)
 
     def start_poller(self) -> None:
         if self.schedule is None:
-            self.schedule = PollerSchedule(self.sessions, self.poller, self.settings)
+            self.schedule = PollerSchedule(self.sessions, self.poller, self.settings, self.queue)
             self.schedule.start()
 
     def close(self) -> None:
@@ -57,22 +59,21 @@ def build_runtime(settings: Settings, *, clusters: ClusterRegistry | None = None
     secret = settings.auth.cursor_secret
     cursors = CursorSigner(sessions, secret.get_secret_value() if secret else None)
     identities = ClusterIdentities(registry, settings)
+    jobs = JobService(
+        sessions, registry, settings, observer=metrics, cursors=cursors, identities=identities
+    )
+    queue = AdmissionQueue(sessions, settings, observer=metrics)
+    queue.attach(jobs)
     return Runtime(
         settings=settings,
         engine=engine,
         sessions=sessions,
         clusters=registry,
-        jobs=JobService(
-            sessions,
-            registry,
-            settings,
-            observer=metrics,
-            cursors=cursors,
-            identities=identities,
-        ),
+        jobs=jobs,
         identities=identities,
         output=JobOutputReader(sessions, registry, settings),
         poller=Poller(sessions, registry, settings, observer=metrics),
+        queue=queue,
         metrics=metrics,
         cursors=cursors,
     )

@@ -192,6 +192,16 @@ class TasksPublic(BaseModel):
     next_cursor: str | None
 
 
+class QueuePublic(BaseModel):
+    """Where a ``queued`` job stands in its project's queue, and what it waits for."""
+
+    position: int
+    reason: Literal[
+        "concurrent_gpus", "concurrent_gpus_per_cluster", "pending_jobs", "project_held"
+    ]
+    message: str
+
+
 class WaitPublic(BaseModel):
     """Why a pending job has not started: a category and a one-line message (broker.waiting)."""
 
@@ -221,6 +231,8 @@ class JobPublic(BaseModel):
     charged_gpu_hours: float | None
     unix_user: str | None = None
     """The Unix account the job runs as on its cluster."""
+    queue: QueuePublic | None = None
+    """While the job is ``queued``: its position, reason and a message with the numbers."""
     wait: WaitPublic | None = None
     """While the job is pending in Slurm: why it waits, from ``state_reason``."""
     array: ArrayRequest | None = None
@@ -276,6 +288,19 @@ class ProjectPublic(BaseModel):
     members: dict[str, str]
     quota: QuotaPublic | None
     created_at: Timestamp
+
+
+class QueuePut(StrictModel):
+    held: bool
+
+
+class ProjectQueuePublic(BaseModel):
+    """A project's admission queue: whether it is held and what waits in it."""
+
+    project: str
+    held: bool
+    queued_jobs: int
+    queued_gpus: int
 
 
 class ProjectsPublic(BaseModel):

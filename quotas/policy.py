@@ -87,6 +87,28 @@ def decide(request: JobRequest, policy: QuotaPolicy, ledger: LedgerSnapshot) -> 
     )
 
 
+QUEUEABLE = frozenset({LimitName.CONCURRENT_GPUS, LimitName.PENDING_JOBS})
+"""Limits a job can wait for in the broker's queue: they free up as other jobs end. The budget
+does not (waiting does not make money), and a static limit never will."""
+
+
+def waits_in_queue(decision: Decision) -> bool:
+    """The request was refused only by limits it may wait for."""
+    return bool(decision.violations) and all(v.limit in QUEUEABLE for v in decision.violations)
+
+
+def room_now(
+    request: JobRequest, policy: QuotaPolicy, ledger: LedgerSnapshot
+) -> tuple[Violation, ...]:
+    """The concurrency and pending-job limits ``request`` would break if it went to Slurm now
+    (a queued job's budget was settled when it was admitted)."""
+    return tuple(
+        v
+        for v in _dynamic_violations(request, policy, ledger, reservation=0)
+        if v.limit in QUEUEABLE
+    )
+
+
 def _static_violations(request: JobRequest, policy: QuotaPolicy) -> Iterator[Violation]:
     allowed_sets: tuple[tuple[LimitName, str, frozenset[str] | None], ...] = (
         (LimitName.CLUSTER, request.cluster, policy.allowed_clusters),

@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -118,6 +119,8 @@ class ProjectRecord(Base):
     created_at: Mapped[datetime]
     ledger_version: Mapped[int] = mapped_column(BigInteger, default=0)
     """Bumped by every ledger change; the UPDATE that bumps it is the admission lock."""
+    queue_held: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """An admin held the project's queue: its queued jobs stay queued."""
 
 
 class MembershipRecord(Base):
@@ -211,6 +214,14 @@ class JobRecord(Base):
     array_size: Mapped[int | None]
     """For a job array: its number of tasks (indices 0..array_size-1); None for a single job."""
     array_max_parallel: Mapped[int | None]
+    queued_script: Mapped[str | None] = mapped_column(Text)
+    """While ``queued``: the script to submit when the queue releases the job (then cleared)."""
+    queued_environment: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    queue_reason: Mapped[str | None] = mapped_column(String(32))
+    """While ``queued``: the limit it waits for (API.md: ``concurrent_gpus``, ...)."""
+    queue_message: Mapped[str | None] = mapped_column(ClippedString(200))
+    release_claimed_at: Mapped[datetime | None]
+    """When the queue took the job to submit it (sbatch under way); None while it waits."""
 
 
 class JobTaskRecord(Base):

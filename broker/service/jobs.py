@@ -20,6 +20,7 @@ import logging
 import posixpath
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -63,20 +64,30 @@ from broker.schemas import (
     JobsPublic,
     ProjectCreate,
     ProjectPublic,
+    QueuePublic,
     TaskPublic,
     TasksPublic,
     TaskSummaryPublic,
     WaitPublic,
 )
-from broker.service import arrays, cursors, ledger, transitions
+from broker.service import arrays, cursors, ledger, queue, transitions
 from broker.service.cluster_identity import ClusterIdentities
 from broker.service.clusters import ClusterRegistry
 from broker.service.cursors import CursorSigner
 from broker.service.identity import Actor
 from broker.service.observer import BrokerObserver, NullObserver
 from broker.service.projects import create_project, visible_project
+from broker.service.queue import Waiting
 from broker.waiting import explain
-from quotas import JobRequest, Violation, decide, gpu_hours, weight_for
+from quotas import (
+    QUEUEABLE,
+    JobRequest,
+    Violation,
+    decide,
+    gpu_hours,
+    reservation_gpu_seconds,
+    weight_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +145,14 @@ def _describe(v: Violation) -> str:
 
 
 def job_public(
-    job: JobRecord, project: str, user: str, tasks: TaskSummaryPublic | None = None
+    job: JobRecord,
+    project: str,
+    user: str,
+    tasks: TaskSummaryPublic | None = None,
+    position: int | None = None,
 ) -> JobPublic:
     """The API's view of a job; ``tasks``: an array's task summary (``arrays.summaries``), else
-    an array is shown with no task started."""
+    an array is shown with no task started; ``position``: a queued job's place in its queue."""
     if job.array_size and tasks is None:
         tasks = arrays.task_summary(job, {})
     return JobPublic(
@@ -163,6 +178,7 @@ def job_public(
             None if job.charged_gpu_seconds is None else gpu_hours(job.charged_gpu_seconds)
         ),
         unix_user=job.unix_user,
+        queue=_queue(job, position),
         wait=_wait(job),
         array=(
             ArrayRequest(size=job.array_size, max_parallel=job.array_max_parallel)
@@ -171,6 +187,30 @@ def job_public(
         ),
         tasks=tasks,
     )
+
+
+def _queue(job: JobRecord, position: int | None) -> QueuePublic | None:
+    if job.state != JobState.QUEUED.value:
+        return None
+    return QueuePublic.model_validate(
+        {
+            "position": position or 1,
+            "reason": job.queue_reason or "concurrent_gpus",
+            "message": job.queue_message or "waiting in the project's queue",
+        }
+    )
+
+
+def _publics(session: Session, rows: Sequence[tuple[JobRecord, str, str]]) -> list[JobPublic]:
+    """Jobs as the API shows them, with their task summaries and queue positions (a query each
+    for the arrays and the queued jobs among them, none for the others)."""
+    jobs = [job for job, _, _ in rows]
+    summaries = arrays.summaries(session, jobs)
+    places = queue.positions(session, jobs)
+    return [
+        job_public(job, project, user, summaries.get(job.id), places.get(job.id))
+        for job, project, user in rows
+    ]
 
 
 def _wait(job: JobRecord) -> WaitPublic | None:
@@ -192,10 +232,13 @@ CURSOR_KIND = "jobs"
 TASK_CURSOR_KIND = "tasks"
 
 
-def _sbatch_spec(job: JobRecord, body: JobCreate, user_name: str) -> JobSpec:
-    """What sbatch is given for an admitted job (built in the admission transaction)."""
+def _sbatch_spec(
+    job: JobRecord, script: str, environment: dict[str, str], user_name: str
+) -> JobSpec:
+    """What sbatch is given for an admitted job (built in the admission transaction, or when the
+    queue releases it)."""
     return JobSpec(
-        script=body.script,
+        script=script,
         account=job.account,
         partition=job.partition,
         gpus=job.gpus,
@@ -206,7 +249,7 @@ def _sbatch_spec(job: JobRecord, body: JobCreate, user_name: str) -> JobSpec:
         nodes=job.nodes,
         cpus_per_gpu=job.cpus_per_gpu,
         mem_per_gpu_gb=job.mem_per_gpu_gb,
-        environment=dict(body.environment),
+        environment=environment,
         comment=f"user={user_name}",
         run_as=job.unix_user,
         workdir=posixpath.dirname(job.stdout_path) if job.stdout_path else None,
@@ -253,7 +296,7 @@ class JobService:
     def get(self, actor: Actor, job_id: str) -> JobPublic:
         with self._sessions() as session:
             job, project, user = self._visible_job(session, actor, job_id)
-            return job_public(job, project, user, arrays.summaries(session, [job]).get(job.id))
+            return _publics(session, [(job, project, user)])[0]
 
     def tasks(self, actor: Actor, job_id: str, limit: int, cursor: str | None) -> TasksPublic:
         """An array's tasks in index order, each as Slurm last showed it; tasks Slurm has not
@@ -336,11 +379,7 @@ class JobService:
         query = query.order_by(JobRecord.submitted_at.desc(), JobRecord.id.desc()).limit(limit + 1)
         with self._sessions() as session:
             rows = session.execute(query).all()
-            summaries = arrays.summaries(session, [job for job, _, _ in rows[:limit]])
-        page = [
-            job_public(job, project, user, summaries.get(job.id))
-            for job, project, user in rows[:limit]
-        ]
+            page = _publics(session, [(job, project, user) for job, project, user in rows[:limit]])
         next_cursor = None
         if len(rows) > limit:
             last = rows[limit - 1][0]
@@ -416,7 +455,10 @@ class JobService:
                     session, actor, body, idempotency_key, fingerprint, directory
                 )
                 job_id, cluster_name = job.id, job.cluster
-                spec = _sbatch_spec(job, body, actor.name)
+                spec = _sbatch_spec(job, body.script, dict(body.environment), actor.name)
+                queued = (
+                    job_public(job, body.project, actor.name) if job.state == "queued" else None
+                )
         except IntegrityError:
             # The key is unique per user, but admission locks only the project: the same key
             # sent at once for two projects meets here, at the unique constraint. The winner
@@ -438,6 +480,9 @@ class JobService:
                 # this one waited: this retry is a new submission under the same key (once).
                 return self._submit(actor, body, idempotency_key, again=False)
             return SubmitOutcome(earlier_job, created=False)
+        if queued is not None:
+            log.info("job %s queued: %s", job_id, queued.queue.message if queued.queue else "")
+            return SubmitOutcome(queued, created=True)
         submitted = self._run_sbatch(job_id, cluster_name, spec, body.project, actor.name)
         return SubmitOutcome(submitted, created=True)
 
@@ -482,10 +527,23 @@ class JobService:
         self._check_period(quota, request, now)
         assert quota is not None
         policy = ledger.policy_of(quota)
-        decision = decide(request, policy, ledger.snapshot(session, project.id, quota))
-        if not decision.admitted:
-            first = decision.violations[0]
-            raise violation_error(first, "; ".join(_describe(v) for v in decision.violations))
+        snapshot = ledger.snapshot(session, project.id, quota)
+        decision = decide(request, policy, snapshot)
+        waits: Waiting | None = None
+        reservation = decision.reserve_gpu_seconds
+        if self._settings.queue.enabled:
+            waits = queue.admission_wait(session, project, decision, now, self._settings.queue)
+        if not decision.admitted and waits is None:
+            violations = decision.violations
+            if self._settings.queue.enabled:
+                # What refuses it is what it could not wait for: name that first.
+                violations = tuple(sorted(violations, key=lambda v: v.limit in QUEUEABLE))
+            first = violations[0]
+            raise violation_error(first, "; ".join(_describe(v) for v in violations))
+        if waits is not None:
+            reservation = request.tasks * reservation_gpu_seconds(
+                request.gpus, request.time_limit_minutes, weight_for(policy, gpu_type)
+            )
         job_id = str(uuid.uuid4())
         job = JobRecord(
             id=job_id,
@@ -507,8 +565,8 @@ class JobService:
             submitted_at=now,
             updated_at=now,
             weight=weight_for(policy, gpu_type),
-            reservation_gpu_seconds=decision.reserve_gpu_seconds,
-            reserved_gpu_seconds=decision.reserve_gpu_seconds,
+            reservation_gpu_seconds=reservation,
+            reserved_gpu_seconds=reservation,
             missing_polls=0,
             idempotency_key=idempotency_key,
             request_sha256=fingerprint,
@@ -519,15 +577,19 @@ class JobService:
             array_size=array.size if array else None,
             array_max_parallel=array.max_parallel if array else None,
         )
+        reason = f"submitted by {actor.name}"
+        if waits is not None:
+            job.state = JobState.QUEUED.value
+            job.queued_script = body.script
+            job.queued_environment = dict(body.environment)
+            job.queue_reason = waits.reason
+            job.queue_message = waits.message
+            reason = f"{reason}; queued: {waits.message}"
         session.add(job)
         session.flush()  # the job row must exist before its first event references it
         session.add(
             JobEventRecord(
-                job_id=job_id,
-                at=now,
-                from_state=None,
-                to_state=JobState.SUBMITTING.value,
-                reason=f"submitted by {actor.name}",
+                job_id=job_id, at=now, from_state=None, to_state=job.state, reason=reason
             )
         )
         session.flush()
@@ -638,12 +700,41 @@ class JobService:
                 f"sbatch accepted as {slurm_job_id}",
                 slurm_job_id=slurm_job_id,
             )
+            queue.clear(job)
             # The caller's project and name are the job's: no second read to answer.
             public = job_public(job, project, user_name)
         log.info("job %s submitted to %s as %s", job_id, cluster_name, slurm_job_id)
         return public
 
+    def submit_released(self, job_id: str) -> JobPublic | None:
+        """sbatch for a job the queue released (``broker.service.queue``): the same path as a
+        direct submission (its tag, ``submit_unknown`` when the answer is lost). A cluster that
+        cannot be reached leaves the job queued, to be released again; None then."""
+        with self._sessions() as session:
+            row = session.execute(_with_names().where(JobRecord.id == job_id)).first()
+            if row is None:
+                return None
+            job, project, user_name = row
+            if job.state != JobState.QUEUED.value or job.release_claimed_at is None:
+                return None  # cancelled meanwhile, or not this releaser's
+            spec = _sbatch_spec(
+                job, job.queued_script or "", dict(job.queued_environment or {}), user_name
+            )
+            cluster_name = job.cluster
+        try:
+            return self._run_sbatch(job_id, cluster_name, spec, project, user_name)
+        except BrokerError as exc:  # refused by Slurm: settled submit_failed, reservation back
+            log.warning("queued job %s could not be submitted: %s", job_id, exc)
+            return self._public(job_id)
+
     def _after_failed_sbatch(self, job_id: str, cluster_name: str, exc: AdapterError) -> JobPublic:
+        if (
+            not exc.may_have_run
+            and (isinstance(exc, TransportError | SlurmUnavailable) or exc.transient)
+            and self._unclaim(job_id)
+        ):
+            log.warning("queued job %s stays queued: %s unavailable: %s", job_id, cluster_name, exc)
+            return self._public(job_id)
         if exc.may_have_run:
             log.warning("sbatch outcome for job %s unknown (%s); reconciler will look", job_id, exc)
             with transaction(self._sessions) as session:
@@ -663,6 +754,16 @@ class JobService:
         self._release(job_id, JobState.SUBMIT_FAILED, f"sbatch refused: {reason}")
         raise SubmitRejected(f"Slurm refused the job: {reason}", cluster=cluster_name) from exc
 
+    def _unclaim(self, job_id: str) -> bool:
+        """Give a released queued job back to the queue (nothing reached Slurm); False if the job
+        is not a queued one."""
+        with transaction(self._sessions) as session:
+            job = session.get_one(JobRecord, job_id)
+            if job.state != JobState.QUEUED.value:
+                return False
+            job.release_claimed_at = None
+            return True
+
     def _release(self, job_id: str, final: JobState, reason: str) -> None:
         """End a job that never reached Slurm: nothing charged, the key free for a retry."""
         with transaction(self._sessions) as session:
@@ -670,10 +771,13 @@ class JobService:
             transitions.settle(session, job, final, charge_gpu_seconds=0, reason=reason)
             job.idempotency_key = None
 
+    def _public_in(self, session: Session, job_id: str) -> JobPublic:
+        job, project, user = session.execute(_with_names().where(JobRecord.id == job_id)).one()
+        return _publics(session, [(job, project, user)])[0]
+
     def _public(self, job_id: str) -> JobPublic:
         with self._sessions() as session:
-            job, project, user = session.execute(_with_names().where(JobRecord.id == job_id)).one()
-            return job_public(job, project, user, arrays.summaries(session, [job]).get(job.id))
+            return self._public_in(session, job_id)
 
     def _await_submitted(self, actor: Actor, job_id: str) -> JobPublic:
         """A replay waits for the first request's sbatch to finish, then returns its job."""
@@ -697,6 +801,25 @@ class JobService:
                 raise Forbidden(f"{actor.role}s cannot cancel jobs")
             if is_final(job.state):
                 return self._public(job_id), False
+            if job.state == JobState.QUEUED.value:
+                # The queue claims jobs under this lock: either it has (sbatch under way; the
+                # cancel below reaches the Slurm job) or it never will.
+                ledger.lock_project(session, job.project_id)
+                session.refresh(job)
+                if job.state == JobState.QUEUED.value and job.release_claimed_at is None:
+                    # Nothing is in Slurm: it ends here, its reservation back at once.
+                    transitions.settle(
+                        session,
+                        job,
+                        JobState.CANCELLED,
+                        charge_gpu_seconds=0,
+                        lock=False,
+                        reason=f"cancelled by {actor.name} while queued",
+                        cancel_requested_at=utcnow(),
+                    )
+                    queue.clear(job)
+                    session.flush()
+                    return self._public_in(session, job_id), True
             if job.cancel_requested_at is None:
                 session.execute(
                     update(JobRecord)

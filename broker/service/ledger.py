@@ -245,8 +245,10 @@ def snapshot(session: Session, project_id: int, quota: QuotaRecord | None) -> Le
         .where(JobRecord.project_id == project_id, JobRecord.state.in_(LIVE_STATES))
         .group_by(JobRecord.cluster, JobRecord.state)
     ):
-        by_cluster[cluster] += int(gpus)
         reserved += int(held or 0)
+        if state == lifecycle.JobState.QUEUED.value:
+            continue  # it holds its reservation, but waits for the limits below
+        by_cluster[cluster] += int(gpus)
         if state in NOT_STARTED_STATES:
             pending += int(count)
     return LedgerSnapshot(

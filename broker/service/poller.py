@@ -36,7 +36,7 @@ from broker.config import Settings
 from broker.db.engine import transaction
 from broker.db.models import ClusterStatusRecord, JobEventRecord, JobRecord, ProjectRecord
 from broker.lifecycle import FOLLOWED, JobState, from_slurm, is_final, values
-from broker.service import arrays, foreign, ledger, transitions
+from broker.service import arrays, foreign, ledger, queue, transitions
 from broker.service.clusters import ClusterRegistry
 from broker.service.lease import Fence, LeaseLost
 from broker.service.observer import BrokerObserver, NullObserver
@@ -564,6 +564,10 @@ class Poller:
                         | (
                             (JobRecord.state == JobState.SUBMITTING.value)
                             & (JobRecord.submitted_at < stale_submitting)
+                        )
+                        | (  # released by the queue, and its releaser is gone
+                            (JobRecord.state == JobState.QUEUED.value)
+                            & (JobRecord.release_claimed_at < stale_submitting)
                         ),
                     )
                 ).all()
@@ -577,6 +581,19 @@ class Poller:
             )
             with self._write(fence) as session:
                 job = session.get_one(JobRecord, job_id)
+                if job.state == JobState.QUEUED.value:
+                    if job.release_claimed_at is None or job.release_claimed_at >= stale_submitting:
+                        continue  # released again meanwhile
+                    if found:
+                        self._attach(session, job, found)
+                        queue.clear(job)
+                        report.attached += 1
+                    else:  # its sbatch never reached Slurm: back in the queue
+                        log.warning(
+                            "queued job %s: its release did not reach Slurm; queued again", job.id
+                        )
+                        job.release_claimed_at = None
+                    continue
                 if job.state not in (JobState.SUBMITTING.value, JobState.SUBMIT_UNKNOWN.value):
                     continue
                 if found:

@@ -22,6 +22,7 @@ def fake_settings(
     *,
     limits: dict[str, Any] | None = None,
     identity_settings: dict[str, Any] | None = None,
+    queue: dict[str, Any] | None = None,
     **poller: Any,
 ) -> Settings:
     cluster = {
@@ -38,6 +39,7 @@ def fake_settings(
             "database": {"url": database_url},
             "limits": limits or {},
             "identity": identity_settings or {},
+            "queue": queue or {},
             "poller": {
                 "interval_seconds": 1,
                 "missing_polls_before_unknown": 3,
@@ -78,10 +80,11 @@ def build_env(
     gpu_hours: float = 1000.0,
     limits: dict[str, Any] | None = None,
     identity_settings: dict[str, Any] | None = None,
+    queue: dict[str, Any] | None = None,
     **poller: Any,
 ) -> Env:
     settings = fake_settings(
-        database_url, limits=limits, identity_settings=identity_settings, **poller
+        database_url, limits=limits, identity_settings=identity_settings, queue=queue, **poller
     )
     slurm = {"alpha": FakeSlurm(), "beta": FakeSlurm()}
 

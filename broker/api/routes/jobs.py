@@ -33,10 +33,12 @@ def submit_job(
     """Admit a job against its project's quota and submit it to Slurm.
 
     201: the job is in Slurm (it has a ``slurm_job_id``). 202: sbatch's answer was lost; the job
-    is ``submit_unknown`` and the reconciler attaches it by its tag (never resubmits).
+    is ``submit_unknown`` and the reconciler attaches it by its tag (never resubmits). 202 too
+    for a job ``queued`` in the broker: it fits the budget (reserved) and waits for a concurrency
+    or pending-job limit; ``queue`` says where it stands.
     """
     outcome = runtime.jobs.submit(actor, body, idempotency_key)
-    if outcome.job.state == JobState.SUBMIT_UNKNOWN.value:
+    if outcome.job.state in (JobState.SUBMIT_UNKNOWN.value, JobState.QUEUED.value):
         response.status_code = 202
     if not outcome.created:
         response.headers["Idempotent-Replayed"] = "true"

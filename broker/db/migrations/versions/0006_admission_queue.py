@@ -1,0 +1,42 @@
+"""admission queue: queued jobs keep their script until released; projects' queue hold
+
+Revision ID: arrays_queue
+Revises: arrays_tasks
+Create Date: 2026-11-26
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "arrays_queue"
+down_revision = "arrays_tasks"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("projects", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("queue_held", sa.Boolean(), server_default=sa.false(), nullable=False)
+        )
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("queued_script", sa.Text(), nullable=True))
+        batch_op.add_column(sa.Column("queued_environment", sa.JSON(), nullable=True))
+        batch_op.add_column(sa.Column("queue_reason", sa.String(length=32), nullable=True))
+        batch_op.add_column(sa.Column("queue_message", sa.String(length=200), nullable=True))
+        batch_op.add_column(
+            sa.Column("release_claimed_at", sa.DateTime(timezone=True), nullable=True)
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("release_claimed_at")
+        batch_op.drop_column("queue_message")
+        batch_op.drop_column("queue_reason")
+        batch_op.drop_column("queued_environment")
+        batch_op.drop_column("queued_script")
+    with op.batch_alter_table("projects", schema=None) as batch_op:
+        batch_op.drop_column("queue_held")
