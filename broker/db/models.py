@@ -222,6 +222,8 @@ class JobRecord(Base):
     queue_message: Mapped[str | None] = mapped_column(ClippedString(200))
     release_claimed_at: Mapped[datetime | None]
     """When the queue took the job to submit it (sbatch under way); None while it waits."""
+    placed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """The request named no cluster: the broker chose it (and may move the job once)."""
 
 
 class JobTaskRecord(Base):

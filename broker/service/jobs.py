@@ -70,7 +70,7 @@ from broker.schemas import (
     TaskSummaryPublic,
     WaitPublic,
 )
-from broker.service import arrays, cursors, ledger, queue, transitions
+from broker.service import arrays, cursors, ledger, placement, queue, transitions
 from broker.service.cluster_identity import ClusterIdentities
 from broker.service.clusters import ClusterRegistry
 from broker.service.cursors import CursorSigner
@@ -446,13 +446,13 @@ class JobService:
         with self._sessions() as session:
             project = visible_project(session, actor, body.project)
             self._require_submitter(actor, project)
-            cluster_name, _, _ = self._placement(project, body)
+            where = self._placement(session, project, body)
         # Before anything is reserved: the researcher's Unix account must be usable there.
-        directory = self._identities.prepare(cluster_name, actor.unix_user)
+        directory = self._identities.prepare(where[0], actor.unix_user)
         try:
             with transaction(self._sessions) as session:
                 job, replayed = self._admit(
-                    session, actor, body, idempotency_key, fingerprint, directory
+                    session, actor, body, idempotency_key, fingerprint, directory, where
                 )
                 job_id, cluster_name = job.id, job.cluster
                 spec = _sbatch_spec(job, body.script, dict(body.environment), actor.name)
@@ -480,6 +480,8 @@ class JobService:
                 # this one waited: this retry is a new submission under the same key (once).
                 return self._submit(actor, body, idempotency_key, again=False)
             return SubmitOutcome(earlier_job, created=False)
+        if where[3] is not None:
+            self._observer.placement(cluster_name, "placed")
         if queued is not None:
             log.info("job %s queued: %s", job_id, queued.queue.message if queued.queue else "")
             return SubmitOutcome(queued, created=True)
@@ -494,10 +496,14 @@ class JobService:
         idempotency_key: str | None,
         fingerprint: str,
         directory: str,
+        where: tuple[str, str, str, str | None],
     ) -> tuple[JobRecord, bool]:
+        """Admission under the project's ledger lock. ``where``: the cluster, partition and GPU
+        type chosen before (the researcher's directory was prepared there), and why, if the
+        broker chose."""
         project = visible_project(session, actor, body.project)
         self._require_submitter(actor, project)
-        cluster_name, partition, gpu_type = self._placement(project, body)
+        cluster_name, partition, gpu_type, placed_why = where
         account = project.slurm_accounts.get(cluster_name)
         if account is None:
             raise LimitExceeded(
@@ -578,6 +584,9 @@ class JobService:
             array_max_parallel=array.max_parallel if array else None,
         )
         reason = f"submitted by {actor.name}"
+        if placed_why is not None:
+            job.placed = True
+            reason = f"{reason}; {placed_why}"
         if waits is not None:
             job.state = JobState.QUEUED.value
             job.queued_script = body.script
@@ -600,24 +609,32 @@ class JobService:
         if not (actor.is_admin or (actor.role == "researcher" and project.id in actor.project_ids)):
             raise Forbidden(f"{actor.role}s cannot submit jobs")
 
-    def _placement(self, project: ProjectRecord, body: JobCreate) -> tuple[str, str, str]:
-        """Cluster, partition and GPU type of a request, with the defaults filled in."""
+    def _placement(
+        self, session: Session, project: ProjectRecord, body: JobCreate
+    ) -> tuple[str, str, str, str | None]:
+        """Cluster, partition and GPU type of a request, with the defaults filled in, and why the
+        broker chose the cluster when the request named none (``broker.service.placement``)."""
         cluster_name = body.cluster
         if cluster_name is None:
-            candidates = sorted(project.slurm_accounts)
-            if self._settings.defaults.cluster and (
-                self._settings.defaults.cluster in project.slurm_accounts or not candidates
-            ):
-                cluster_name = self._settings.defaults.cluster
-            elif len(candidates) == 1:
-                cluster_name = candidates[0]
-            elif len(self._clusters.names) == 1:
-                cluster_name = self._clusters.names[0]
-            else:
+            chosen = placement.choose(
+                session, self._settings, project, partition=body.partition, gpu_type=body.gpu_type
+            )
+            if chosen is not None:
+                return chosen.cluster, chosen.partition, chosen.gpu_type, chosen.why
+            if project.slurm_accounts:
                 raise ValidationFailed(
-                    "cluster is required: the project has accounts on several clusters",
-                    [{"field": "cluster", "message": "one of " + ", ".join(candidates)}],
+                    "no cluster the project may use offers "
+                    + (f"{body.gpu_type} GPUs" if body.gpu_type else "the requested partition"),
+                    [
+                        {
+                            "field": "gpu_type" if body.gpu_type else "partition",
+                            "message": "not offered",
+                        }
+                    ],
                 )
+            # A project without any Slurm account: the configured default names the cluster it
+            # is refused on (limit "cluster"), or the only configured cluster does.
+            cluster_name = self._settings.defaults.cluster or self._clusters.names[0]
         cluster = self._clusters.config(cluster_name)
         partition = body.partition or cluster.default_partition
         if partition not in cluster.partitions:
@@ -636,7 +653,7 @@ class JobService:
                 f"partition {partition} on {cluster_name} has {gpu_type} GPUs, not {body.gpu_type}",
                 [{"field": "gpu_type", "message": f"{partition} offers {gpu_type}"}],
             )
-        return cluster_name, partition, gpu_type
+        return cluster_name, partition, gpu_type, None
 
     @staticmethod
     def _check_period(quota: QuotaRecord | None, request: JobRequest, now: datetime) -> None:

@@ -64,6 +64,16 @@ class FakeSlurm:
     raises as if the answer had been lost on the way back."""
 
     down: AdapterError | None = None
+    partitions: list[PartitionCapacity] = field(
+        default_factory=lambda: [PartitionCapacity("gpu", "h100", 32, 0, 32, 0, 4, 0)]
+    )
+    """What sinfo shows (``capacity``); set ``idle`` to stage a busy cluster."""
+
+    def idle(self, gpus: int, gpu_type: str = "h100", partition: str = "gpu") -> None:
+        """sinfo shows ``gpus`` idle of 32 in ``partition``."""
+        self.partitions = [
+            PartitionCapacity(partition, gpu_type, 32, 32 - gpus, gpus, 0, 4, 0)
+        ]
     refuse_next_submit: str | None = None
     lose_next_submit_answer: bool = False
     jobs: dict[str, FakeJob] = field(default_factory=dict)
@@ -190,7 +200,7 @@ class FakeSlurm:
 
     def capacity(self) -> list[PartitionCapacity]:
         self._check_up()
-        return [PartitionCapacity("gpu", "h100", 32, 0, 32, 0, 4, 0)]
+        return list(self.partitions)
 
     def accounting(
         self,

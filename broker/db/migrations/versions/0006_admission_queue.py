@@ -1,4 +1,5 @@
-"""admission queue: queued jobs keep their script until released; projects' queue hold
+"""admission queue and placement: queued jobs keep their script until released; projects'
+queue hold; whether the broker placed a job
 
 Revision ID: arrays_queue
 Revises: arrays_tasks
@@ -29,10 +30,14 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("release_claimed_at", sa.DateTime(timezone=True), nullable=True)
         )
+        batch_op.add_column(
+            sa.Column("placed", sa.Boolean(), server_default=sa.false(), nullable=False)
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("placed")
         batch_op.drop_column("release_claimed_at")
         batch_op.drop_column("queue_message")
         batch_op.drop_column("queue_reason")
