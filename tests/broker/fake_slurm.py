@@ -71,9 +71,8 @@ class FakeSlurm:
 
     def idle(self, gpus: int, gpu_type: str = "h100", partition: str = "gpu") -> None:
         """sinfo shows ``gpus`` idle of 32 in ``partition``."""
-        self.partitions = [
-            PartitionCapacity(partition, gpu_type, 32, 32 - gpus, gpus, 0, 4, 0)
-        ]
+        self.partitions = [PartitionCapacity(partition, gpu_type, 32, 32 - gpus, gpus, 0, 4, 0)]
+
     refuse_next_submit: str | None = None
     lose_next_submit_answer: bool = False
     jobs: dict[str, FakeJob] = field(default_factory=dict)
