@@ -15,6 +15,7 @@ from broker.service.cluster_identity import ClusterIdentities
 from broker.service.clusters import ClusterRegistry
 from broker.service.cursors import CursorSigner
 from broker.service.jobs import JobService
+from broker.service.moves import Mover
 from broker.service.output import JobOutputReader
 from broker.service.poller import Poller
 from broker.service.queue import AdmissionQueue
@@ -31,13 +32,16 @@ class Runtime:
     output: JobOutputReader
     poller: Poller
     queue: AdmissionQueue
+    mover: Mover
     metrics: BrokerMetrics
     cursors: CursorSigner
     schedule: PollerSchedule | None = field(default=None)
 
     def start_poller(self) -> None:
         if self.schedule is None:
-            self.schedule = PollerSchedule(self.sessions, self.poller, self.settings, self.queue)
+            self.schedule = PollerSchedule(
+                self.sessions, self.poller, self.settings, self.queue, self.mover
+            )
             self.schedule.start()
 
     def close(self) -> None:
@@ -64,6 +68,8 @@ def build_runtime(settings: Settings, *, clusters: ClusterRegistry | None = None
     )
     queue = AdmissionQueue(sessions, settings, observer=metrics)
     queue.attach(jobs)
+    mover = Mover(sessions, registry, settings, identities)
+    mover.attach(jobs)
     return Runtime(
         settings=settings,
         engine=engine,
@@ -74,6 +80,7 @@ def build_runtime(settings: Settings, *, clusters: ClusterRegistry | None = None
         output=JobOutputReader(sessions, registry, settings),
         poller=Poller(sessions, registry, settings, observer=metrics),
         queue=queue,
+        mover=mover,
         metrics=metrics,
         cursors=cursors,
     )

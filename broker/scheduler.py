@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from broker.clock import utcnow
 from broker.config import Settings
 from broker.service import lease
+from broker.service.moves import Mover
 from broker.service.poller import Poller
 from broker.service.queue import AdmissionQueue
 
@@ -32,10 +33,12 @@ class PollerSchedule:
         poller: Poller,
         settings: Settings,
         queue: AdmissionQueue | None = None,
+        mover: Mover | None = None,
     ) -> None:
         self._sessions = sessions
         self._poller = poller
         self._queue = queue
+        self._mover = mover
         self._settings = settings
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         interval = settings.poller.interval_seconds
@@ -53,14 +56,16 @@ class PollerSchedule:
         fence = lease.Fence(self._sessions, LEASE_NAME, self.holder, ttl)
         if self._poller.poll(cluster, fence).lease_lost:
             return False
-        if self._queue is not None:
-            # Right after the cycle that may have freed a limit: released within one cycle.
-            try:
+        try:
+            if self._mover is not None:
+                self._mover.run(cluster, fence)
+            if self._queue is not None:
+                # Right after the cycle that may have freed a limit: released within one cycle.
                 self._queue.release(fence)
-            except lease.LeaseLost:
-                return False
-            except Exception:
-                log.exception("admission queue pass failed; tried again next cycle")
+        except lease.LeaseLost:
+            return False
+        except Exception:
+            log.exception("moves or admission queue pass of %s failed; tried next cycle", cluster)
         return True
 
     def start(self) -> None:

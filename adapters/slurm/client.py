@@ -290,10 +290,15 @@ class SlurmClient:
                 by_id[record.job_id] = _status_from_record(record)
         return sorted(by_id.values(), key=lambda s: (len(s.job_id), s.job_id))
 
-    def cancel(self, job_id: str, *, as_user: str | None = None) -> None:
+    def cancel(
+        self, job_id: str, *, as_user: str | None = None, only_pending: bool = False
+    ) -> None:
         """``scancel`` (as ``as_user`` when given); idempotent: a job that already ended or that
-        Slurm no longer knows is cancelled as far as the caller is concerned."""
-        argv = self._maybe_as(as_user, commands.scancel(self.bin_dir, job_id))
+        Slurm no longer knows is cancelled as far as the caller is concerned. ``only_pending``:
+        a job that is no longer pending is left alone (the caller looks at its state after)."""
+        argv = self._maybe_as(
+            as_user, commands.scancel(self.bin_dir, job_id, only_pending=only_pending)
+        )
         self._command(argv, self._read_cancel(job_id), side_effects=True)
 
     def _read_cancel(self, job_id: str) -> Callable[[CommandResult], None]:

@@ -384,8 +384,14 @@ def format_time(moment: datetime, cluster_tz: tzinfo) -> str:
     return moment.astimezone(cluster_tz).replace(tzinfo=None).isoformat(timespec="seconds")
 
 
-def scancel(bin_dir: str, job_id: str) -> list[str]:
-    return [_bin(bin_dir, "scancel"), check_job_id(job_id)]
+def scancel(bin_dir: str, job_id: str, *, only_pending: bool = False) -> list[str]:
+    """``scancel``; ``only_pending``: only if the job is still pending (``--state=PENDING``,
+    decided by slurmctld itself, so a job that has just started is left running)."""
+    argv = [_bin(bin_dir, "scancel")]
+    if only_pending:
+        argv.append("--state=PENDING")
+    argv.append(check_job_id(job_id))
+    return argv
 
 
 def sinfo(bin_dir: str) -> list[str]:

@@ -215,7 +215,8 @@ class JobRecord(Base):
     """For a job array: its number of tasks (indices 0..array_size-1); None for a single job."""
     array_max_parallel: Mapped[int | None]
     queued_script: Mapped[str | None] = mapped_column(Text)
-    """While ``queued``: the script to submit when the queue releases the job (then cleared)."""
+    """The script, kept while the broker may still have to submit it: while ``queued``, and for
+    a job it placed, until the job runs (it may move once); cleared then."""
     queued_environment: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     queue_reason: Mapped[str | None] = mapped_column(String(32))
     """While ``queued``: the limit it waits for (API.md: ``concurrent_gpus``, ...)."""
@@ -224,6 +225,11 @@ class JobRecord(Base):
     """When the queue took the job to submit it (sbatch under way); None while it waits."""
     placed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     """The request named no cluster: the broker chose it (and may move the job once)."""
+    moves: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    move_target: Mapped[str | None] = mapped_column(String(130))
+    """While a move is under way: ``cluster/partition`` it goes to (broker.service.moves)."""
+    in_slurm_since: Mapped[datetime | None]
+    """When sbatch accepted the job (on its current cluster)."""
 
 
 class JobTaskRecord(Base):

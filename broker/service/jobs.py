@@ -587,6 +587,9 @@ class JobService:
         if placed_why is not None:
             job.placed = True
             reason = f"{reason}; {placed_why}"
+            if self._movable(job):
+                job.queued_script = body.script
+                job.queued_environment = dict(body.environment)
         if waits is not None:
             job.state = JobState.QUEUED.value
             job.queued_script = body.script
@@ -603,6 +606,15 @@ class JobService:
         )
         session.flush()
         return job, False
+
+    def _movable(self, job: JobRecord) -> bool:
+        """A job the broker placed may move once (not an array: its tasks start one by one)."""
+        return (
+            self._settings.placement.moves
+            and bool(job.placed)
+            and not job.moves
+            and not job.array_size
+        )
 
     @staticmethod
     def _require_submitter(actor: Actor, project: ProjectRecord) -> None:
@@ -717,7 +729,11 @@ class JobService:
                 f"sbatch accepted as {slurm_job_id}",
                 slurm_job_id=slurm_job_id,
             )
+            job.in_slurm_since = utcnow()
+            kept = (job.queued_script, job.queued_environment)
             queue.clear(job)
+            if self._movable(job):  # it may have to be submitted again elsewhere, once
+                job.queued_script, job.queued_environment = kept
             # The caller's project and name are the job's: no second read to answer.
             public = job_public(job, project, user_name)
         log.info("job %s submitted to %s as %s", job_id, cluster_name, slurm_job_id)
@@ -743,6 +759,78 @@ class JobService:
         except BrokerError as exc:  # refused by Slurm: settled submit_failed, reservation back
             log.warning("queued job %s could not be submitted: %s", job_id, exc)
             return self._public(job_id)
+
+    def submit_moved(self, job_id: str) -> str | None:
+        """sbatch on its new cluster for a job being moved (``broker.service.moves``), whose
+        first Slurm job is confirmed gone; it carries the same tag. Returns the new Slurm id.
+
+        A lost answer leaves the claim: the reconciler finds the job by its tag (or lets it be
+        submitted again). A cluster that cannot be reached leaves it to be tried next cycle; a
+        refusal ends it ``submit_failed`` with its reservation back.
+        """
+        with self._sessions() as session:
+            row = session.execute(_with_names().where(JobRecord.id == job_id)).first()
+            if row is None:
+                return None
+            job, _, user_name = row
+            if job.state != JobState.PENDING.value or job.slurm_job_id is not None:
+                return None
+            cancelled = job.cancel_requested_at is not None
+            spec = _sbatch_spec(
+                job, job.queued_script or "", dict(job.queued_environment or {}), user_name
+            )
+            cluster_name = job.cluster
+        if cancelled:  # cancelled between its two Slurm jobs: none is live, none is made
+            self._release(job_id, JobState.CANCELLED, "cancelled while moving")
+            return None
+        try:
+            self._identities.ensure_account(cluster_name, spec.account)
+            if spec.run_as is not None:
+                self._identities.ensure_association(cluster_name, spec.account, spec.run_as)
+            slurm_job_id = self._clusters.client(cluster_name).submit(spec)
+        except AdapterError as exc:
+            if exc.may_have_run:
+                log.warning("job %s: sbatch on %s lost its answer; looking by tag", job_id, exc)
+                return None
+            if isinstance(exc, TransportError | SlurmUnavailable) or exc.transient:
+                self._unclaim_moved(job_id)
+                log.warning(
+                    "job %s: %s unavailable for its move; next cycle: %s", job_id, cluster_name, exc
+                )
+                return None
+            reason = _slurm_reason(exc)
+            self._release(
+                job_id, JobState.SUBMIT_FAILED, f"sbatch on {cluster_name} refused: {reason}"
+            )
+            return None
+        except ValueError as exc:
+            self._release(job_id, JobState.SUBMIT_FAILED, f"refused before sbatch: {exc}")
+            return None
+        with transaction(self._sessions) as session:
+            job = session.get_one(JobRecord, job_id)
+            now = utcnow()
+            session.add(
+                JobEventRecord(
+                    job_id=job_id,
+                    at=now,
+                    from_state=job.state,
+                    to_state=job.state,
+                    reason=f"sbatch on {cluster_name} accepted as {slurm_job_id}",
+                )
+            )
+            job.slurm_job_id = slurm_job_id
+            job.in_slurm_since = now
+            job.release_claimed_at = None
+            job.updated_at = now
+        self._observer.placement(cluster_name, "moved")
+        log.info("job %s moved: submitted to %s as %s", job_id, cluster_name, slurm_job_id)
+        return slurm_job_id
+
+    def _unclaim_moved(self, job_id: str) -> None:
+        with transaction(self._sessions) as session:
+            job = session.get_one(JobRecord, job_id)
+            if job.slurm_job_id is None and not is_final(job.state):
+                job.release_claimed_at = None
 
     def _after_failed_sbatch(self, job_id: str, cluster_name: str, exc: AdapterError) -> JobPublic:
         if (

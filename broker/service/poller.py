@@ -368,6 +368,8 @@ class Poller:
             for job in jobs:
                 if is_final(job.state) or job.slurm_job_id != followed[job.id]:
                     continue  # changed since it was read (a cancel settled it, a resubmit)
+                if job.move_target is not None:
+                    continue  # being moved: broker.service.moves follows its Slurm job
                 part = CycleReport(cluster=cluster)
                 try:
                     with session.begin_nested():
@@ -565,8 +567,9 @@ class Poller:
                             (JobRecord.state == JobState.SUBMITTING.value)
                             & (JobRecord.submitted_at < stale_submitting)
                         )
-                        | (  # released by the queue, and its releaser is gone
-                            (JobRecord.state == JobState.QUEUED.value)
+                        | (  # released by the queue or moved, and its submitter is gone
+                            JobRecord.state.in_((JobState.QUEUED.value, JobState.PENDING.value))
+                            & JobRecord.slurm_job_id.is_(None)
                             & (JobRecord.release_claimed_at < stale_submitting)
                         ),
                     )
@@ -581,6 +584,25 @@ class Poller:
             )
             with self._write(fence) as session:
                 job = session.get_one(JobRecord, job_id)
+                if job.state == JobState.PENDING.value:  # moved; its sbatch's answer was lost
+                    if job.slurm_job_id is not None or job.release_claimed_at is None:
+                        continue
+                    if found:
+                        first = sorted(found, key=lambda s: int(s.job_id.split("_")[0]))[0]
+                        session.add(
+                            JobEventRecord(
+                                job_id=job.id,
+                                at=now,
+                                from_state=job.state,
+                                to_state=job.state,
+                                reason=f"found by tag as Slurm job {first.job_id}",
+                            )
+                        )
+                        job.slurm_job_id = first.job_id
+                        job.in_slurm_since = now
+                        report.attached += 1
+                    job.release_claimed_at = None  # not found: submitted again (moves)
+                    continue
                 if job.state == JobState.QUEUED.value:
                     if job.release_claimed_at is None or job.release_claimed_at >= stale_submitting:
                         continue  # released again meanwhile

@@ -187,11 +187,15 @@ class FakeSlurm:
         self._check_up()
         return [self._status(j) for j in self.jobs.values() if j.spec.tag == tag]
 
-    def cancel(self, job_id: str, *, as_user: str | None = None) -> None:
+    def cancel(
+        self, job_id: str, *, as_user: str | None = None, only_pending: bool = False
+    ) -> None:
         self._check_up()
         self.cancels.append(job_id)
         self.cancelled_as.append(as_user)
         job = self.jobs.get(job_id)
+        if only_pending and job is not None and job.state != "PENDING":
+            return
         if job is not None and not is_ended(job.state):
             job.state = "CANCELLED"
             job.elapsed_s = job.elapsed_s or 0

@@ -33,10 +33,16 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("placed", sa.Boolean(), server_default=sa.false(), nullable=False)
         )
+        batch_op.add_column(sa.Column("moves", sa.Integer(), server_default="0", nullable=False))
+        batch_op.add_column(sa.Column("move_target", sa.String(length=130), nullable=True))
+        batch_op.add_column(sa.Column("in_slurm_since", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("in_slurm_since")
+        batch_op.drop_column("move_target")
+        batch_op.drop_column("moves")
         batch_op.drop_column("placed")
         batch_op.drop_column("release_claimed_at")
         batch_op.drop_column("queue_message")
