@@ -7,6 +7,7 @@ The same queue runs against the real dev cluster in tests/e2e/test_queue_on_slur
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,6 +23,7 @@ from broker.errors import QuotaExceeded
 from broker.schemas import JobCreate, JobPublic, QueuePut, QuotaPut
 from broker.service import projects
 from tests.broker.harness import Env, build_env
+from tests.metrics.seed import Scrape
 
 SCRIPT = "#!/bin/bash\nsrun python train.py\n"
 
@@ -97,6 +99,10 @@ def test_five_jobs_at_a_limit_of_one_run_one_after_the_other_in_order(env: Env) 
     assert shown[2].queue.message == "project at 8 of 8 concurrent GPUs; 2 jobs ahead"
     assert usage(env) == pytest.approx((0.0, 5 * 8.0))  # every queued job holds its reservation
     assert len(env.slurm["alpha"].jobs) == 1
+    scrape = Scrape(env.runtime.metrics.registry)
+    assert scrape.value("broker_queued_jobs", project="climate", limit="concurrent_gpus") == 4
+    assert scrape.value("broker_queued_gpus", project="climate", limit="concurrent_gpus") == 32
+    assert scrape.value("broker_queued_jobs", project="climate", limit="pending_jobs") == 0
 
     used = 0.0
     for previous, following in itertools.pairwise(jobs):
@@ -114,6 +120,10 @@ def test_five_jobs_at_a_limit_of_one_run_one_after_the_other_in_order(env: Env) 
         assert usage(env) == pytest.approx((used, 8.0 * (len(jobs) - jobs.index(following))))
     events = [e.to_state for e in env.runtime.jobs.events(env.alice, jobs[4].id).data]
     assert events == ["queued", "pending"]
+    time.sleep(2.1)  # the scrape-time read is shared for 2 s
+    scrape = Scrape(env.runtime.metrics.registry)
+    assert scrape.total("broker_queued_jobs", project="climate") == 0
+    assert scrape.total("broker_queued_seconds_count", cluster="alpha") == 4
     assert len(env.slurm["alpha"].jobs) == 5  # every job reached Slurm exactly once
 
 

@@ -9,7 +9,9 @@ import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from quotas import charge_gpu_seconds
 from tests.e2e.live import LiveBroker, new_project, squeue_ids, wait_for
@@ -137,6 +139,20 @@ def test_cancelling_an_array_ends_every_task_and_charges_what_ran(broker: LiveBr
         return seen if seen["tasks"]["running"] == 2 else None
 
     wait_for(two_running, timeout=60, what="two tasks running")
+
+    def tasks_metric() -> dict[str, float] | None:
+        text = httpx.get(f"{broker.url}/metrics").text
+        by_state = {
+            family_sample.labels["state"]: family_sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "broker_array_tasks"
+            for family_sample in family.samples
+            if family_sample.labels.get("cluster") == "beta"
+        }
+        return by_state if by_state.get("running") == 2 else None
+
+    by_state = wait_for(tasks_metric, timeout=30, what="broker_array_tasks to show 2 running")
+    assert by_state["pending"] == 4 and by_state["completed"] == 0  # 6 tasks: 2 run, 4 wait
     assert alice.http.delete(f"/v1/jobs/{job['id']}").status_code == 202
     done = alice.wait_state(job["id"], {"cancelled"}, timeout=90)
     assert squeue_ids(broker.runtime, "beta", project) == []
