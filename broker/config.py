@@ -237,6 +237,9 @@ class LimitsSettings(_Section):
     """Requests a user may send at once before the per-minute rate applies."""
     max_output_bytes: PositiveInt = 1_048_576
     """Most bytes of a job's output one ``GET /v1/jobs/{id}/output`` returns."""
+    max_array_size: int = Field(default=1000, ge=1, le=1_000_000)
+    """Most tasks of one job array. Keep it at most the clusters' ``MaxArraySize`` (slurm.conf,
+    1001 by default: indices up to 1000), or Slurm refuses the sbatch."""
 
     @model_validator(mode="after")
     def _check_consistent(self) -> Self:
@@ -285,6 +288,26 @@ class PollerSettings(_Section):
                 ]
             )
         return self
+
+
+class QueueSettings(_Section):
+    """The broker's admission queue (API.md, "Queueing in the broker")."""
+
+    enabled: bool = True
+    """A job that fits the budget but not a concurrency or pending-job limit is queued (202);
+    off: refused at once with 409, as before the queue existed."""
+    starvation_seconds: PositiveFloat = 1800.0
+    """A queued job may be passed by later, smaller jobs that fit; once it has waited this long,
+    nothing passes it any more (so large jobs are not starved by a stream of small ones)."""
+
+
+class PlacementSettings(_Section):
+    """Where a job that names no cluster goes, and when it moves (API.md, "Placement")."""
+
+    move_after_seconds: PositiveFloat = 120.0
+    """A job the broker placed that waits in Slurm for resources longer than this is moved, once,
+    to a cluster with idle GPUs of a type the project may use."""
+    moves: bool = True
 
 
 class IdentitySettings(_Section):
@@ -431,6 +454,8 @@ class Settings(BaseSettings):
     defaults: DefaultsSettings = Field(default_factory=DefaultsSettings)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     ui: UiSettings = Field(default_factory=UiSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    placement: PlacementSettings = Field(default_factory=PlacementSettings)
     clusters: dict[Name, ClusterSettings] = Field(default_factory=dict)
 
     @classmethod

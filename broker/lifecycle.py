@@ -2,10 +2,14 @@
 a reservation, which moves are allowed, and how Slurm's job state codes map onto them.
 
 ```
-submitting -> submit_unknown -> pending -> running -> completed | failed | cancelled | timeout
-                                                      | out_of_memory | node_fail | preempted
-                                                      | submit_failed | unknown
+queued -> submitting -> submit_unknown -> pending -> running -> completed | failed | cancelled
+                                                               | timeout | out_of_memory
+                                                               | node_fail | preempted
+                                                               | submit_failed | unknown
 ```
+
+``queued`` is the broker's own admission queue: the job holds its reservation but waits for a
+concurrency or pending-job limit of its project (or a hold) before it goes to Slurm.
 
 States only move forward; a final state never changes. The Slurm adapter reports Slurm's own
 code (``COMPLETED``, ``PENDING``); ``from_slurm`` is the one table that turns it into a state here.
@@ -23,6 +27,7 @@ log = logging.getLogger(__name__)
 class JobState(StrEnum):
     """A broker job's state, as the API shows it (API.md)."""
 
+    QUEUED = "queued"
     SUBMITTING = "submitting"
     SUBMIT_UNKNOWN = "submit_unknown"
     PENDING = "pending"
@@ -43,19 +48,21 @@ class JobState(StrEnum):
 
 
 _ORDER = {
-    JobState.SUBMITTING: 0,
-    JobState.SUBMIT_UNKNOWN: 1,
-    JobState.PENDING: 2,
-    JobState.RUNNING: 3,
+    JobState.QUEUED: 0,
+    JobState.SUBMITTING: 1,
+    JobState.SUBMIT_UNKNOWN: 2,
+    JobState.PENDING: 3,
+    JobState.RUNNING: 4,
 }
-_FINAL_RANK = 4
+_FINAL_RANK = 5
 
 FINAL = frozenset(state for state in JobState if state not in _ORDER)
 """Ended for good: the reservation is released and the charge is settled."""
 LIVE = frozenset(_ORDER)
 """Not final: the job holds a reservation in its project's ledger."""
 NOT_STARTED = frozenset({JobState.SUBMITTING, JobState.SUBMIT_UNKNOWN, JobState.PENDING})
-"""Live and never seen running."""
+"""Live, on its way to Slurm or in it, and never seen running: what the pending-jobs limit counts
+(a ``queued`` job waits for that limit and is not counted)."""
 FOLLOWED = frozenset({JobState.PENDING, JobState.RUNNING})
 """Live with a Slurm id: the poller asks Slurm about these."""
 

@@ -15,9 +15,11 @@ from broker.service.cluster_identity import ClusterIdentities
 from broker.service.clusters import ClusterRegistry
 from broker.service.cursors import CursorSigner
 from broker.service.jobs import JobService
+from broker.service.moves import Mover
 from broker.service.oidc import OidcAuthenticator
 from broker.service.output import JobOutputReader
 from broker.service.poller import Poller
+from broker.service.queue import AdmissionQueue
 
 
 @dataclass
@@ -30,6 +32,8 @@ class Runtime:
     identities: ClusterIdentities
     output: JobOutputReader
     poller: Poller
+    queue: AdmissionQueue
+    mover: Mover
     metrics: BrokerMetrics
     cursors: CursorSigner
     schedule: PollerSchedule | None = field(default=None)
@@ -38,7 +42,9 @@ class Runtime:
 
     def start_poller(self) -> None:
         if self.schedule is None:
-            self.schedule = PollerSchedule(self.sessions, self.poller, self.settings)
+            self.schedule = PollerSchedule(
+                self.sessions, self.poller, self.settings, self.queue, self.mover
+            )
             self.schedule.start()
 
     def close(self) -> None:
@@ -62,22 +68,24 @@ def build_runtime(settings: Settings, *, clusters: ClusterRegistry | None = None
     secret = settings.auth.cursor_secret
     cursors = CursorSigner(sessions, secret.get_secret_value() if secret else None)
     identities = ClusterIdentities(registry, settings)
+    jobs = JobService(
+        sessions, registry, settings, observer=metrics, cursors=cursors, identities=identities
+    )
+    queue = AdmissionQueue(sessions, settings, observer=metrics)
+    queue.attach(jobs)
+    mover = Mover(sessions, registry, settings, identities)
+    mover.attach(jobs)
     return Runtime(
         settings=settings,
         engine=engine,
         sessions=sessions,
         clusters=registry,
-        jobs=JobService(
-            sessions,
-            registry,
-            settings,
-            observer=metrics,
-            cursors=cursors,
-            identities=identities,
-        ),
+        jobs=jobs,
         identities=identities,
         output=JobOutputReader(sessions, registry, settings),
         poller=Poller(sessions, registry, settings, observer=metrics),
+        queue=queue,
+        mover=mover,
         metrics=metrics,
         cursors=cursors,
         oidc=OidcAuthenticator(settings) if settings.auth.oidc.enabled else None,

@@ -1,4 +1,5 @@
-"""Runs the poller on APScheduler 3: one interval job per cluster, behind one database lease."""
+"""Runs the poller on APScheduler 3: one interval job per cluster, behind one database lease; the
+admission queue is released after each cycle, behind the same lease."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from broker.clock import utcnow
 from broker.config import Settings
 from broker.service import lease
+from broker.service.moves import Mover
 from broker.service.poller import Poller
+from broker.service.queue import AdmissionQueue
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +27,18 @@ LEASE_NAME = "poller"
 class PollerSchedule:
     """Ticks every cluster's poll; only the process holding the lease actually polls."""
 
-    def __init__(self, sessions: sessionmaker[Session], poller: Poller, settings: Settings) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        poller: Poller,
+        settings: Settings,
+        queue: AdmissionQueue | None = None,
+        mover: Mover | None = None,
+    ) -> None:
         self._sessions = sessions
         self._poller = poller
+        self._queue = queue
+        self._mover = mover
         self._settings = settings
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         interval = settings.poller.interval_seconds
@@ -42,7 +54,19 @@ class PollerSchedule:
             log.debug("poller lease held elsewhere; %s not polled by %s", cluster, self.holder)
             return False
         fence = lease.Fence(self._sessions, LEASE_NAME, self.holder, ttl)
-        return not self._poller.poll(cluster, fence).lease_lost
+        if self._poller.poll(cluster, fence).lease_lost:
+            return False
+        try:
+            if self._mover is not None:
+                self._mover.run(cluster, fence)
+            if self._queue is not None:
+                # Right after the cycle that may have freed a limit: released within one cycle.
+                self._queue.release(fence)
+        except lease.LeaseLost:
+            return False
+        except Exception:
+            log.exception("moves or admission queue pass of %s failed; tried next cycle", cluster)
+        return True
 
     def start(self) -> None:
         for cluster in sorted(self._settings.clusters):

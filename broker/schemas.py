@@ -22,6 +22,7 @@ from pydantic import (
 
 from adapters.slurm.commands import batch_script, describe_directives, script_directives
 from adapters.slurm.types import JobSpec
+from broker.waiting import WaitCategory
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 JOB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
@@ -78,6 +79,23 @@ class StrictModel(BaseModel):
 # --- jobs ---------------------------------------------------------------------------------
 
 
+class ArrayRequest(StrictModel):
+    """A job array: ``size`` tasks, indices 0..size-1, each with the job's GPUs and time limit;
+    at most ``max_parallel`` of them run at once (no limit of its own when omitted)."""
+
+    size: Int = Field(ge=1, le=1_000_000)
+    """The configured ``[limits] max_array_size`` caps it further."""
+    max_parallel: Int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _parallel_within_size(self) -> ArrayRequest:
+        if self.max_parallel is not None and self.max_parallel > self.size:
+            raise ValueError(
+                f"max_parallel ({self.max_parallel}) must not exceed size ({self.size})"
+            )
+        return self
+
+
 class JobCreate(StrictModel):
     project: Name
     script: str = Field(min_length=1)
@@ -91,6 +109,7 @@ class JobCreate(StrictModel):
     cpus_per_gpu: Int | None = Field(default=None, ge=1, le=1024)
     mem_per_gpu_gb: Int | None = Field(default=None, ge=1, le=65_536)
     environment: dict[str, str] = Field(default_factory=dict)
+    array: ArrayRequest | None = None
 
     @field_validator("script")
     @classmethod
@@ -145,6 +164,51 @@ class JobCreate(StrictModel):
         return self
 
 
+class TaskSummaryPublic(BaseModel):
+    """How many of an array's tasks are in each state (tasks not started yet count as pending)."""
+
+    total: int
+    pending: int
+    running: int
+    completed: int
+    failed: int
+    cancelled: int
+    timeout: int
+    other: int
+
+
+class TaskPublic(BaseModel):
+    index: int
+    state: str
+    slurm_job_id: str | None
+    started_at: Timestamp | None
+    ended_at: Timestamp | None
+    exit_code: int | None
+    charged_gpu_hours: float | None
+
+
+class TasksPublic(BaseModel):
+    data: list[TaskPublic]
+    next_cursor: str | None
+
+
+class QueuePublic(BaseModel):
+    """Where a ``queued`` job stands in its project's queue, and what it waits for."""
+
+    position: int
+    reason: Literal[
+        "concurrent_gpus", "concurrent_gpus_per_cluster", "pending_jobs", "project_held"
+    ]
+    message: str
+
+
+class WaitPublic(BaseModel):
+    """Why a pending job has not started: a category and a one-line message (broker.waiting)."""
+
+    category: WaitCategory
+    message: str
+
+
 class JobPublic(BaseModel):
     id: str
     project: str
@@ -167,6 +231,14 @@ class JobPublic(BaseModel):
     charged_gpu_hours: float | None
     unix_user: str | None = None
     """The Unix account the job runs as on its cluster."""
+    queue: QueuePublic | None = None
+    """While the job is ``queued``: its position, reason and a message with the numbers."""
+    wait: WaitPublic | None = None
+    """While the job is pending in Slurm: why it waits, from ``state_reason``."""
+    array: ArrayRequest | None = None
+    """The array as requested; ``None`` for a single job."""
+    tasks: TaskSummaryPublic | None = None
+    """For an array: its tasks by state."""
 
 
 class JobOutputPublic(BaseModel):
@@ -216,6 +288,19 @@ class ProjectPublic(BaseModel):
     members: dict[str, str]
     quota: QuotaPublic | None
     created_at: Timestamp
+
+
+class QueuePut(StrictModel):
+    held: bool
+
+
+class ProjectQueuePublic(BaseModel):
+    """A project's admission queue: whether it is held and what waits in it."""
+
+    project: str
+    held: bool
+    queued_jobs: int
+    queued_gpus: int
 
 
 class ProjectsPublic(BaseModel):

@@ -8,12 +8,15 @@ finished job's charge belongs to which allocation period. The ledger itself is t
 
 from quotas.periods import charged_before, charged_within, split_charge
 from quotas.policy import (
+    QUEUEABLE,
     budget_gpu_seconds,
     charge_gpu_seconds,
     decide,
     gpu_hours,
     remaining_gpu_seconds,
     reservation_gpu_seconds,
+    room_now,
+    waits_in_queue,
     weight_for,
 )
 from quotas.types import (
@@ -27,6 +30,7 @@ from quotas.types import (
 )
 
 __all__ = [
+    "QUEUEABLE",
     "STATIC_LIMITS",
     "Decision",
     "JobRequest",
@@ -42,6 +46,8 @@ __all__ = [
     "gpu_hours",
     "remaining_gpu_seconds",
     "reservation_gpu_seconds",
+    "room_now",
     "split_charge",
+    "waits_in_queue",
     "weight_for",
 ]

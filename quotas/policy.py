@@ -72,7 +72,9 @@ def decide(request: JobRequest, policy: QuotaPolicy, ledger: LedgerSnapshot) -> 
     ones (the project has no room for it now), so a user can fix everything in one go.
     """
     weight = weight_for(policy, request.gpu_type)
-    reservation = reservation_gpu_seconds(request.gpus, request.time_limit_minutes, weight)
+    reservation = request.tasks * reservation_gpu_seconds(
+        request.gpus, request.time_limit_minutes, weight
+    )
     violations = (
         *_static_violations(request, policy),
         *_dynamic_violations(request, policy, ledger, reservation),
@@ -82,6 +84,28 @@ def decide(request: JobRequest, policy: QuotaPolicy, ledger: LedgerSnapshot) -> 
         admitted=admitted,
         reserve_gpu_seconds=reservation if admitted else 0,
         violations=violations,
+    )
+
+
+QUEUEABLE = frozenset({LimitName.CONCURRENT_GPUS, LimitName.PENDING_JOBS})
+"""Limits a job can wait for in the broker's queue: they free up as other jobs end. The budget
+does not (waiting does not make money), and a static limit never will."""
+
+
+def waits_in_queue(decision: Decision) -> bool:
+    """The request was refused only by limits it may wait for."""
+    return bool(decision.violations) and all(v.limit in QUEUEABLE for v in decision.violations)
+
+
+def room_now(
+    request: JobRequest, policy: QuotaPolicy, ledger: LedgerSnapshot
+) -> tuple[Violation, ...]:
+    """The concurrency and pending-job limits ``request`` would break if it went to Slurm now
+    (a queued job's budget was settled when it was admitted)."""
+    return tuple(
+        v
+        for v in _dynamic_violations(request, policy, ledger, reservation=0)
+        if v.limit in QUEUEABLE
     )
 
 
@@ -114,19 +138,19 @@ def _dynamic_violations(
             LimitName.PENDING_JOBS, requested=1, used=ledger.pending_jobs, allowed=max_pending
         )
     max_gpus = policy.max_concurrent_gpus
-    if max_gpus is not None and ledger.live_gpus + request.gpus > max_gpus:
+    if max_gpus is not None and ledger.live_gpus + request.concurrent_gpus > max_gpus:
         yield Violation(
             LimitName.CONCURRENT_GPUS,
-            requested=request.gpus,
+            requested=request.concurrent_gpus,
             used=ledger.live_gpus,
             allowed=max_gpus,
         )
     max_on_cluster = policy.max_concurrent_gpus_per_cluster.get(request.cluster)
     live_on_cluster = ledger.live_gpus_by_cluster.get(request.cluster, 0)
-    if max_on_cluster is not None and live_on_cluster + request.gpus > max_on_cluster:
+    if max_on_cluster is not None and live_on_cluster + request.concurrent_gpus > max_on_cluster:
         yield Violation(
             LimitName.CONCURRENT_GPUS,
-            requested=request.gpus,
+            requested=request.concurrent_gpus,
             used=live_on_cluster,
             allowed=max_on_cluster,
             cluster=request.cluster,

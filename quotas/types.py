@@ -49,7 +49,16 @@ class JobRequest:
     partition: str
     gpu_type: str
     gpus: int
+    """GPUs of the job, or of each task of an array."""
     time_limit_minutes: int
+    tasks: int = 1
+    """Tasks of a job array (1 for a single job): the reservation is ``tasks`` times a task's."""
+    parallel_tasks: int = 1
+    """Tasks of the array that may run at once: what counts against the concurrent-GPU limits."""
+
+    @property
+    def concurrent_gpus(self) -> int:
+        return self.gpus * self.parallel_tasks
 
 
 class LimitName(StrEnum):

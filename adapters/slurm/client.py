@@ -8,6 +8,7 @@ reason) and parses the output (``parse``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import posixpath
 import threading
@@ -70,7 +71,42 @@ def _status_from_record(record: AccountingRecord) -> JobStatus:
         account=record.account,
         user=record.user,
         partition=record.partition,
+        array_job_id=record.array_job_id,
+        array_task=record.array_task,
+        array_pending=record.array_pending,
     )
+
+
+def _array_tasks(
+    in_queue: Sequence[JobStatus], in_accounting: Sequence[AccountingRecord]
+) -> dict[str, dict[int, JobStatus]]:
+    """Every task of each array, by index: squeue's view of a live task, else the task's newest
+    sacct record (which is what it is charged from); tasks not started yet from the one line
+    that holds them all."""
+    tasks: dict[str, dict[int, JobStatus]] = {}
+
+    def put(status: JobStatus, replace: bool) -> None:
+        assert status.array_job_id is not None
+        of_array = tasks.setdefault(status.array_job_id, {})
+        for index in _indices(status):
+            if replace or index not in of_array:
+                of_array[index] = dataclasses.replace(status, array_task=index, array_pending=())
+
+    # A task's own record first: the line of the tasks not started yet may be older news.
+    ordered = newest_first(list(in_accounting))
+    for record in sorted(ordered, key=lambda r: r.array_task is None):
+        put(_status_from_record(record), replace=False)
+    for status in in_queue:
+        held = tasks.get(status.array_job_id or "", {})
+        accounted = [held[i] for i in _indices(status) if i in held]
+        # sacct lags slurmctld a little: trust squeue's final state until sacct has one.
+        if not status.ended or not all(a.ended for a in accounted) or not accounted:
+            put(status, replace=True)
+    return tasks
+
+
+def _indices(status: JobStatus) -> tuple[int, ...]:
+    return (status.array_task,) if status.array_task is not None else status.array_pending
 
 
 def _has_tag(comment: str | None, tag: str) -> bool:
@@ -195,15 +231,21 @@ class SlurmClient:
         wanted = set(ids)
         queue = self._squeue(ids, accounts)
         live = {s.job_id: s for s in queue if s.job_id in wanted}
-        others = tuple(s for s in queue if s.job_id not in wanted)
+        in_arrays = [s for s in queue if s.array_job_id in wanted]
+        arrays = {s.array_job_id for s in in_arrays if s.array_job_id is not None}
+        others = tuple(s for s in queue if s.job_id not in wanted and s.array_job_id not in wanted)
         ran = 1
         found = {job_id: status for job_id, status in live.items() if not status.ended}
         earlier: dict[str, tuple[JobStatus, ...]] = {}
-        to_account = [job_id for job_id in ids if job_id not in found]
+        # An array's ended tasks are read from sacct while others still run.
+        to_account = [job_id for job_id in ids if job_id not in found or job_id in arrays]
+        in_accounting: list[AccountingRecord] = []
         if to_account:
             accounted: dict[str, list[AccountingRecord]] = {}
             for chunk in _chunks(to_account, commands.MAX_IDS_PER_ARGUMENT):
                 for record in self._sacct(start=commands.STATUS_LOOKBACK, job_ids=chunk):
+                    if record.array_job_id in wanted:
+                        in_accounting.append(record)
                     if record.job_id in wanted and record.job_id not in found:
                         accounted.setdefault(record.job_id, []).append(record)
                 ran += 1
@@ -220,7 +262,12 @@ class SlurmClient:
                     found[job_id] = in_queue
         missing = frozenset(wanted - found.keys())
         return StatusReport(
-            found=found, missing=missing, earlier=earlier, others=others, commands=ran
+            found=found,
+            missing=missing,
+            earlier=earlier,
+            others=others,
+            commands=ran,
+            tasks=_array_tasks(in_arrays, in_accounting),
         )
 
     def find_by_tag(
@@ -243,10 +290,15 @@ class SlurmClient:
                 by_id[record.job_id] = _status_from_record(record)
         return sorted(by_id.values(), key=lambda s: (len(s.job_id), s.job_id))
 
-    def cancel(self, job_id: str, *, as_user: str | None = None) -> None:
+    def cancel(
+        self, job_id: str, *, as_user: str | None = None, only_pending: bool = False
+    ) -> None:
         """``scancel`` (as ``as_user`` when given); idempotent: a job that already ended or that
-        Slurm no longer knows is cancelled as far as the caller is concerned."""
-        argv = self._maybe_as(as_user, commands.scancel(self.bin_dir, job_id))
+        Slurm no longer knows is cancelled as far as the caller is concerned. ``only_pending``:
+        a job that is no longer pending is left alone (the caller looks at its state after)."""
+        argv = self._maybe_as(
+            as_user, commands.scancel(self.bin_dir, job_id, only_pending=only_pending)
+        )
         self._command(argv, self._read_cancel(job_id), side_effects=True)
 
     def _read_cancel(self, job_id: str) -> Callable[[CommandResult], None]:

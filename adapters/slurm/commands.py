@@ -20,11 +20,13 @@ FIELD_SEPARATOR = "\x1f"
 
 SQUEUE_FIELDS: tuple[str, ...] = (
     "JobID", "State", "Reason", "tres-alloc", "SubmitTime", "StartTime", "TimeUsed",
-    "Partition", "Account", "Name", "Comment", "UserName",
+    "Partition", "Account", "Name", "Comment", "UserName", "ArrayJobID", "ArrayTaskID",
 )  # fmt: skip
 """squeue ``--Format`` fields. ``JobID`` is the job's own id (an array task's too), the id sbatch
 printed. ``tres-alloc`` is the allocation of a started job and the request of a pending one, however
-the GPUs were asked for (``%b`` misses ``--gpus``)."""
+the GPUs were asked for (``%b`` misses ``--gpus``). ``ArrayJobID``/``ArrayTaskID``: for a task of a
+job array, the array's id and the task's index; for the tasks not started yet, which Slurm keeps
+in one line under the array's id, the indices (``4-19%4``); ``N/A`` for a job that is no array."""
 
 SACCT_FIELDS: tuple[str, ...] = (
     "JobIDRaw", "JobID", "State", "ExitCode", "AllocTRES", "ElapsedRaw", "Submit", "Start",
@@ -136,6 +138,13 @@ def check_spec(spec: JobSpec) -> None:
         raise ValueError("cpus_per_gpu must be at least 1")
     if spec.mem_per_gpu_gb is not None and spec.mem_per_gpu_gb < 1:
         raise ValueError("mem_per_gpu_gb must be at least 1")
+    if spec.array_size is not None and spec.array_size < 1:
+        raise ValueError("an array needs at least one task")
+    if spec.array_max_parallel is not None:
+        if spec.array_size is None:
+            raise ValueError("array_max_parallel needs array_size")
+        if not 1 <= spec.array_max_parallel <= spec.array_size:
+            raise ValueError("array_max_parallel must be between 1 and array_size")
     batch_script(spec)  # the script checks raise ValueError too
 
 
@@ -288,6 +297,9 @@ def sbatch(bin_dir: str, spec: JobSpec) -> list[str]:
         argv.append(f"--output={check_path(spec.stdout_path)}")
     if spec.stderr_path is not None:
         argv.append(f"--error={check_path(spec.stderr_path)}")
+    if spec.array_size is not None:
+        throttle = f"%{spec.array_max_parallel}" if spec.array_max_parallel else ""
+        argv.append(f"--array=0-{spec.array_size - 1}{throttle}")
     if spec.run_as is not None:
         return as_user(spec.run_as, argv)
     return argv
@@ -372,8 +384,14 @@ def format_time(moment: datetime, cluster_tz: tzinfo) -> str:
     return moment.astimezone(cluster_tz).replace(tzinfo=None).isoformat(timespec="seconds")
 
 
-def scancel(bin_dir: str, job_id: str) -> list[str]:
-    return [_bin(bin_dir, "scancel"), check_job_id(job_id)]
+def scancel(bin_dir: str, job_id: str, *, only_pending: bool = False) -> list[str]:
+    """``scancel``; ``only_pending``: only if the job is still pending (``--state=PENDING``,
+    decided by slurmctld itself, so a job that has just started is left running)."""
+    argv = [_bin(bin_dir, "scancel")]
+    if only_pending:
+        argv.append("--state=PENDING")
+    argv.append(check_job_id(job_id))
+    return argv
 
 
 def sinfo(bin_dir: str) -> list[str]:

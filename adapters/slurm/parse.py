@@ -190,6 +190,56 @@ def _split_outside_parens(text: str) -> list[str]:
     return [item for item in items if item.strip()]
 
 
+def parse_array_indices(text: str) -> tuple[int, ...]:
+    """Slurm's array index expression (``4-19%4``, ``0,3,7-9``, ``0-10:2``) as indices."""
+    expression = text.strip().strip("[]").partition("%")[0]
+    indices: list[int] = []
+    for part in expression.split(","):
+        span, _, step_text = part.partition(":")
+        first_text, dash, last_text = span.partition("-")
+        if not first_text.isdigit() or (dash and not last_text.isdigit()):
+            raise ParseError(f"array index expression {text!r}")
+        first = int(first_text)
+        last = int(last_text) if dash else first
+        step = int(step_text) if step_text.isdigit() else 1
+        indices.extend(range(first, last + 1, step))
+    return tuple(indices)
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayPart:
+    """Where one line of squeue or sacct lies in a job array, if it does."""
+
+    array_job_id: str | None = None
+    task: int | None = None
+    pending: tuple[int, ...] = ()
+
+
+_NOT_ARRAY = ArrayPart()
+
+
+def array_part_of_squeue(array_job_id: str, array_task_id: str) -> ArrayPart:
+    """From squeue's ``ArrayJobID`` and ``ArrayTaskID`` (``N/A`` for a job that is no array)."""
+    task = array_task_id.strip()
+    if not task or task == "N/A":
+        return _NOT_ARRAY
+    array_id = array_job_id.strip()
+    if task.isdigit():
+        return ArrayPart(array_id, int(task))
+    return ArrayPart(array_id, None, parse_array_indices(task))
+
+
+def array_part_of_sacct(job_id: str) -> ArrayPart:
+    """From sacct's ``JobID``: ``123_4`` is task 4 of array 123, ``123_[5-19%4]`` its tasks not
+    started yet, ``123`` (or ``123+0``, a heterogeneous job) no array."""
+    array_id, underscore, task = job_id.strip().partition("_")
+    if not underscore:
+        return _NOT_ARRAY
+    if task.isdigit():
+        return ArrayPart(array_id, int(task))
+    return ArrayPart(array_id, None, parse_array_indices(task))
+
+
 # -- whole outputs -------------------------------------------------------------------------------
 
 
@@ -210,6 +260,7 @@ def parse_squeue(text: str, cluster_tz: tzinfo = UTC) -> list[JobStatus]:
         state = slurm_code(rec["State"])
         # A waiting job's StartTime is slurmctld's estimate (or a year ahead): not a start.
         started = None if is_waiting(state) else parse_time(rec["StartTime"], cluster_tz)
+        array = array_part_of_squeue(rec["ArrayJobID"], rec["ArrayTaskID"])
         statuses.append(
             JobStatus(
                 job_id=rec["JobID"].strip(),
@@ -225,6 +276,9 @@ def parse_squeue(text: str, cluster_tz: tzinfo = UTC) -> list[JobStatus]:
                 submit_time=parse_time(rec["SubmitTime"], cluster_tz),
                 start_time=started,
                 source="squeue",
+                array_job_id=array.array_job_id,
+                array_task=array.task,
+                array_pending=array.pending,
             )
         )
     return statuses
@@ -239,6 +293,7 @@ def parse_sacct(text: str, cluster_tz: tzinfo = UTC) -> list[AccountingRecord]:
     for rec in records(text, SACCT_FIELDS, trailing=False):
         alloc_tres = value(rec["AllocTRES"])
         gpus = parse_tres_gpus(alloc_tres)
+        array = array_part_of_sacct(rec["JobID"])
         record = AccountingRecord(
             job_id=rec["JobIDRaw"].strip(),
             name=value(rec["JobName"]),
@@ -256,6 +311,9 @@ def parse_sacct(text: str, cluster_tz: tzinfo = UTC) -> list[AccountingRecord]:
             comment=value(rec["Comment"]),
             reason=value(rec["Reason"]),
             user=value(rec["User"]),
+            array_job_id=array.array_job_id,
+            array_task=array.task,
+            array_pending=array.pending,
         )
         out.append(record)
     return out

@@ -36,6 +36,11 @@ class JobSpec:
     """``--output``; the directory must exist, or the job fails before its script runs."""
     stderr_path: str | None = None
     """``--error``."""
+    array_size: int | None = None
+    """A job array of this many tasks, indices ``0 .. array_size - 1`` (``--array``); the GPUs,
+    nodes and time limit are each task's. Output paths may then hold ``%a`` (the task index)."""
+    array_max_parallel: int | None = None
+    """At most this many tasks of the array run at once (``--array=...%k``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,14 @@ class JobStatus:
     user: str | None = None
     """The Unix user the job runs as."""
     partition: str | None = None
+    array_job_id: str | None = None
+    """For a task of a job array: the array's id (the id sbatch printed); else ``None``."""
+    array_task: int | None = None
+    """For a task of a job array: its index. ``job_id`` is then the task's own id once it has
+    started (or ended); a task still pending has no id of its own and shows the array's."""
+    array_pending: tuple[int, ...] = ()
+    """For the record of an array's tasks that have not started yet (Slurm keeps them in one
+    record, ``123_[4-19%4]``): their indices. ``array_task`` is then ``None``."""
 
     @property
     def ended(self) -> bool:
@@ -88,6 +101,10 @@ class StatusReport:
     """Live jobs of the accounts asked about whose ids were not asked about (``accounts=``)."""
     commands: int = 0
     """How many commands were run to produce this report (for metrics and benchmarks)."""
+    tasks: dict[str, dict[int, JobStatus]] = field(default_factory=dict)
+    """For each asked id that is a job array: every task Slurm knows, by index (a task not
+    started yet included, as ``PENDING``). Each one is squeue's view while the task is live, else
+    its own sacct record: what the task is charged from."""
 
     def candidates(self, job_id: str) -> tuple[JobStatus, ...]:
         """Every job Slurm reported under ``job_id``, the current holder first."""
@@ -130,9 +147,13 @@ class AccountingRecord:
     end_time: datetime | None
     comment: str | None
     reason: str | None = None
+    """Why the job waited or ended as it did (sacct ``Reason``; ``None`` when Slurm says None)."""
     user: str | None = None
     """The Unix user the job ran as."""
-    """Why the job waited or ended as it did (sacct ``Reason``; ``None`` when Slurm says None)."""
+    array_job_id: str | None = None
+    """As in ``JobStatus``: the array's id, for a task of an array."""
+    array_task: int | None = None
+    array_pending: tuple[int, ...] = ()
 
     @property
     def ended(self) -> bool:

@@ -68,6 +68,14 @@ def submit(
     env: Annotated[
         list[str] | None, typer.Option("--env", help="K=V for the job's environment; repeatable.")
     ] = None,
+    array: Annotated[
+        str | None,
+        typer.Option(
+            "--array",
+            metavar="N[%K]",
+            help="A job array of N tasks (indices 0..N-1), at most K running at once.",
+        ),
+    ] = None,
     idempotency_key: Annotated[
         str | None,
         typer.Option("--idempotency-key", help="Retry-safe key; one is generated if omitted."),
@@ -105,6 +113,13 @@ def submit(
     environment = parse_pairs(env, "--env", str)
     if environment:
         body["environment"] = environment
+    if array is not None:
+        body["array"] = parse_array(array)
+        if follow:
+            raise typer.BadParameter(
+                "an array's output is per task: use broker logs ID --task N --follow",
+                param_hint="--follow",
+            )
     # Always send a key, so a submit whose answer was lost can be retried without a second job.
     key = idempotency_key or str(uuid.uuid4())
     with connect(ctx) as api:
@@ -142,6 +157,51 @@ def submit(
     else:
         typer.echo(f"job {final['id']} {final['state']}", err=True)
     raise typer.Exit(logs.outcome_exit_code(final))
+
+
+def parse_array(text: str) -> dict[str, int]:
+    """``200%16`` -> size 200, at most 16 at once; ``200`` -> no limit of its own."""
+    size_text, percent, parallel_text = text.partition("%")
+    if not size_text.isdigit() or (percent and not parallel_text.isdigit()):
+        raise typer.BadParameter("write N or N%K, e.g. 200%16", param_hint="--array")
+    spec = {"size": int(size_text)}
+    if percent:
+        spec["max_parallel"] = int(parallel_text)
+    return spec
+
+
+@app.command("tasks")
+def tasks(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    limit: LimitOption = None,
+    cursor: CursorOption = None,
+    follow: AllOption = False,
+) -> None:
+    """Show an array job's tasks, in index order."""
+    with connect(ctx) as api:
+        page = api.pages(
+            f"/v1/jobs/{segment(job_id)}/tasks", {"limit": limit, "cursor": cursor}, follow
+        )
+    if options(ctx).json:
+        print_json(page)
+        return
+    rows = [
+        [
+            t.get("index"),
+            t.get("state"),
+            t.get("slurm_job_id"),
+            t.get("started_at"),
+            t.get("ended_at"),
+            t.get("exit_code"),
+            t.get("charged_gpu_hours"),
+        ]
+        for t in page["data"]
+    ]
+    print_table(
+        ["TASK", "STATE", "SLURM ID", "STARTED", "ENDED", "EXIT", "GPU-H"], rows, "No tasks."
+    )
+    more_hint(page)
 
 
 @app.command("jobs")

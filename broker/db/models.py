@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -118,6 +119,8 @@ class ProjectRecord(Base):
     created_at: Mapped[datetime]
     ledger_version: Mapped[int] = mapped_column(BigInteger, default=0)
     """Bumped by every ledger change; the UPDATE that bumps it is the admission lock."""
+    queue_held: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """An admin held the project's queue: its queued jobs stay queued."""
 
 
 class MembershipRecord(Base):
@@ -208,6 +211,44 @@ class JobRecord(Base):
     stdout_path: Mapped[str | None] = mapped_column(String(1024))
     """Where the job's output goes on the cluster, set by the broker at submission."""
     stderr_path: Mapped[str | None] = mapped_column(String(1024))
+    array_size: Mapped[int | None]
+    """For a job array: its number of tasks (indices 0..array_size-1); None for a single job."""
+    array_max_parallel: Mapped[int | None]
+    queued_script: Mapped[str | None] = mapped_column(Text)
+    """The script, kept while the broker may still have to submit it: while ``queued``, and for
+    a job it placed, until the job runs (it may move once); cleared then."""
+    queued_environment: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    queue_reason: Mapped[str | None] = mapped_column(String(32))
+    """While ``queued``: the limit it waits for (API.md: ``concurrent_gpus``, ...)."""
+    queue_message: Mapped[str | None] = mapped_column(ClippedString(200))
+    release_claimed_at: Mapped[datetime | None]
+    """When the queue took the job to submit it (sbatch under way); None while it waits."""
+    placed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """The request named no cluster: the broker chose it (and may move the job once)."""
+    moves: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    move_target: Mapped[str | None] = mapped_column(String(130))
+    """While a move is under way: ``cluster/partition`` it goes to (broker.service.moves)."""
+    in_slurm_since: Mapped[datetime | None]
+    """When sbatch accepted the job (on its current cluster)."""
+
+
+class JobTaskRecord(Base):
+    """One task of a job array, as last seen in Slurm; a task Slurm has not started has no row."""
+
+    __tablename__ = "job_tasks"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    slurm_job_id: Mapped[str | None] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))
+    """A broker job state (broker.lifecycle), from the task's Slurm state."""
+    started_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+    exit_code: Mapped[int | None]
+    alloc_gpus: Mapped[int | None]
+    elapsed_s: Mapped[int | None]
+    charged_gpu_seconds: Mapped[int | None] = mapped_column(BigInteger)
+    """Set once the task is final by its own sacct record (or given up on)."""
 
 
 class JobEventRecord(Base):

@@ -22,6 +22,7 @@ from broker.config import Settings
 from broker.lifecycle import JobState
 from broker.metrics.capacity import partition_gpus, pool_gpus, snapshot_int
 from broker.metrics.labels import FINAL_STATE_NAMES, GPU_STATES, LIVE_STATES
+from broker.metrics.queue_state import QueueState, queue_families, read_queue_state
 from broker.metrics.state import DatabaseState, JobGroup, read_state
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class DatabaseCollector:
         self._lock = threading.Lock()
         self._cached: DatabaseState | None = None
         self._cached_at = 0.0
+        self._queue_cached: QueueState | None = None
 
     def describe(self) -> list[Metric]:
         return []  # collected at scrape time only; the registry must not call collect() early
@@ -58,8 +60,15 @@ class DatabaseCollector:
             if self._cached is None or now - self._cached_at >= self._max_age:
                 with self._sessions() as session:
                     self._cached = read_state(session)
+                    self._queue_cached = read_queue_state(session)
                 self._cached_at = now
             return self._cached
+
+    def _queue_state(self) -> QueueState:
+        """The queue and array series' read, made with (and cached like) ``state``'s."""
+        self.state()
+        assert self._queue_cached is not None
+        return self._queue_cached
 
     def collect(self) -> Iterator[Metric]:
         database_up = GaugeMetricFamily(
@@ -83,6 +92,9 @@ class DatabaseCollector:
         yield from self._project_families(state)
         yield from self._job_families(state)
         yield from self._cluster_families(state)
+        yield from queue_families(
+            self._queue_state(), sorted(state.ledgers), self._cluster_names(state)
+        )
 
     # -- zero-filled label sets -----------------------------------------------------------------
 

@@ -97,6 +97,19 @@ class BrokerMetrics:
             buckets=QUEUE_WAIT_BUCKETS,
             registry=registry,
         )
+        self.queued_time = Histogram(
+            "broker_queued_seconds",
+            "Time jobs spent in the broker's admission queue, from submission to their sbatch",
+            ["cluster"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.placements = Counter(
+            "broker_placements",
+            "Jobs the broker placed on a cluster (outcome placed) or moved to it (outcome moved)",
+            ["cluster", "outcome"],
+            registry=registry,
+        )
         self.polls = Counter(
             "broker_polls",
             "Poll cycles this process ran, by result (ok, failed)",
@@ -214,6 +227,14 @@ class BrokerMetrics:
 
     def job_lost(self, cluster: str) -> None:
         self.jobs_lost.labels(cluster).inc()
+
+    def queue_released(self, cluster: str, waited_seconds: float) -> None:
+        self.queued_time.labels(cluster).observe(max(0.0, waited_seconds))
+
+    def placement(self, cluster: str, outcome: str) -> None:
+        self.placements.labels(
+            cluster, outcome if outcome in ("placed", "moved") else "other"
+        ).inc()
 
     def foreign_job(self, cluster: str, action: str) -> None:
         self.foreign_jobs.labels(

@@ -20,6 +20,7 @@ import logging
 import posixpath
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -33,7 +34,14 @@ from broker import failpoints
 from broker.clock import utcnow
 from broker.config import Settings
 from broker.db.engine import transaction
-from broker.db.models import JobEventRecord, JobRecord, ProjectRecord, QuotaRecord, UserRecord
+from broker.db.models import (
+    JobEventRecord,
+    JobRecord,
+    JobTaskRecord,
+    ProjectRecord,
+    QuotaRecord,
+    UserRecord,
+)
 from broker.errors import (
     BrokerError,
     ClusterUnavailable,
@@ -48,6 +56,7 @@ from broker.errors import (
 )
 from broker.lifecycle import JobState, is_final
 from broker.schemas import (
+    ArrayRequest,
     JobCreate,
     JobEventPublic,
     JobEventsPublic,
@@ -55,15 +64,30 @@ from broker.schemas import (
     JobsPublic,
     ProjectCreate,
     ProjectPublic,
+    QueuePublic,
+    TaskPublic,
+    TasksPublic,
+    TaskSummaryPublic,
+    WaitPublic,
 )
-from broker.service import cursors, ledger, transitions
+from broker.service import arrays, cursors, ledger, placement, queue, transitions
 from broker.service.cluster_identity import ClusterIdentities
 from broker.service.clusters import ClusterRegistry
 from broker.service.cursors import CursorSigner
 from broker.service.identity import Actor
 from broker.service.observer import BrokerObserver, NullObserver
 from broker.service.projects import create_project, visible_project
-from quotas import JobRequest, Violation, decide, gpu_hours, weight_for
+from broker.service.queue import Waiting
+from broker.waiting import explain
+from quotas import (
+    QUEUEABLE,
+    JobRequest,
+    Violation,
+    decide,
+    gpu_hours,
+    reservation_gpu_seconds,
+    weight_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +144,17 @@ def _describe(v: Violation) -> str:
             return f"{v.limit.value} {v.requested} is not allowed (allowed: {v.allowed})"
 
 
-def job_public(job: JobRecord, project: str, user: str) -> JobPublic:
+def job_public(
+    job: JobRecord,
+    project: str,
+    user: str,
+    tasks: TaskSummaryPublic | None = None,
+    position: int | None = None,
+) -> JobPublic:
+    """The API's view of a job; ``tasks``: an array's task summary (``arrays.summaries``), else
+    an array is shown with no task started; ``position``: a queued job's place in its queue."""
+    if job.array_size and tasks is None:
+        tasks = arrays.task_summary(job, {})
     return JobPublic(
         id=job.id,
         project=project,
@@ -144,7 +178,46 @@ def job_public(job: JobRecord, project: str, user: str) -> JobPublic:
             None if job.charged_gpu_seconds is None else gpu_hours(job.charged_gpu_seconds)
         ),
         unix_user=job.unix_user,
+        queue=_queue(job, position),
+        wait=_wait(job),
+        array=(
+            ArrayRequest(size=job.array_size, max_parallel=job.array_max_parallel)
+            if job.array_size
+            else None
+        ),
+        tasks=tasks,
     )
+
+
+def _queue(job: JobRecord, position: int | None) -> QueuePublic | None:
+    if job.state != JobState.QUEUED.value:
+        return None
+    return QueuePublic.model_validate(
+        {
+            "position": position or 1,
+            "reason": job.queue_reason or "concurrent_gpus",
+            "message": job.queue_message or "waiting in the project's queue",
+        }
+    )
+
+
+def _publics(session: Session, rows: Sequence[tuple[JobRecord, str, str]]) -> list[JobPublic]:
+    """Jobs as the API shows them, with their task summaries and queue positions (a query each
+    for the arrays and the queued jobs among them, none for the others)."""
+    jobs = [job for job, _, _ in rows]
+    summaries = arrays.summaries(session, jobs)
+    places = queue.positions(session, jobs)
+    return [
+        job_public(job, project, user, summaries.get(job.id), places.get(job.id))
+        for job, project, user in rows
+    ]
+
+
+def _wait(job: JobRecord) -> WaitPublic | None:
+    if job.state != JobState.PENDING:
+        return None
+    why = explain(job.state_reason)
+    return WaitPublic(category=why.category, message=why.message)
 
 
 def _with_names() -> Select[JobRecord, str, str]:
@@ -156,12 +229,16 @@ def _with_names() -> Select[JobRecord, str, str]:
 
 
 CURSOR_KIND = "jobs"
+TASK_CURSOR_KIND = "tasks"
 
 
-def _sbatch_spec(job: JobRecord, body: JobCreate, user_name: str) -> JobSpec:
-    """What sbatch is given for an admitted job (built in the admission transaction)."""
+def _sbatch_spec(
+    job: JobRecord, script: str, environment: dict[str, str], user_name: str
+) -> JobSpec:
+    """What sbatch is given for an admitted job (built in the admission transaction, or when the
+    queue releases it)."""
     return JobSpec(
-        script=body.script,
+        script=script,
         account=job.account,
         partition=job.partition,
         gpus=job.gpus,
@@ -172,12 +249,14 @@ def _sbatch_spec(job: JobRecord, body: JobCreate, user_name: str) -> JobSpec:
         nodes=job.nodes,
         cpus_per_gpu=job.cpus_per_gpu,
         mem_per_gpu_gb=job.mem_per_gpu_gb,
-        environment=dict(body.environment),
+        environment=environment,
         comment=f"user={user_name}",
         run_as=job.unix_user,
         workdir=posixpath.dirname(job.stdout_path) if job.stdout_path else None,
         stdout_path=job.stdout_path,
         stderr_path=job.stderr_path,
+        array_size=job.array_size,
+        array_max_parallel=job.array_max_parallel,
     )
 
 
@@ -217,7 +296,44 @@ class JobService:
     def get(self, actor: Actor, job_id: str) -> JobPublic:
         with self._sessions() as session:
             job, project, user = self._visible_job(session, actor, job_id)
-            return job_public(job, project, user)
+            return _publics(session, [(job, project, user)])[0]
+
+    def tasks(self, actor: Actor, job_id: str, limit: int, cursor: str | None) -> TasksPublic:
+        """An array's tasks in index order, each as Slurm last showed it; tasks Slurm has not
+        started are listed as pending (no Slurm id of their own yet)."""
+        after = -1
+        if cursor:
+            (encoded,) = self._cursors.decode(TASK_CURSOR_KIND, cursor, 1)
+            if not encoded.isdigit():
+                raise ValidationFailed("bad cursor", [{"field": "cursor", "message": "bad"}])
+            after = int(encoded)
+        with self._sessions() as session:
+            job, _, _ = self._visible_job(session, actor, job_id)
+            size = job.array_size or 0
+            rows = {
+                row.index: row
+                for row in session.scalars(
+                    select(JobTaskRecord)
+                    .where(JobTaskRecord.job_id == job_id, JobTaskRecord.index > after)
+                    .order_by(JobTaskRecord.index)
+                    .limit(limit + 1)
+                )
+            }
+            final = is_final(job.state)
+        page: list[TaskPublic] = []
+        index = after + 1
+        while index < size and len(page) < limit + 1:
+            row = rows.get(index)
+            if row is not None:
+                page.append(arrays.task_public(row))
+            else:  # not started (yet): no row
+                page.append(arrays.unstarted_task(index, cancelled=final))
+            index += 1
+        next_cursor = None
+        if len(page) > limit:
+            page = page[:limit]
+            next_cursor = self._cursors.encode(TASK_CURSOR_KIND, str(page[-1].index))
+        return TasksPublic(data=page, next_cursor=next_cursor)
 
     def events(self, actor: Actor, job_id: str) -> JobEventsPublic:
         with self._sessions() as session:
@@ -263,7 +379,7 @@ class JobService:
         query = query.order_by(JobRecord.submitted_at.desc(), JobRecord.id.desc()).limit(limit + 1)
         with self._sessions() as session:
             rows = session.execute(query).all()
-        page = [job_public(job, project, user) for job, project, user in rows[:limit]]
+            page = _publics(session, [(job, project, user) for job, project, user in rows[:limit]])
         next_cursor = None
         if len(rows) > limit:
             last = rows[limit - 1][0]
@@ -316,6 +432,11 @@ class JobService:
                 f"at most {limits.max_environment_vars} environment variables",
                 [{"field": "environment", "message": "too many variables"}],
             )
+        if body.array is not None and body.array.size > limits.max_array_size:
+            raise ValidationFailed(
+                f"an array may have at most {limits.max_array_size} tasks",
+                [{"field": "array.size", "message": f"at most {limits.max_array_size}"}],
+            )
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
             raise ValidationFailed(
                 "Idempotency-Key must be 1 to 200 characters",
@@ -325,16 +446,19 @@ class JobService:
         with self._sessions() as session:
             project = visible_project(session, actor, body.project)
             self._require_submitter(actor, project)
-            cluster_name, _, _ = self._placement(project, body)
+            where = self._placement(session, project, body)
         # Before anything is reserved: the researcher's Unix account must be usable there.
-        directory = self._identities.prepare(cluster_name, actor.unix_user)
+        directory = self._identities.prepare(where[0], actor.unix_user)
         try:
             with transaction(self._sessions) as session:
                 job, replayed = self._admit(
-                    session, actor, body, idempotency_key, fingerprint, directory
+                    session, actor, body, idempotency_key, fingerprint, directory, where
                 )
                 job_id, cluster_name = job.id, job.cluster
-                spec = _sbatch_spec(job, body, actor.name)
+                spec = _sbatch_spec(job, body.script, dict(body.environment), actor.name)
+                queued = (
+                    job_public(job, body.project, actor.name) if job.state == "queued" else None
+                )
         except IntegrityError:
             # The key is unique per user, but admission locks only the project: the same key
             # sent at once for two projects meets here, at the unique constraint. The winner
@@ -356,6 +480,11 @@ class JobService:
                 # this one waited: this retry is a new submission under the same key (once).
                 return self._submit(actor, body, idempotency_key, again=False)
             return SubmitOutcome(earlier_job, created=False)
+        if where[3] is not None:
+            self._observer.placement(cluster_name, "placed")
+        if queued is not None:
+            log.info("job %s queued: %s", job_id, queued.queue.message if queued.queue else "")
+            return SubmitOutcome(queued, created=True)
         submitted = self._run_sbatch(job_id, cluster_name, spec, body.project, actor.name)
         return SubmitOutcome(submitted, created=True)
 
@@ -367,10 +496,14 @@ class JobService:
         idempotency_key: str | None,
         fingerprint: str,
         directory: str,
+        where: tuple[str, str, str, str | None],
     ) -> tuple[JobRecord, bool]:
+        """Admission under the project's ledger lock. ``where``: the cluster, partition and GPU
+        type chosen before (the researcher's directory was prepared there), and why, if the
+        broker chose."""
         project = visible_project(session, actor, body.project)
         self._require_submitter(actor, project)
-        cluster_name, partition, gpu_type = self._placement(project, body)
+        cluster_name, partition, gpu_type, placed_why = where
         account = project.slurm_accounts.get(cluster_name)
         if account is None:
             raise LimitExceeded(
@@ -387,20 +520,36 @@ class JobService:
                 return earlier, True
         quota = session.get(QuotaRecord, project.id)
         now = utcnow()
+        array = body.array
         request = JobRequest(
             cluster=cluster_name,
             partition=partition,
             gpu_type=gpu_type,
             gpus=body.gpus,
             time_limit_minutes=body.time_limit_minutes,
+            tasks=array.size if array else 1,
+            parallel_tasks=(array.max_parallel or array.size) if array else 1,
         )
         self._check_period(quota, request, now)
         assert quota is not None
         policy = ledger.policy_of(quota)
-        decision = decide(request, policy, ledger.snapshot(session, project.id, quota))
-        if not decision.admitted:
-            first = decision.violations[0]
-            raise violation_error(first, "; ".join(_describe(v) for v in decision.violations))
+        snapshot = ledger.snapshot(session, project.id, quota)
+        decision = decide(request, policy, snapshot)
+        waits: Waiting | None = None
+        reservation = decision.reserve_gpu_seconds
+        if self._settings.queue.enabled:
+            waits = queue.admission_wait(session, project, decision, now, self._settings.queue)
+        if not decision.admitted and waits is None:
+            violations = decision.violations
+            if self._settings.queue.enabled:
+                # What refuses it is what it could not wait for: name that first.
+                violations = tuple(sorted(violations, key=lambda v: v.limit in QUEUEABLE))
+            first = violations[0]
+            raise violation_error(first, "; ".join(_describe(v) for v in violations))
+        if waits is not None:
+            reservation = request.tasks * reservation_gpu_seconds(
+                request.gpus, request.time_limit_minutes, weight_for(policy, gpu_type)
+            )
         job_id = str(uuid.uuid4())
         job = JobRecord(
             id=job_id,
@@ -422,52 +571,82 @@ class JobService:
             submitted_at=now,
             updated_at=now,
             weight=weight_for(policy, gpu_type),
-            reservation_gpu_seconds=decision.reserve_gpu_seconds,
-            reserved_gpu_seconds=decision.reserve_gpu_seconds,
+            reservation_gpu_seconds=reservation,
+            reserved_gpu_seconds=reservation,
             missing_polls=0,
             idempotency_key=idempotency_key,
             request_sha256=fingerprint,
             unix_user=actor.unix_user,
-            stdout_path=f"{directory}/{job_id}.out",
-            stderr_path=f"{directory}/{job_id}.err",
+            # An array's tasks each write their own files: %a is the task index.
+            stdout_path=f"{directory}/{job_id}{'.%a' if array else ''}.out",
+            stderr_path=f"{directory}/{job_id}{'.%a' if array else ''}.err",
+            array_size=array.size if array else None,
+            array_max_parallel=array.max_parallel if array else None,
         )
+        reason = f"submitted by {actor.name}"
+        if placed_why is not None:
+            job.placed = True
+            reason = f"{reason}; {placed_why}"
+            if self._movable(job):
+                job.queued_script = body.script
+                job.queued_environment = dict(body.environment)
+        if waits is not None:
+            job.state = JobState.QUEUED.value
+            job.queued_script = body.script
+            job.queued_environment = dict(body.environment)
+            job.queue_reason = waits.reason
+            job.queue_message = waits.message
+            reason = f"{reason}; queued: {waits.message}"
         session.add(job)
         session.flush()  # the job row must exist before its first event references it
         session.add(
             JobEventRecord(
-                job_id=job_id,
-                at=now,
-                from_state=None,
-                to_state=JobState.SUBMITTING.value,
-                reason=f"submitted by {actor.name}",
+                job_id=job_id, at=now, from_state=None, to_state=job.state, reason=reason
             )
         )
         session.flush()
         return job, False
+
+    def _movable(self, job: JobRecord) -> bool:
+        """A job the broker placed may move once (not an array: its tasks start one by one)."""
+        return (
+            self._settings.placement.moves
+            and bool(job.placed)
+            and not job.moves
+            and not job.array_size
+        )
 
     @staticmethod
     def _require_submitter(actor: Actor, project: ProjectRecord) -> None:
         if not (actor.is_admin or (actor.role == "researcher" and project.id in actor.project_ids)):
             raise Forbidden(f"{actor.role}s cannot submit jobs")
 
-    def _placement(self, project: ProjectRecord, body: JobCreate) -> tuple[str, str, str]:
-        """Cluster, partition and GPU type of a request, with the defaults filled in."""
+    def _placement(
+        self, session: Session, project: ProjectRecord, body: JobCreate
+    ) -> tuple[str, str, str, str | None]:
+        """Cluster, partition and GPU type of a request, with the defaults filled in, and why the
+        broker chose the cluster when the request named none (``broker.service.placement``)."""
         cluster_name = body.cluster
         if cluster_name is None:
-            candidates = sorted(project.slurm_accounts)
-            if self._settings.defaults.cluster and (
-                self._settings.defaults.cluster in project.slurm_accounts or not candidates
-            ):
-                cluster_name = self._settings.defaults.cluster
-            elif len(candidates) == 1:
-                cluster_name = candidates[0]
-            elif len(self._clusters.names) == 1:
-                cluster_name = self._clusters.names[0]
-            else:
+            chosen = placement.choose(
+                session, self._settings, project, partition=body.partition, gpu_type=body.gpu_type
+            )
+            if chosen is not None:
+                return chosen.cluster, chosen.partition, chosen.gpu_type, chosen.why
+            if project.slurm_accounts:
                 raise ValidationFailed(
-                    "cluster is required: the project has accounts on several clusters",
-                    [{"field": "cluster", "message": "one of " + ", ".join(candidates)}],
+                    "no cluster the project may use offers "
+                    + (f"{body.gpu_type} GPUs" if body.gpu_type else "the requested partition"),
+                    [
+                        {
+                            "field": "gpu_type" if body.gpu_type else "partition",
+                            "message": "not offered",
+                        }
+                    ],
                 )
+            # A project without any Slurm account: the configured default names the cluster it
+            # is refused on (limit "cluster"), or the only configured cluster does.
+            cluster_name = self._settings.defaults.cluster or self._clusters.names[0]
         cluster = self._clusters.config(cluster_name)
         partition = body.partition or cluster.default_partition
         if partition not in cluster.partitions:
@@ -486,7 +665,7 @@ class JobService:
                 f"partition {partition} on {cluster_name} has {gpu_type} GPUs, not {body.gpu_type}",
                 [{"field": "gpu_type", "message": f"{partition} offers {gpu_type}"}],
             )
-        return cluster_name, partition, gpu_type
+        return cluster_name, partition, gpu_type, None
 
     @staticmethod
     def _check_period(quota: QuotaRecord | None, request: JobRequest, now: datetime) -> None:
@@ -550,12 +729,117 @@ class JobService:
                 f"sbatch accepted as {slurm_job_id}",
                 slurm_job_id=slurm_job_id,
             )
+            job.in_slurm_since = utcnow()
+            kept = (job.queued_script, job.queued_environment)
+            queue.clear(job)
+            if self._movable(job):  # it may have to be submitted again elsewhere, once
+                job.queued_script, job.queued_environment = kept
             # The caller's project and name are the job's: no second read to answer.
             public = job_public(job, project, user_name)
         log.info("job %s submitted to %s as %s", job_id, cluster_name, slurm_job_id)
         return public
 
+    def submit_released(self, job_id: str) -> JobPublic | None:
+        """sbatch for a job the queue released (``broker.service.queue``): the same path as a
+        direct submission (its tag, ``submit_unknown`` when the answer is lost). A cluster that
+        cannot be reached leaves the job queued, to be released again; None then."""
+        with self._sessions() as session:
+            row = session.execute(_with_names().where(JobRecord.id == job_id)).first()
+            if row is None:
+                return None
+            job, project, user_name = row
+            if job.state != JobState.QUEUED.value or job.release_claimed_at is None:
+                return None  # cancelled meanwhile, or not this releaser's
+            spec = _sbatch_spec(
+                job, job.queued_script or "", dict(job.queued_environment or {}), user_name
+            )
+            cluster_name = job.cluster
+        try:
+            return self._run_sbatch(job_id, cluster_name, spec, project, user_name)
+        except BrokerError as exc:  # refused by Slurm: settled submit_failed, reservation back
+            log.warning("queued job %s could not be submitted: %s", job_id, exc)
+            return self._public(job_id)
+
+    def submit_moved(self, job_id: str) -> str | None:
+        """sbatch on its new cluster for a job being moved (``broker.service.moves``), whose
+        first Slurm job is confirmed gone; it carries the same tag. Returns the new Slurm id.
+
+        A lost answer leaves the claim: the reconciler finds the job by its tag (or lets it be
+        submitted again). A cluster that cannot be reached leaves it to be tried next cycle; a
+        refusal ends it ``submit_failed`` with its reservation back.
+        """
+        with self._sessions() as session:
+            row = session.execute(_with_names().where(JobRecord.id == job_id)).first()
+            if row is None:
+                return None
+            job, _, user_name = row
+            if job.state != JobState.PENDING.value or job.slurm_job_id is not None:
+                return None
+            cancelled = job.cancel_requested_at is not None
+            spec = _sbatch_spec(
+                job, job.queued_script or "", dict(job.queued_environment or {}), user_name
+            )
+            cluster_name = job.cluster
+        if cancelled:  # cancelled between its two Slurm jobs: none is live, none is made
+            self._release(job_id, JobState.CANCELLED, "cancelled while moving")
+            return None
+        try:
+            self._identities.ensure_account(cluster_name, spec.account)
+            if spec.run_as is not None:
+                self._identities.ensure_association(cluster_name, spec.account, spec.run_as)
+            slurm_job_id = self._clusters.client(cluster_name).submit(spec)
+        except AdapterError as exc:
+            if exc.may_have_run:
+                log.warning("job %s: sbatch on %s lost its answer; looking by tag", job_id, exc)
+                return None
+            if isinstance(exc, TransportError | SlurmUnavailable) or exc.transient:
+                self._unclaim_moved(job_id)
+                log.warning(
+                    "job %s: %s unavailable for its move; next cycle: %s", job_id, cluster_name, exc
+                )
+                return None
+            reason = _slurm_reason(exc)
+            self._release(
+                job_id, JobState.SUBMIT_FAILED, f"sbatch on {cluster_name} refused: {reason}"
+            )
+            return None
+        except ValueError as exc:
+            self._release(job_id, JobState.SUBMIT_FAILED, f"refused before sbatch: {exc}")
+            return None
+        with transaction(self._sessions) as session:
+            job = session.get_one(JobRecord, job_id)
+            now = utcnow()
+            session.add(
+                JobEventRecord(
+                    job_id=job_id,
+                    at=now,
+                    from_state=job.state,
+                    to_state=job.state,
+                    reason=f"sbatch on {cluster_name} accepted as {slurm_job_id}",
+                )
+            )
+            job.slurm_job_id = slurm_job_id
+            job.in_slurm_since = now
+            job.release_claimed_at = None
+            job.updated_at = now
+        self._observer.placement(cluster_name, "moved")
+        log.info("job %s moved: submitted to %s as %s", job_id, cluster_name, slurm_job_id)
+        return slurm_job_id
+
+    def _unclaim_moved(self, job_id: str) -> None:
+        with transaction(self._sessions) as session:
+            job = session.get_one(JobRecord, job_id)
+            if job.slurm_job_id is None and not is_final(job.state):
+                job.release_claimed_at = None
+
     def _after_failed_sbatch(self, job_id: str, cluster_name: str, exc: AdapterError) -> JobPublic:
+        if (
+            not exc.may_have_run
+            and (isinstance(exc, TransportError | SlurmUnavailable) or exc.transient)
+            and self._unclaim(job_id)
+        ):
+            log.warning("queued job %s stays queued: %s unavailable: %s", job_id, cluster_name, exc)
+            return self._public(job_id)
         if exc.may_have_run:
             log.warning("sbatch outcome for job %s unknown (%s); reconciler will look", job_id, exc)
             with transaction(self._sessions) as session:
@@ -575,6 +859,16 @@ class JobService:
         self._release(job_id, JobState.SUBMIT_FAILED, f"sbatch refused: {reason}")
         raise SubmitRejected(f"Slurm refused the job: {reason}", cluster=cluster_name) from exc
 
+    def _unclaim(self, job_id: str) -> bool:
+        """Give a released queued job back to the queue (nothing reached Slurm); False if the job
+        is not a queued one."""
+        with transaction(self._sessions) as session:
+            job = session.get_one(JobRecord, job_id)
+            if job.state != JobState.QUEUED.value:
+                return False
+            job.release_claimed_at = None
+            return True
+
     def _release(self, job_id: str, final: JobState, reason: str) -> None:
         """End a job that never reached Slurm: nothing charged, the key free for a retry."""
         with transaction(self._sessions) as session:
@@ -582,10 +876,13 @@ class JobService:
             transitions.settle(session, job, final, charge_gpu_seconds=0, reason=reason)
             job.idempotency_key = None
 
+    def _public_in(self, session: Session, job_id: str) -> JobPublic:
+        job, project, user = session.execute(_with_names().where(JobRecord.id == job_id)).one()
+        return _publics(session, [(job, project, user)])[0]
+
     def _public(self, job_id: str) -> JobPublic:
         with self._sessions() as session:
-            job, project, user = session.execute(_with_names().where(JobRecord.id == job_id)).one()
-            return job_public(job, project, user)
+            return self._public_in(session, job_id)
 
     def _await_submitted(self, actor: Actor, job_id: str) -> JobPublic:
         """A replay waits for the first request's sbatch to finish, then returns its job."""
@@ -609,6 +906,25 @@ class JobService:
                 raise Forbidden(f"{actor.role}s cannot cancel jobs")
             if is_final(job.state):
                 return self._public(job_id), False
+            if job.state == JobState.QUEUED.value:
+                # The queue claims jobs under this lock: either it has (sbatch under way; the
+                # cancel below reaches the Slurm job) or it never will.
+                ledger.lock_project(session, job.project_id)
+                session.refresh(job)
+                if job.state == JobState.QUEUED.value and job.release_claimed_at is None:
+                    # Nothing is in Slurm: it ends here, its reservation back at once.
+                    transitions.settle(
+                        session,
+                        job,
+                        JobState.CANCELLED,
+                        charge_gpu_seconds=0,
+                        lock=False,
+                        reason=f"cancelled by {actor.name} while queued",
+                        cancel_requested_at=utcnow(),
+                    )
+                    queue.clear(job)
+                    session.flush()
+                    return self._public_in(session, job_id), True
             if job.cancel_requested_at is None:
                 session.execute(
                     update(JobRecord)

@@ -78,6 +78,9 @@ def _frozen(values: list[str] | None) -> frozenset[str] | None:
     return None if values is None else frozenset(values)
 
 
+HELD_GPUS = JobRecord.gpus * func.coalesce(JobRecord.array_max_parallel, JobRecord.array_size, 1)
+"""GPUs a live job may hold at once: its GPUs, times the tasks of an array that may run together."""
+
 Bound: TypeAlias = datetime | SQLColumnExpression[datetime] | None
 """One end of a window: a time, a column holding one (a quota's period), or None for unbounded."""
 
@@ -235,15 +238,17 @@ def snapshot(session: Session, project_id: int, quota: QuotaRecord | None) -> Le
         select(
             JobRecord.cluster,
             JobRecord.state,
-            func.sum(JobRecord.gpus),
+            func.sum(HELD_GPUS),
             func.count(),
             func.sum(JobRecord.reserved_gpu_seconds),
         )
         .where(JobRecord.project_id == project_id, JobRecord.state.in_(LIVE_STATES))
         .group_by(JobRecord.cluster, JobRecord.state)
     ):
-        by_cluster[cluster] += int(gpus)
         reserved += int(held or 0)
+        if state == lifecycle.JobState.QUEUED.value:
+            continue  # it holds its reservation, but waits for the limits below
+        by_cluster[cluster] += int(gpus)
         if state in NOT_STARTED_STATES:
             pending += int(count)
     return LedgerSnapshot(

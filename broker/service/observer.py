@@ -18,6 +18,13 @@ class BrokerObserver(Protocol):
     def job_lost(self, cluster: str) -> None:
         """A followed job was settled ``unknown``: neither squeue nor sacct knows it any more."""
 
+    def queue_released(self, cluster: str, waited_seconds: float) -> None:
+        """A queued job went to Slurm after ``waited_seconds`` in the broker's queue."""
+
+    def placement(self, cluster: str, outcome: str) -> None:
+        """The broker chose ``cluster`` for a job that named none (``placed``) or moved a waiting
+        job there (``moved``)."""
+
     def foreign_job(self, cluster: str, action: str) -> None:
         """A job the broker did not submit was found in a project's account (``cancel`` or
         ``charge``: what the broker did about it)."""
@@ -39,6 +46,12 @@ class NullObserver:
         return None
 
     def job_lost(self, cluster: str) -> None:
+        return None
+
+    def queue_released(self, cluster: str, waited_seconds: float) -> None:
+        return None
+
+    def placement(self, cluster: str, outcome: str) -> None:
         return None
 
     def foreign_job(self, cluster: str, action: str) -> None:

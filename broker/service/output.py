@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.errors import AdapterError, TransportError
 from broker.config import Settings
-from broker.db.models import JobRecord
+from broker.db.models import JobRecord, JobTaskRecord
 from broker.errors import ClusterUnavailable, NotFound, ValidationFailed
 from broker.lifecycle import is_final
 from broker.schemas import JobOutputPublic
@@ -60,17 +60,33 @@ class JobOutputReader:
                     JobRecord.unix_user,
                     JobRecord.stdout_path,
                     JobRecord.stderr_path,
+                    JobRecord.array_size,
                 ).where(JobRecord.id == job_id)
             ).first()
-        if row is None or not (actor.is_admin or row.user_id == actor.user_id):
-            raise NotFound(f"job {job_id} does not exist")
-        if task is not None:
+            if row is None or not (actor.is_admin or row.user_id == actor.user_id):
+                raise NotFound(f"job {job_id} does not exist")
+            final = is_final(row.state)
+            if row.array_size and task is not None and task < row.array_size:
+                task_state = session.scalar(
+                    select(JobTaskRecord.state).where(
+                        JobTaskRecord.job_id == job_id, JobTaskRecord.index == task
+                    )
+                )
+                final = final or (task_state is not None and is_final(task_state))
+        if not row.array_size and task is not None:
             raise ValidationFailed(
                 f"job {job_id} is not an array: it has no tasks",
                 [{"field": "task", "message": "only for array jobs"}],
             )
-        final = is_final(row.state)
+        if row.array_size and (task is None or task >= row.array_size):
+            raise ValidationFailed(
+                f"job {job_id} is an array: give the task whose output to read "
+                f"(0 to {row.array_size - 1})",
+                [{"field": "task", "message": f"0 to {row.array_size - 1}"}],
+            )
         path = row.stdout_path if stream == "stdout" else row.stderr_path
+        if path is not None and task is not None:
+            path = path.replace("%a", str(task))  # each task wrote its own file
         limit = min(limit, self._settings.limits.max_output_bytes)
         if path is None or row.unix_user is None:
             return _chunk(stream, offset, b"", size=0, final=final)

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,7 +36,7 @@ from broker.config import Settings
 from broker.db.engine import transaction
 from broker.db.models import ClusterStatusRecord, JobEventRecord, JobRecord, ProjectRecord
 from broker.lifecycle import FOLLOWED, JobState, from_slurm, is_final, values
-from broker.service import foreign, ledger, transitions
+from broker.service import arrays, foreign, ledger, queue, transitions
 from broker.service.clusters import ClusterRegistry
 from broker.service.lease import Fence, LeaseLost
 from broker.service.observer import BrokerObserver, NullObserver
@@ -178,6 +179,26 @@ def own_status(
     return None
 
 
+def _array_drift(row: Any, status: StatusReport) -> int:
+    """Broker minus sacct for a settled array: 0 until every task has a final record."""
+    tasks = status.tasks.get(row.slurm_job_id, {})
+    size = row.array_size
+    per_task_cap = row.reservation_gpu_seconds // max(1, size)
+    own = {
+        i: t for i, t in tasks.items() if 0 <= i < size and (t.comment is None or t.tag == row.tag)
+    }
+    if not own:
+        return int(row.charged_gpu_seconds or 0)  # sacct no longer knows it
+    slurm_side = 0
+    for task in own.values():
+        elapsed = arrays.task_accounted_elapsed(task)
+        if elapsed is None:
+            return 0  # not comparable yet
+        alloc = task.alloc_gpus if task.alloc_gpus is not None else row.gpus
+        slurm_side += charge_of(alloc, elapsed, row.weight, per_task_cap)[0]
+    return int(row.charged_gpu_seconds or 0) - slurm_side
+
+
 def _may_settle(job: JobRecord, status: JobStatus | None, threshold: int) -> bool:
     if status is None:
         return job.missing_polls + 1 >= threshold
@@ -317,6 +338,11 @@ class Poller:
                     select(JobRecord).where(JobRecord.id.in_(followed)).order_by(JobRecord.id)
                 )
             )
+            array_tasks = {
+                job.id: arrays.own_tasks(job, status.tasks.get(followed[job.id], {}))
+                for job in jobs
+                if job.array_size
+            }
             seen = {
                 job.id: own_status(
                     job.id,
@@ -331,17 +357,26 @@ class Poller:
                 for job in jobs
             }
             settling = sorted(
-                {job.project_id for job in jobs if _may_settle(job, seen[job.id], threshold)}
+                {
+                    job.project_id
+                    for job in jobs
+                    if job.id in array_tasks or _may_settle(job, seen[job.id], threshold)
+                }
             )
             for project_id in settling:  # a fixed order, so concurrent lockers cannot deadlock
                 ledger.lock_project(session, project_id)
             for job in jobs:
                 if is_final(job.state) or job.slurm_job_id != followed[job.id]:
                     continue  # changed since it was read (a cancel settled it, a resubmit)
+                if job.move_target is not None:
+                    continue  # being moved: broker.service.moves follows its Slurm job
                 part = CycleReport(cluster=cluster)
                 try:
                     with session.begin_nested():
-                        self._apply(session, job, seen[job.id], part, threshold)
+                        if job.id in array_tasks:
+                            self._apply_array(session, job, array_tasks[job.id], part, threshold)
+                        else:
+                            self._apply(session, job, seen[job.id], part, threshold)
                 except Exception:
                     # One job's bad data (a value its column refuses, a bug) must not stop the
                     # cycle for the others: its savepoint is rolled back, it is tried again next
@@ -378,6 +413,54 @@ class Poller:
                 report.started.append((job.gpu_type, waited))
         if job.state_reason != status.reason:
             job.state_reason = status.reason
+
+    def _apply_array(
+        self,
+        session: Session,
+        job: JobRecord,
+        tasks: dict[int, JobStatus],
+        report: CycleReport,
+        threshold: int,
+    ) -> None:
+        """Follow an array through its tasks (``broker.service.arrays``)."""
+        if not tasks:
+            job.missing_polls += 1
+            if job.missing_polls >= threshold:
+                self._settle_lost(session, job, report)
+            return
+        give_up = job.missing_polls + 1 >= ACCOUNTING_PATIENCE_POLLS
+        progress = arrays.follow(session, job, tasks, give_up_waiting=give_up)
+        if progress.final is not None:
+            ended = [t.end_time for t in tasks.values() if t.end_time is not None]
+            transitions.settle(
+                session,
+                job,
+                progress.final,
+                charge_gpu_seconds=progress.charge_gpu_seconds,
+                lock=False,
+                reason=progress.reason,
+                exit_code=progress.exit_code,
+                alloc_gpus=job.gpus,
+                elapsed_s=progress.elapsed_s,
+                started_at=job.started_at or progress.started_at,
+                ended_at=max(ended) if ended else None,
+            )
+            report.settled[progress.final.value] = report.settled.get(progress.final.value, 0) + 1
+            return
+        every_task_ended = len(tasks) == job.array_size and all(
+            from_slurm(t.state).is_final for t in tasks.values()
+        )
+        # Ended in Slurm, some task without its final sacct record yet: wait, with patience.
+        job.missing_polls = job.missing_polls + 1 if every_task_ended else 0
+        if progress.started_at is not None and transitions.move(
+            session, job, JobState.RUNNING, None, started_at=progress.started_at
+        ):
+            waited = max(0.0, (progress.started_at - job.submitted_at).total_seconds())
+            report.started.append((job.gpu_type, waited))
+        waiting = [t.reason for t in tasks.values() if t.state == "PENDING"]
+        reason = waiting[0] if waiting and job.state == JobState.PENDING.value else None
+        if job.state_reason != reason:
+            job.state_reason = reason
 
     def _settle_ended(
         self,
@@ -427,7 +510,10 @@ class Poller:
             f"{job.missing_polls} polls"
         )
         charge, elapsed = 0, None
-        if job.started_at is not None:
+        if job.array_size:
+            charge = arrays.settle_lost(session, job, utcnow())
+            reason = f"{reason}; each task seen running charged its run time since then"
+        elif job.started_at is not None:
             elapsed = _seconds_since(job.started_at)
             charge, reason = self._capped(
                 job, job.gpus, elapsed, f"{reason}; charged its run time since it was seen running"
@@ -480,6 +566,11 @@ class Poller:
                         | (
                             (JobRecord.state == JobState.SUBMITTING.value)
                             & (JobRecord.submitted_at < stale_submitting)
+                        )
+                        | (  # released by the queue or moved, and its submitter is gone
+                            JobRecord.state.in_((JobState.QUEUED.value, JobState.PENDING.value))
+                            & JobRecord.slurm_job_id.is_(None)
+                            & (JobRecord.release_claimed_at < stale_submitting)
                         ),
                     )
                 ).all()
@@ -493,6 +584,38 @@ class Poller:
             )
             with self._write(fence) as session:
                 job = session.get_one(JobRecord, job_id)
+                if job.state == JobState.PENDING.value:  # moved; its sbatch's answer was lost
+                    if job.slurm_job_id is not None or job.release_claimed_at is None:
+                        continue
+                    if found:
+                        first = sorted(found, key=lambda s: int(s.job_id.split("_")[0]))[0]
+                        session.add(
+                            JobEventRecord(
+                                job_id=job.id,
+                                at=now,
+                                from_state=job.state,
+                                to_state=job.state,
+                                reason=f"found by tag as Slurm job {first.job_id}",
+                            )
+                        )
+                        job.slurm_job_id = first.job_id
+                        job.in_slurm_since = now
+                        report.attached += 1
+                    job.release_claimed_at = None  # not found: submitted again (moves)
+                    continue
+                if job.state == JobState.QUEUED.value:
+                    if job.release_claimed_at is None or job.release_claimed_at >= stale_submitting:
+                        continue  # released again meanwhile
+                    if found:
+                        self._attach(session, job, found)
+                        queue.clear(job)
+                        report.attached += 1
+                    else:  # its sbatch never reached Slurm: back in the queue
+                        log.warning(
+                            "queued job %s: its release did not reach Slurm; queued again", job.id
+                        )
+                        job.release_claimed_at = None
+                    continue
                 if job.state not in (JobState.SUBMITTING.value, JobState.SUBMIT_UNKNOWN.value):
                     continue
                 if found:
@@ -584,6 +707,7 @@ class Poller:
                     JobRecord.reservation_gpu_seconds,
                     JobRecord.charged_gpu_seconds,
                     JobRecord.project_id,
+                    JobRecord.array_size,
                     ProjectRecord.name.label("project"),
                 )
                 .join(ProjectRecord, ProjectRecord.id == JobRecord.project_id)
@@ -604,6 +728,11 @@ class Poller:
         for row in rows:
             charged = row.charged_gpu_seconds or 0
             drift.setdefault(row.project, 0)
+            if row.array_size:
+                # An array is compared task by task; what differs is reported, not corrected
+                # (its tasks' charges are its record, see broker.service.arrays).
+                drift[row.project] += _array_drift(row, status)
+                continue
             found = own_status(
                 row.id, row.tag, row.name, row.submitted_at, row.slurm_job_id, status
             )

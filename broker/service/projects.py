@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from broker.clock import utcnow
-from broker.db.models import MembershipRecord, ProjectRecord, QuotaRecord, UserRecord
+from broker.db.models import JobRecord, MembershipRecord, ProjectRecord, QuotaRecord, UserRecord
 from broker.errors import Conflict, NotFound, ValidationFailed
+from broker.lifecycle import JobState
 from broker.schemas import (
     MemberPublic,
     MemberPut,
     ProjectCreate,
     ProjectPublic,
+    ProjectQueuePublic,
     ProjectsPublic,
+    QueuePut,
     QuotaPublic,
     QuotaPut,
     UsagePublic,
@@ -198,6 +201,35 @@ def put_quota(session: Session, actor: Actor, project_name: str, body: QuotaPut)
     result = _quota_public(quota)
     assert result is not None
     return result
+
+
+def put_queue(
+    session: Session, actor: Actor, project_name: str, body: QueuePut
+) -> ProjectQueuePublic:
+    """Hold or release the project's admission queue (admin). A held queue keeps its jobs queued
+    (new ones join it); released, they go to Slurm at the next poll cycle, in order."""
+    actor.require_admin()
+    project = visible_project(session, actor, project_name)
+    ledger.lock_project(session, project.id)
+    if project.queue_held != body.held:
+        project.queue_held = body.held
+        audit.record(
+            session, actor.name, "queue.hold" if body.held else "queue.release", "project",
+            project.name, {"held": body.held},
+        )  # fmt: skip
+    return queue_public(session, actor, project_name)
+
+
+def queue_public(session: Session, actor: Actor, project_name: str) -> ProjectQueuePublic:
+    project = visible_project(session, actor, project_name)
+    jobs, gpus = session.execute(
+        select(func.count(), func.coalesce(func.sum(ledger.HELD_GPUS), 0)).where(
+            JobRecord.project_id == project.id, JobRecord.state == JobState.QUEUED.value
+        )
+    ).one()
+    return ProjectQueuePublic(
+        project=project.name, held=project.queue_held, queued_jobs=int(jobs), queued_gpus=int(gpus)
+    )
 
 
 def usage(session: Session, actor: Actor, project_name: str) -> UsagePublic:

@@ -38,9 +38,17 @@ def move(
     )
     job.state = target.value
     job.updated_at = now
+    if target == JobState.RUNNING:
+        _forget_script(job)
     for key, value in fields.items():
         setattr(job, key, value)
     return True
+
+
+def _forget_script(job: JobRecord) -> None:
+    """A job that runs or ended is never submitted again: its stored script goes."""
+    job.queued_script = None
+    job.queued_environment = None
 
 
 def settle(
@@ -85,6 +93,8 @@ def settle(
     job.state = final.value
     job.state_reason = reason
     job.reserved_gpu_seconds = 0
+    _forget_script(job)
+    job.move_target = None
     job.charged_gpu_seconds = charge_gpu_seconds
     job.updated_at = now
     if job.ended_at is None:

@@ -210,6 +210,54 @@ def test_full_cluster_holds_a_job_for_resources_and_cancel_is_idempotent(alpha: 
     alpha.client.cancel("99999999")  # never existed
 
 
+def test_an_array_runs_its_tasks_within_its_limit_and_each_task_is_accounted(
+    alpha: Cluster,
+) -> None:
+    array_id = alpha.submit(
+        script="#!/bin/sh\nsleep 2\n", array_size=5, array_max_parallel=2, name="sweep"
+    )
+    most_running = 0
+
+    def observe() -> dict[int, JobStatus]:
+        nonlocal most_running
+        report = alpha.client.statuses([array_id])
+        tasks = report.tasks.get(array_id, {})
+        most_running = max(most_running, sum(t.state == "RUNNING" for t in tasks.values()))
+        return tasks
+
+    tasks = wait_for(
+        "every task accounted as completed",
+        observe,
+        lambda t: (
+            len(t) == 5 and all(s.state == "COMPLETED" and s.source == "sacct" for s in t.values())
+        ),
+        timeout=90,
+    )
+    assert 1 <= most_running <= 2  # --array=0-4%2: never more than two at once
+    assert sorted(tasks) == [0, 1, 2, 3, 4]
+    assert len({t.job_id for t in tasks.values()}) == 5  # each task has its own Slurm id
+    assert all(t.array_job_id == array_id for t in tasks.values())
+    for task in tasks.values():
+        assert task.alloc_gpus == 1 and task.exit_code == 0
+        assert task.elapsed_s is not None and 2 <= task.elapsed_s <= 8
+
+
+def test_cancelling_an_array_ends_every_task(alpha: Cluster) -> None:
+    array_id = alpha.submit(array_size=4, array_max_parallel=2, name="sweep")
+    wait_for(
+        "two tasks running",
+        lambda: alpha.client.statuses([array_id]).tasks.get(array_id, {}),
+        lambda t: sum(s.state == "RUNNING" for s in t.values()) == 2,
+    )
+    alpha.client.cancel(array_id)
+    tasks = wait_for(
+        "every task cancelled",
+        lambda: alpha.client.statuses([array_id]).tasks.get(array_id, {}),
+        lambda t: len(t) == 4 and all(s.state == "CANCELLED" for s in t.values()),
+    )
+    assert sorted(tasks) == [0, 1, 2, 3]
+
+
 def test_cancel_of_a_finished_job_is_success(alpha: Cluster) -> None:
     job_id = alpha.submit(script="#!/bin/sh\ntrue\n")
     alpha.wait_state(job_id, "COMPLETED")

@@ -54,6 +54,13 @@ def test_sbatch_argv_carries_every_option_of_the_spec() -> None:
     ]
 
 
+def test_an_array_is_one_sbatch_with_its_indices_and_limit() -> None:
+    argv = commands.sbatch("/usr/bin", make_spec(gpus=1, array_size=200, array_max_parallel=16))
+    assert argv[-1] == "--array=0-199%16"
+    assert commands.sbatch("/usr/bin", make_spec(array_size=3))[-1] == "--array=0-2"
+    assert not any(a.startswith("--array") for a in commands.sbatch("/usr/bin", make_spec()))
+
+
 def test_untyped_and_cpu_only_requests() -> None:
     assert "--gres=gpu:2" in commands.sbatch("/usr/bin", make_spec(gpus=2, gpu_type=None))
     argv = commands.sbatch("/usr/bin", make_spec(gpus=0))
@@ -80,6 +87,10 @@ def test_untyped_and_cpu_only_requests() -> None:
         ({"time_limit_minutes": 0}, "time_limit"),
         ({"gpus": 0, "cpus_per_gpu": 2}, "need at least one GPU"),
         ({"mem_per_gpu_gb": 0}, "mem_per_gpu"),
+        ({"array_size": 0}, "at least one task"),
+        ({"array_max_parallel": 2}, "needs array_size"),
+        ({"array_size": 4, "array_max_parallel": 5}, "between 1 and array_size"),
+        ({"array_size": 4, "array_max_parallel": 0}, "between 1 and array_size"),
         ({"script": "echo no shebang\n"}, "#!"),
         ({"script": "#!/bin/sh\r\necho dos\r\n"}, "DOS"),
         ({"script": "#!/bin/sh\n#SBATCH --array=0-999\nsleep 1\n"}, "#SBATCH"),

@@ -14,6 +14,7 @@ from adapters.slurm.parse import (
     decode,
     newest_first,
     node_unavailable,
+    parse_array_indices,
     parse_duration,
     parse_exit_code,
     parse_gres_gpus,
@@ -53,24 +54,29 @@ def test_squeue_capture_gives_each_job_its_state_reason_and_gpus() -> None:
     jobs = {s.job_id: s for s in parse_squeue(fixture("client-squeue.txt"))}
 
     assert {j: s.state for j, s in jobs.items()} == {
-        "548": "COMPLETED",
-        "549": "FAILED",
-        "550": "RUNNING",
-        "551": "CANCELLED",
-        "552": "PENDING",
-        "553": "PENDING",
+        "1": "COMPLETED",
+        "2": "FAILED",
+        "3": "RUNNING",
+        "4": "CANCELLED",
+        "5": "PENDING",  # the array's tasks 4-5, not started yet
+        "6": "PENDING",
+        "7": "PENDING",
+        "8": "COMPLETED",  # array task 0
+        "9": "COMPLETED",
+        "10": "RUNNING",
+        "11": "RUNNING",
     }
-    assert jobs["550"].alloc_gpus == 8
-    assert jobs["550"].elapsed_s == 10
-    assert jobs["550"].start_time == datetime(2026, 11, 26, 14, 40, 42, tzinfo=UTC)
-    assert jobs["552"].reason == "Resources"
-    assert jobs["552"].alloc_gpus == 32  # a pending job's tres-alloc is its request
-    assert jobs["552"].start_time is None  # squeue's StartTime of a pending job is a guess
-    assert jobs["553"].reason == "Priority"
-    assert jobs["548"].reason is None  # "None"
-    assert jobs["548"].comment == "brk-capture-ok user=capture"
-    assert jobs["548"].name == "ok"
-    assert (jobs["548"].account, jobs["548"].user, jobs["548"].partition) == (
+    assert jobs["3"].alloc_gpus == 8
+    assert jobs["3"].elapsed_s == 10
+    assert jobs["3"].start_time == datetime(2026, 11, 26, 17, 32, 1, tzinfo=UTC)
+    assert jobs["6"].reason == "Resources"
+    assert jobs["6"].alloc_gpus == 32  # a pending job's tres-alloc is its request
+    assert jobs["6"].start_time is None  # squeue's StartTime of a pending job is a guess
+    assert jobs["7"].reason == "Priority"
+    assert jobs["1"].reason is None  # "None"
+    assert jobs["1"].comment == "brk-capture-ok user=capture"
+    assert jobs["1"].name == "ok"
+    assert (jobs["1"].account, jobs["1"].user, jobs["1"].partition) == (
         "dev",
         "slurmsvc",
         "gpu",
@@ -78,10 +84,22 @@ def test_squeue_capture_gives_each_job_its_state_reason_and_gpus() -> None:
     assert all(s.source == "squeue" for s in jobs.values())
 
 
+def test_squeue_capture_places_each_array_task() -> None:
+    jobs = {s.job_id: s for s in parse_squeue(fixture("client-squeue.txt"))}
+
+    tasks = {s.array_task: s.job_id for s in jobs.values() if s.array_task is not None}
+    assert tasks == {0: "8", 1: "9", 2: "10", 3: "11"}
+    assert {jobs[j].array_job_id for j in tasks.values()} == {"5"}
+    rest = jobs["5"]  # the tasks not started yet stay in one line under the array's id
+    assert (rest.array_job_id, rest.array_task, rest.array_pending) == ("5", None, (4, 5))
+    assert rest.reason == "JobArrayTaskLimit"
+    assert jobs["3"].array_job_id is None and jobs["3"].array_pending == ()  # no array
+
+
 def test_sacct_capture_gives_exit_codes_gpus_elapsed_and_times() -> None:
     jobs = {r.job_id: r for r in parse_sacct(fixture("client-sacct.txt"))}
 
-    ok = jobs["548"]
+    ok = jobs["1"]
     assert (ok.state, ok.exit_code, ok.alloc_gpus, ok.gpu_type) == (
         "COMPLETED",
         0,
@@ -94,16 +112,29 @@ def test_sacct_capture_gives_exit_codes_gpus_elapsed_and_times() -> None:
     assert ok.end_time - ok.start_time == timedelta(seconds=2)
     assert ok.comment == "brk-capture-ok user=capture"
     assert (ok.account, ok.partition, ok.name, ok.user) == ("dev", "gpu", "ok", "slurmsvc")
-    assert jobs["549"].state == "FAILED"
-    assert jobs["549"].exit_code == 3
-    assert jobs["550"].state == "RUNNING"
-    assert jobs["550"].end_time is None  # "Unknown"
-    assert jobs["550"].comment is None  # 22.05 stores the comment when the job ends
-    cancelled = jobs["551"]
+    assert jobs["2"].state == "FAILED"
+    assert jobs["2"].exit_code == 3
+    assert jobs["3"].state == "RUNNING"
+    assert jobs["3"].end_time is None  # "Unknown"
+    assert jobs["3"].comment is None  # 22.05 stores the comment when the job ends
+    cancelled = jobs["4"]
     assert cancelled.state == "CANCELLED"  # from "CANCELLED by 999"
     assert cancelled.alloc_gpus == 1 and cancelled.elapsed_s == 2  # it had started
-    assert jobs["552"].start_time is None
-    assert jobs["552"].state == "PENDING"
+    assert jobs["6"].start_time is None
+    assert jobs["6"].state == "PENDING"
+
+
+def test_sacct_capture_gives_each_array_task_its_own_record() -> None:
+    records = parse_sacct(fixture("client-sacct.txt"))
+    tasks = {r.array_task: r for r in records if r.array_job_id == "5" and r.array_task is not None}
+
+    assert sorted(tasks) == [0, 1, 2, 3]
+    assert [tasks[i].job_id for i in range(4)] == ["8", "9", "10", "11"]  # each task's own id
+    assert (tasks[0].state, tasks[0].elapsed_s, tasks[0].alloc_gpus) == ("COMPLETED", 5, 1)
+    assert tasks[2].state == "RUNNING" and tasks[2].end_time is None
+    (rest,) = [r for r in records if r.array_pending]
+    assert (rest.job_id, rest.array_job_id, rest.array_pending) == ("5", "5", (4, 5))
+    assert all(r.array_job_id is None for r in records if r.name != "sweep")
 
 
 def test_sinfo_capture_sums_gpus_per_partition() -> None:
@@ -111,10 +142,11 @@ def test_sinfo_capture_sums_gpus_per_partition() -> None:
 
     assert set(capacity) == {("gpu", "h100"), ("debug", "h100")}
     gpu = capacity[("gpu", "h100")]
+    # 8 for "runs", 1 each for the two array tasks running
     assert (gpu.gpus_total, gpu.gpus_allocated, gpu.gpus_idle, gpu.gpus_unavailable) == (
         32,
-        8,
-        24,
+        10,
+        22,
         0,
     )
     assert (gpu.nodes_total, gpu.nodes_down) == (4, 0)
@@ -127,6 +159,26 @@ def test_every_captured_sinfo_adds_up(name: str) -> None:
 
 
 # -- odd cases -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("expression", "indices"),
+    [
+        ("4-5%2", (4, 5)),
+        ("[4-5%2]", (4, 5)),
+        ("7", (7,)),
+        ("0,3,7-9", (0, 3, 7, 8, 9)),
+        ("0-10:5", (0, 5, 10)),
+    ],
+)
+def test_array_index_expressions(expression: str, indices: tuple[int, ...]) -> None:
+    assert parse_array_indices(expression) == indices
+
+
+@pytest.mark.parametrize("expression", ["", "a-b", "3-", "-3"])
+def test_bad_array_index_expressions_are_parse_errors(expression: str) -> None:
+    with pytest.raises(ParseError):
+        parse_array_indices(expression)
 
 
 def test_empty_output_gives_no_records() -> None:
@@ -171,7 +223,8 @@ def test_squeue_array_task_id_is_kept_as_printed() -> None:
 def test_non_utf8_names_do_not_break_parsing() -> None:
     raw = (
         b"7" + US.encode() + b"RUNNING" + US.encode() + b"None" + US.encode() * 7
-        + b"r\xe9sum\xe9" + US.encode() + b"brk-1" + US.encode() + b"alice" + US.encode() + b"\n"
+        + b"r\xe9sum\xe9" + US.encode() + b"brk-1" + US.encode() + b"alice" + US.encode()
+        + b"7" + US.encode() + b"N/A" + US.encode() + b"\n"
     )  # fmt: skip
     (status,) = parse_squeue(decode(raw))
     assert status.name == "r\ufffdsum\ufffd"

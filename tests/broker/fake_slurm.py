@@ -64,6 +64,15 @@ class FakeSlurm:
     raises as if the answer had been lost on the way back."""
 
     down: AdapterError | None = None
+    partitions: list[PartitionCapacity] = field(
+        default_factory=lambda: [PartitionCapacity("gpu", "h100", 32, 0, 32, 0, 4, 0)]
+    )
+    """What sinfo shows (``capacity``); set ``idle`` to stage a busy cluster."""
+
+    def idle(self, gpus: int, gpu_type: str = "h100", partition: str = "gpu") -> None:
+        """sinfo shows ``gpus`` idle of 32 in ``partition``."""
+        self.partitions = [PartitionCapacity(partition, gpu_type, 32, 32 - gpus, gpus, 0, 4, 0)]
+
     refuse_next_submit: str | None = None
     lose_next_submit_answer: bool = False
     jobs: dict[str, FakeJob] = field(default_factory=dict)
@@ -178,11 +187,15 @@ class FakeSlurm:
         self._check_up()
         return [self._status(j) for j in self.jobs.values() if j.spec.tag == tag]
 
-    def cancel(self, job_id: str, *, as_user: str | None = None) -> None:
+    def cancel(
+        self, job_id: str, *, as_user: str | None = None, only_pending: bool = False
+    ) -> None:
         self._check_up()
         self.cancels.append(job_id)
         self.cancelled_as.append(as_user)
         job = self.jobs.get(job_id)
+        if only_pending and job is not None and job.state != "PENDING":
+            return
         if job is not None and not is_ended(job.state):
             job.state = "CANCELLED"
             job.elapsed_s = job.elapsed_s or 0
@@ -190,7 +203,7 @@ class FakeSlurm:
 
     def capacity(self) -> list[PartitionCapacity]:
         self._check_up()
-        return [PartitionCapacity("gpu", "h100", 32, 0, 32, 0, 4, 0)]
+        return list(self.partitions)
 
     def accounting(
         self,

@@ -23,6 +23,7 @@ def fake_settings(
     limits: dict[str, Any] | None = None,
     identity_settings: dict[str, Any] | None = None,
     auth: dict[str, Any] | None = None,
+    queue: dict[str, Any] | None = None,
     **poller: Any,
 ) -> Settings:
     cluster = {
@@ -40,6 +41,7 @@ def fake_settings(
             "limits": limits or {},
             "auth": auth or {},
             "identity": identity_settings or {},
+            "queue": queue or {},
             "poller": {
                 "interval_seconds": 1,
                 "missing_polls_before_unknown": 3,
@@ -81,10 +83,16 @@ def build_env(
     limits: dict[str, Any] | None = None,
     identity_settings: dict[str, Any] | None = None,
     auth: dict[str, Any] | None = None,
+    queue: dict[str, Any] | None = None,
     **poller: Any,
 ) -> Env:
     settings = fake_settings(
-        database_url, limits=limits, identity_settings=identity_settings, auth=auth, **poller
+        database_url,
+        limits=limits,
+        identity_settings=identity_settings,
+        auth=auth,
+        queue=queue,
+        **poller,
     )
     slurm = {"alpha": FakeSlurm(), "beta": FakeSlurm()}
 

@@ -105,7 +105,13 @@ def test_submit_through_http(api: TestClient, env: Env) -> None:
         "reserved_gpu_hours",
         "charged_gpu_hours",
         "unix_user",
+        "queue",
+        "wait",
+        "array",
+        "tasks",
     }
+    assert job["array"] is None and job["tasks"] is None  # a single job
+    assert job["queue"] is None  # not queued: in Slurm
     assert job["state"] == "pending" and job["slurm_job_id"]
     assert job["user"] == "alice" and job["name"] == "job" and job["partition"] == "gpu"
     assert job["reserved_gpu_hours"] == 16.0 and job["submitted_at"].endswith("Z")

@@ -348,3 +348,19 @@ def test_transitions_refuse_to_move_a_job_back(env: Env) -> None:
         assert (row.state, row.charged_gpu_seconds) == ("completed", 100)
     events = [e.to_state for e in env.runtime.jobs.events(env.alice, submitted.id).data]
     assert events == ["submitting", "pending", "running", "completed"]
+
+
+def test_a_pending_job_explains_its_wait_and_a_running_one_does_not(env: Env) -> None:
+    submitted = env.runtime.jobs.submit(env.alice, job(), None).job
+    slurm_job = env.slurm["alpha"].jobs[str(submitted.slurm_job_id)]
+    slurm_job.reason = "AssocGrpGRES"
+    env.runtime.poller.poll("alpha")
+    pending = env.runtime.jobs.get(env.alice, submitted.id)
+    assert pending.state_reason == "AssocGrpGRES"
+    assert pending.wait is not None
+    assert pending.wait.category == "quota"
+    assert "AssocGrpGRES" in pending.wait.message
+
+    env.slurm["alpha"].start(str(submitted.slurm_job_id))
+    env.runtime.poller.poll("alpha")
+    assert env.runtime.jobs.get(env.alice, submitted.id).wait is None

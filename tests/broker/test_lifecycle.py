@@ -21,13 +21,24 @@ def test_sets_partition_the_states() -> None:
 
 
 def test_values_follow_the_lifecycle_order() -> None:
-    assert lifecycle.values(LIVE) == ("submitting", "submit_unknown", "pending", "running")
+    assert lifecycle.values(LIVE) == (
+        "queued",
+        "submitting",
+        "submit_unknown",
+        "pending",
+        "running",
+    )
+    assert JobState.QUEUED not in NOT_STARTED  # it waits for the pending-jobs limit
 
 
 @pytest.mark.parametrize(
     ("current", "target", "allowed"),
     [
         ("submitting", "pending", True),
+        ("queued", "pending", True),
+        ("queued", "submit_unknown", True),
+        ("queued", "cancelled", True),
+        ("pending", "queued", False),
         ("submit_unknown", "pending", True),
         ("pending", "running", True),
         ("pending", "completed", True),

@@ -103,3 +103,27 @@ def test_submit_wait_follow_and_logs(broker: LiveBroker, tmp_path: Any) -> None:
     assert first["eof"] and first["data"] == "about to fail\n"
     assert cli(broker, "alice", "logs", job["id"], "--stderr").stdout == ""
     assert cli(broker, "bob", "logs", job["id"]).returncode == 3  # not his: not found
+
+
+def test_a_sweep_from_the_command_line_and_one_tasks_output(
+    broker: LiveBroker, tmp_path: Any
+) -> None:
+    project = new_project(broker.client("root"), "alice", gpu_hours=2)
+    script = tmp_path / "sweep.sh"
+    script.write_text('#!/bin/sh\necho "lr index $SLURM_ARRAY_TASK_ID"\n')
+    base = ["submit", str(script), "--project", project, "--cluster", "beta", "--gpus", "1"]
+    done = cli(broker, "alice", *base, "--time", "5", "--array", "4%2", "--wait", "--json")
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)
+    assert job["state"] == "completed" and job["array"] == {"size": 4, "max_parallel": 2}
+    assert job["tasks"]["completed"] == 4
+
+    listed = cli(broker, "alice", "tasks", job["id"])
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.count("completed") == 4
+    output = cli(broker, "alice", "logs", job["id"], "--task", "3")
+    assert output.returncode == 0, output.stderr
+    assert output.stdout == "lr index 3\n"
+
+    bad = cli(broker, "alice", *base, "--time", "5", "--array", "4%x")
+    assert bad.returncode == 2 and "N%K" in bad.stderr  # a usage error, nothing sent

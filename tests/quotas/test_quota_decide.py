@@ -275,3 +275,34 @@ def test_every_violation_is_reported_static_ones_first() -> None:
 def test_decide_refuses_to_reason_about_a_negative_request() -> None:
     with pytest.raises(ValueError, match="gpus"):
         decide(job(gpus=-1), PLENTY, EMPTY)
+
+
+# --- arrays -------------------------------------------------------------------------------------
+
+
+def test_an_array_reserves_every_task_and_counts_its_parallel_tasks_as_concurrent() -> None:
+    sweep = job(gpus=2, tasks=200, parallel_tasks=16)
+
+    decision = decide(sweep, PLENTY, EMPTY)
+    assert decision.reserve_gpu_seconds == 200 * 2 * HOUR
+
+    limited = QuotaPolicy(budget_gpu_seconds=1_000_000 * HOUR, max_concurrent_gpus=31)
+    violation = only_violation(decide(sweep, limited, EMPTY))
+    assert (violation.limit, violation.requested, violation.allowed) == (
+        LimitName.CONCURRENT_GPUS,
+        32,
+        31,
+    )
+    assert decide(sweep, replace(limited, max_concurrent_gpus=32), EMPTY).admitted
+
+
+def test_an_array_the_budget_cannot_hold_is_refused_whole() -> None:
+    policy = QuotaPolicy(budget_gpu_seconds=199 * HOUR)
+    violation = only_violation(decide(job(tasks=200, parallel_tasks=4), policy, EMPTY))
+    assert violation.limit == LimitName.GPU_HOURS
+    assert violation.requested == 200.0 and violation.remaining == 199.0
+
+
+def test_the_per_job_gpu_limit_applies_to_each_task() -> None:
+    policy = QuotaPolicy(budget_gpu_seconds=1_000_000 * HOUR, max_gpus_per_job=2)
+    assert decide(job(gpus=2, tasks=50, parallel_tasks=50), policy, EMPTY).admitted

@@ -1,4 +1,4 @@
-"""/v1/jobs: submit, list, read, cancel, events."""
+"""/v1/jobs: submit, list, read, cancel, events, output, an array's tasks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from fastapi import APIRouter, Header, Query, Response
 from broker.api.deps import CurrentActor, RuntimeDep
 from broker.api.problems import COMMON, responses
 from broker.lifecycle import JobState
-from broker.schemas import JobCreate, JobEventsPublic, JobOutputPublic, JobPublic, JobsPublic
+from broker.schemas import (
+    JobCreate,
+    JobEventsPublic,
+    JobOutputPublic,
+    JobPublic,
+    JobsPublic,
+    TasksPublic,
+)
 from broker.service.jobs import JobFilter
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(*COMMON, 409, 413, 503))
@@ -26,10 +33,12 @@ def submit_job(
     """Admit a job against its project's quota and submit it to Slurm.
 
     201: the job is in Slurm (it has a ``slurm_job_id``). 202: sbatch's answer was lost; the job
-    is ``submit_unknown`` and the reconciler attaches it by its tag (never resubmits).
+    is ``submit_unknown`` and the reconciler attaches it by its tag (never resubmits). 202 too
+    for a job ``queued`` in the broker: it fits the budget (reserved) and waits for a concurrency
+    or pending-job limit; ``queue`` says where it stands.
     """
     outcome = runtime.jobs.submit(actor, body, idempotency_key)
-    if outcome.job.state == JobState.SUBMIT_UNKNOWN.value:
+    if outcome.job.state in (JobState.SUBMIT_UNKNOWN.value, JobState.QUEUED.value):
         response.status_code = 202
     if not outcome.created:
         response.headers["Idempotent-Replayed"] = "true"
@@ -73,6 +82,20 @@ def cancel_job(
 @router.get("/{job_id}/events", response_model=JobEventsPublic)
 def job_events(job_id: str, actor: CurrentActor, runtime: RuntimeDep) -> JobEventsPublic:
     return runtime.jobs.events(actor, job_id)
+
+
+@router.get("/{job_id}/tasks", response_model=TasksPublic)
+def job_tasks(
+    job_id: str,
+    actor: CurrentActor,
+    runtime: RuntimeDep,
+    limit: Annotated[int | None, Query(ge=1)] = None,
+    cursor: str | None = None,
+) -> TasksPublic:
+    """An array's tasks in index order (a single job has none)."""
+    limits = runtime.settings.limits
+    page = min(limit or limits.default_list_limit, limits.max_list_limit)
+    return runtime.jobs.tasks(actor, job_id, page, cursor)
 
 
 @router.get("/{job_id}/output", response_model=JobOutputPublic)

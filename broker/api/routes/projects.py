@@ -11,7 +11,9 @@ from broker.schemas import (
     MemberPut,
     ProjectCreate,
     ProjectPublic,
+    ProjectQueuePublic,
     ProjectsPublic,
+    QueuePut,
     QuotaPublic,
     QuotaPut,
     UsagePublic,
@@ -76,6 +78,19 @@ def put_quota(
 ) -> QuotaPublic:
     """Replace the quota. Lowering it below use blocks new jobs and touches no running one."""
     return projects.put_quota(session, actor, name, body)
+
+
+@router.put("/{name}/queue", response_model=ProjectQueuePublic)
+def put_queue(
+    name: str, body: QueuePut, actor: CurrentActor, session: TransactionDep
+) -> ProjectQueuePublic:
+    """Hold (``{"held": true}``) or release the project's admission queue (admin)."""
+    return projects.put_queue(session, actor, name, body)
+
+
+@router.get("/{name}/queue", response_model=ProjectQueuePublic)
+def get_queue(name: str, actor: CurrentActor, session: SessionDep) -> ProjectQueuePublic:
+    return projects.queue_public(session, actor, name)
 
 
 @router.get("/{name}/usage", response_model=UsagePublic)
