@@ -242,6 +242,11 @@ class AdmissionQueue:
                 return claimed  # no quota any more: nothing is released until one is set
             policy = ledger.policy_of(quota)
             room = _Room(ledger.snapshot(session, project_id, quota))
+            # Jobs claimed by an earlier pass whose sbatch is under way count as in Slurm.
+            for in_flight in session.scalars(
+                _queued(project_id).where(JobRecord.release_claimed_at.is_not(None))
+            ):
+                room.take(in_flight)
             starving: JobRecord | None = None
             for position, job in enumerate(jobs):
                 ahead = position - len(claimed)

@@ -264,3 +264,23 @@ def test_a_release_whose_process_died_is_found_by_its_tag_or_queued_again(env: E
     with env.runtime.sessions() as session:
         assert session.get_one(JobRecord, never_sent.id).release_claimed_at is None
     assert first.state == "pending"
+
+
+def test_a_job_claimed_by_an_earlier_pass_counts_against_the_limit(env: Env) -> None:
+    limit(env, max_pending_jobs=1)
+    first = submit(env)
+    waiting = [submit(env), submit(env)]
+    slurm_id = first.slurm_job_id
+    assert slurm_id is not None
+    env.slurm["alpha"].finish(slurm_id, "CANCELLED", elapsed_s=0)
+    env.runtime.poller.poll("alpha")
+    # One pass claims the next job; before its sbatch, another pass (the other cluster's tick)
+    # runs: the claimed job holds the only pending slot.
+    with env.runtime.sessions() as session:
+        project_id = session.get_one(JobRecord, first.id).project_id
+    claimed = env.runtime.queue._claim(project_id, set(), None)  # noqa: SLF001 - half a pass
+    assert list(claimed) == [waiting[0].id]
+    env.runtime.queue.release()  # a second pass, before the first one's sbatch
+    assert get(env, waiting[1]).state == "queued"
+    assert get(env, waiting[0]).state == "queued"  # claimed: the first pass submits it
+    assert len(env.slurm["alpha"].jobs) == 1
