@@ -136,6 +136,38 @@ def project_remove_member(ctx: typer.Context, name: NameArgument, user: UserArgu
         typer.echo(f"Removed {user} from {name}.")
 
 
+def _queue(ctx: typer.Context, name: str, held: bool | None) -> None:
+    with connect(ctx) as api:
+        path = f"/v1/projects/{segment(name)}/queue"
+        data = api.json("GET", path) if held is None else api.json("PUT", path, body={"held": held})
+    if options(ctx).json:
+        print_json(data)
+        return
+    state = "held" if data["held"] else "open"
+    typer.echo(
+        f"Queue of {data['project']}: {state}; {data['queued_jobs']} jobs "
+        f"({data['queued_gpus']} GPUs) queued."
+    )
+
+
+@group.command("queue")
+def project_queue(ctx: typer.Context, name: NameArgument) -> None:
+    """Show the project's admission queue: held or open, and what waits in it."""
+    _queue(ctx, name, None)
+
+
+@group.command("hold")
+def project_hold(ctx: typer.Context, name: NameArgument) -> None:
+    """Hold the project's queue: its queued jobs stay queued (admin)."""
+    _queue(ctx, name, True)
+
+
+@group.command("release")
+def project_release(ctx: typer.Context, name: NameArgument) -> None:
+    """Release the project's queue: queued jobs go to Slurm as its limits allow (admin)."""
+    _queue(ctx, name, False)
+
+
 @group.command("set-quota")
 def project_set_quota(
     ctx: typer.Context,

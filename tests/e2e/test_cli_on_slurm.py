@@ -127,3 +127,27 @@ def test_a_sweep_from_the_command_line_and_one_tasks_output(
 
     bad = cli(broker, "alice", *base, "--time", "5", "--array", "4%x")
     assert bad.returncode == 2 and "N%K" in bad.stderr  # a usage error, nothing sent
+
+
+def test_an_admin_holds_and_releases_a_projects_queue_from_the_command_line(
+    broker: LiveBroker, tmp_path: Any
+) -> None:
+    project = new_project(broker.client("root"), "alice", gpu_hours=2)
+    held = cli(broker, "root", "project", "hold", project)
+    assert held.returncode == 0, held.stderr
+    assert "held; 0 jobs" in held.stdout
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/sh\ntrue\n")
+    base = ["submit", str(script), "--project", project, "--cluster", "beta", "--gpus", "1"]
+    submitted = cli(broker, "alice", *base, "--time", "5", "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    job = json.loads(submitted.stdout)
+    assert job["state"] == "queued" and job["queue"]["reason"] == "project_held"
+    assert (
+        "held; 1 jobs (1 GPUs) queued" in cli(broker, "alice", "project", "queue", project).stdout
+    )
+    assert cli(broker, "alice", "project", "release", project).returncode == 6  # admins only
+    released = cli(broker, "root", "project", "release", project)
+    assert released.returncode == 0 and "open" in released.stdout
+    done = broker.client("alice").wait_state(job["id"], {"completed"}, timeout=90)
+    assert done["slurm_job_id"]
