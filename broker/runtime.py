@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Engine
@@ -14,9 +15,11 @@ from broker.scheduler import PollerSchedule
 from broker.service.cluster_identity import ClusterIdentities
 from broker.service.clusters import ClusterRegistry
 from broker.service.cursors import CursorSigner
+from broker.service.job_reads import JobReader
 from broker.service.jobs import JobService
 from broker.service.output import JobOutputReader
 from broker.service.poller import Poller
+from broker.service.tokens import IdentityCache
 
 
 @dataclass
@@ -31,6 +34,8 @@ class Runtime:
     poller: Poller
     metrics: BrokerMetrics
     cursors: CursorSigner
+    tokens: IdentityCache
+    job_reads: JobReader
     schedule: PollerSchedule | None = field(default=None)
 
     def start_poller(self) -> None:
@@ -39,6 +44,7 @@ class Runtime:
             self.schedule.start()
 
     def close(self) -> None:
+        self.tokens.close()
         if self.schedule is not None:
             self.schedule.shutdown()
             self.schedule = None
@@ -75,4 +81,23 @@ def build_runtime(settings: Settings, *, clusters: ClusterRegistry | None = None
         poller=Poller(sessions, registry, settings, observer=metrics),
         metrics=metrics,
         cursors=cursors,
+        job_reads=JobReader(engine, cursors),
+        tokens=IdentityCache(
+            sessions,
+            settings.auth.token_cache_seconds,
+            shared=engine.dialect.name != "sqlite",
+        ),
     )
+
+
+def configure_logging(level: str) -> None:
+    """Log lines of ``level`` and above to stderr, without the libraries' per-cycle chatter."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("paramiko").setLevel(logging.WARNING)
+    if level.lower() != "debug":
+        # APScheduler logs every run of the poller's job at INFO: per-cycle chatter that buries
+        # what matters (the poller logs its own events: lease taken, jobs settled, outages).
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)

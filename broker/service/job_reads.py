@@ -1,0 +1,143 @@
+"""The API's hottest reads, ``GET /v1/jobs/{id}`` and ``GET /v1/jobs``, in lean form.
+
+Same answers and the same visibility rule as ``JobService.get`` and ``JobService.list`` (a job
+of a project the caller is not in is 404, exactly as if it did not exist; lists show only the
+caller's projects), read with SQLAlchemy Core in one statement on a connection in autocommit:
+
+* one round trip per request (no ``BEGIN`` and ``ROLLBACK`` around a single ``SELECT``, which
+  psycopg sends as their own round trips), and only the columns the answer needs;
+* names given as filters (``project``, ``user``) are resolved inside the statement by scalar
+  subqueries, so PostgreSQL plans the page as a backward scan of
+  ``ix_jobs_project_state_submitted`` that stops after ``limit + 1`` rows, instead of joining
+  every matching row and sorting them (``benchmarks/analysis.md``, "Read path").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Row, Select, select
+from sqlalchemy.engine import Engine
+
+from broker.db.models import JobRecord, ProjectRecord, UserRecord
+from broker.errors import NotFound, ValidationFailed
+from broker.lifecycle import JobState
+from broker.schemas import JobPublic, JobsPublic
+from broker.service import cursors
+from broker.service.cursors import CursorSigner
+from broker.service.identity import Actor
+from broker.service.jobs import CURSOR_KIND, JobFilter
+from quotas import gpu_hours
+
+_STATES = frozenset(state.value for state in JobState)
+
+_COLUMNS = (
+    JobRecord.id,
+    JobRecord.project_id,
+    ProjectRecord.name.label("project"),
+    UserRecord.name.label("user"),
+    JobRecord.name,
+    JobRecord.cluster,
+    JobRecord.partition,
+    JobRecord.gpu_type,
+    JobRecord.gpus,
+    JobRecord.nodes,
+    JobRecord.time_limit_minutes,
+    JobRecord.state,
+    JobRecord.state_reason,
+    JobRecord.slurm_job_id,
+    JobRecord.exit_code,
+    JobRecord.submitted_at,
+    JobRecord.started_at,
+    JobRecord.ended_at,
+    JobRecord.reserved_gpu_seconds,
+    JobRecord.charged_gpu_seconds,
+    JobRecord.unix_user,
+)
+
+
+def _query() -> Select[*tuple[Any, ...]]:
+    return (
+        select(*_COLUMNS)
+        .join(ProjectRecord, ProjectRecord.id == JobRecord.project_id)
+        .join(UserRecord, UserRecord.id == JobRecord.user_id)
+    )
+
+
+def _public(row: Row[Any]) -> JobPublic:
+    charged = row.charged_gpu_seconds
+    return JobPublic(
+        id=row.id,
+        project=row.project,
+        user=row.user,
+        name=row.name,
+        cluster=row.cluster,
+        partition=row.partition,
+        gpu_type=row.gpu_type,
+        gpus=row.gpus,
+        nodes=row.nodes,
+        time_limit_minutes=row.time_limit_minutes,
+        state=row.state,
+        state_reason=row.state_reason,
+        slurm_job_id=row.slurm_job_id,
+        exit_code=row.exit_code,
+        submitted_at=row.submitted_at,
+        started_at=row.started_at,
+        ended_at=row.ended_at,
+        reserved_gpu_hours=gpu_hours(row.reserved_gpu_seconds),
+        charged_gpu_hours=None if charged is None else gpu_hours(charged),
+        unix_user=row.unix_user,
+    )
+
+
+class JobReader:
+    """Reads jobs for the API on ``engine`` in autocommit (one statement, one round trip)."""
+
+    def __init__(self, engine: Engine, signer: CursorSigner) -> None:
+        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._cursors = signer
+
+    def get(self, actor: Actor, job_id: str) -> JobPublic:
+        with self._engine.connect() as connection:
+            row = connection.execute(_query().where(JobRecord.id == job_id)).first()
+        if row is None or not (actor.reads_everything or row.project_id in actor.project_ids):
+            raise NotFound(f"job {job_id} does not exist")
+        return _public(row)
+
+    def list(self, actor: Actor, where: JobFilter, limit: int, cursor: str | None) -> JobsPublic:
+        if where.state is not None and where.state not in _STATES:
+            raise ValidationFailed(
+                f"unknown state {where.state}",
+                [{"field": "state", "message": "one of " + ", ".join(s.value for s in JobState)}],
+            )
+        query = _query()
+        if not actor.reads_everything:
+            query = query.where(JobRecord.project_id.in_(actor.project_ids))
+        if where.project is not None:
+            project_id = (
+                select(ProjectRecord.id).where(ProjectRecord.name == where.project)
+            ).scalar_subquery()
+            query = query.where(JobRecord.project_id == project_id)
+        if where.state is not None:
+            query = query.where(JobRecord.state == where.state)
+        if where.cluster is not None:
+            query = query.where(JobRecord.cluster == where.cluster)
+        if where.user is not None:
+            user_id = (select(UserRecord.id).where(UserRecord.name == where.user)).scalar_subquery()
+            query = query.where(JobRecord.user_id == user_id)
+        if cursor:
+            encoded_at, job_id = self._cursors.decode(CURSOR_KIND, cursor, 2)
+            at = cursors.parse_time(encoded_at)
+            query = query.where(
+                (JobRecord.submitted_at < at)
+                | ((JobRecord.submitted_at == at) & (JobRecord.id < job_id))
+            )
+        query = query.order_by(JobRecord.submitted_at.desc(), JobRecord.id.desc()).limit(limit + 1)
+        with self._engine.connect() as connection:
+            rows = connection.execute(query).all()
+        page = [_public(row) for row in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            next_cursor = self._cursors.encode(CURSOR_KIND, last.submitted_at.isoformat(), last.id)
+        return JobsPublic(data=page, next_cursor=next_cursor)
