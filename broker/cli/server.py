@@ -4,6 +4,7 @@ database, for the first admin and token)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -228,23 +229,36 @@ def create_user(
 def issue_token(
     name: str,
     description: Annotated[str, typer.Option()] = "issued by broker admin issue-token",
+    expires_at: Annotated[
+        datetime | None,
+        typer.Option(
+            "--expires-at",
+            formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d"],
+            help="when the token stops working (UTC if no offset given: 2027-06-30)",
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Issue a token for NAME and print it (shown this once)."""
     from broker.db.engine import make_engine, make_session_factory, transaction
-    from broker.errors import NotFound
+    from broker.errors import NotFound, ValidationFailed
     from broker.service import identity
 
+    if expires_at is not None and expires_at.tzinfo is None:
+        expires_at = expires_at.replace(tzinfo=UTC)
     settings = _settings(config)
     engine = make_engine(settings.database.url)
     try:
         with transaction(make_session_factory(engine)) as session:
             issued = identity.issue_token(
-                session, "cli", name, description, settings.auth.token_bytes
+                session, "cli", name, description, settings.auth.token_bytes, expires_at
             )
     except NotFound as exc:
         typer.echo(exc.detail, err=True)
         raise typer.Exit(3) from exc
+    except ValidationFailed as exc:
+        typer.echo(exc.detail, err=True)
+        raise typer.Exit(5) from exc
     finally:
         engine.dispose()
     typer.echo(issued.token)

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 CHANNEL = "broker_identity"
 HEARTBEAT = 1.0
 """The listener proves its connection alive this often; the cache is off after 3 missed beats."""
+LISTENER_NAME = "broker-identity-listener"
+"""The listener connection's ``application_name`` (``pg_stat_activity``)."""
 FLUSH_SECONDS = 20.0
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 MAX_ENTRIES = 50_000
@@ -270,7 +272,11 @@ class IdentityListener:
         while not self._stop.is_set():
             try:
                 with psycopg.connect(
-                    self._conninfo, autocommit=True, connect_timeout=5, keepalives_idle=10
+                    self._conninfo,
+                    autocommit=True,
+                    connect_timeout=5,
+                    keepalives_idle=10,
+                    application_name=LISTENER_NAME,
                 ) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self._cache.invalidate()

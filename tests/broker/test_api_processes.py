@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
 
 from broker.config import environment_for
 from broker.db.engine import make_engine, make_session_factory, transaction
@@ -128,11 +129,17 @@ def database() -> Iterator[tuple[str, dict[str, str]]]:
 
 
 def _servers(
-    tmp_path: Path, url: str, count: int, limits: dict[str, Any], *args: str
+    tmp_path: Path,
+    url: str,
+    count: int,
+    limits: dict[str, Any],
+    *args: str,
+    poller: dict[str, Any] | None = None,
 ) -> list[Server]:
     config = tmp_path / "broker.toml"
     config.write_text(CONFIG)
-    env = environment_for({"database": {"url": url}, "limits": limits})
+    overrides = {"database": {"url": url}, "limits": limits, "poller": poller or {}}
+    env = environment_for(overrides)
     servers: list[Server] = []
     try:
         for _ in range(count):
@@ -300,5 +307,38 @@ def test_workers_share_one_port_sum_event_metrics_and_serve_database_series_once
             if sample.name.startswith("broker_")
         ]
         assert len(seen) == len(set(seen)), "every series once"
+    finally:
+        server.stop()
+
+
+def test_with_workers_the_poller_runs_in_one_of_them_at_a_time(
+    tmp_path: Path, database: tuple[str, dict[str, str]]
+) -> None:
+    url, _ = database
+    interval = 1.0
+    unlimited = {"requests_per_minute": 0}
+    started = time.monotonic()
+    (server,) = _servers(
+        tmp_path, url, 1, unlimited, "--workers", "2", poller={"interval_seconds": interval}
+    )
+    try:
+        time.sleep(6)
+        scrape = httpx.get(f"{server.url}/metrics").text
+        elapsed = time.monotonic() - started
+        cycles = sum(
+            value
+            for labels, value in _samples(scrape, "broker_polls_total")
+            if labels["cluster"] == "alpha"
+        )
+        # Both workers tick every second; only the lease holder polls (ok or failed: this
+        # cluster has no Slurm behind it). Two pollers would count about twice as many.
+        assert 2 <= cycles <= elapsed / interval + 1, (cycles, elapsed)
+        engine = make_engine(url)
+        try:
+            with engine.connect() as connection:
+                holders = connection.execute(text("SELECT holder FROM leases")).scalars().all()
+        finally:
+            engine.dispose()
+        assert len(holders) == 1
     finally:
         server.stop()
