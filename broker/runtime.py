@@ -45,6 +45,7 @@ class Runtime:
 
     def close(self) -> None:
         self.tokens.close()
+        self.metrics.close()
         if self.schedule is not None:
             self.schedule.shutdown()
             self.schedule = None

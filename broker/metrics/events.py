@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from broker.config import Settings
 from broker.metrics.collector import DatabaseCollector
 from broker.metrics.labels import COMMANDS, LIMITS, SUBMIT_OUTCOMES, error_kinds
-from broker.metrics.ssh import RunnerSource, SshCollector
+from broker.metrics.ssh import RunnerSource, SshCollector, SshMirror
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class BrokerMetrics:
             self.scrape_registry = CollectorRegistry(auto_describe=True)
             multiprocess.MultiProcessCollector(self.scrape_registry)  # type: ignore[no-untyped-call]
         self.collector: DatabaseCollector | None = None
+        self.ssh_mirror: SshMirror | None = None
         self._kinds = error_kinds()
         registry = self.registry
         ProcessCollector(registry=self.scrape_registry)
@@ -186,11 +187,19 @@ class BrokerMetrics:
             raise RuntimeError("BrokerMetrics.attach was already called")
         self.collector = DatabaseCollector(sessions, settings, max_age=max_age)
         self.scrape_registry.register(self.collector)
-        self.scrape_registry.register(SshCollector(settings, clusters))
+        if self.multiprocess:
+            self.ssh_mirror = SshMirror(settings, clusters, self.registry)
+        else:
+            self.scrape_registry.register(SshCollector(settings, clusters))
         for name, cluster in sorted(settings.clusters.items()):
             gpu_types = sorted({p.gpu_type for p in cluster.partitions.values()})
             self._zero_fill(name, gpu_types)
         return self.collector
+
+    def close(self) -> None:
+        if self.ssh_mirror is not None:
+            self.ssh_mirror.close()
+            self.ssh_mirror = None
 
     def _zero_fill(self, cluster: str, gpu_types: Iterable[str]) -> None:
         for outcome in SUBMIT_OUTCOMES:

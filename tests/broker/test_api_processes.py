@@ -16,12 +16,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
@@ -277,28 +279,37 @@ def test_workers_share_one_port_sum_event_metrics_and_serve_database_series_once
     tmp_path: Path, database: tuple[str, dict[str, str]]
 ) -> None:
     url, tokens = database
-    (server,) = _servers(
-        tmp_path, url, 1, {"requests_per_minute": 0}, "--no-poller", "--workers", "2"
-    )
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_1.db").write_bytes(b"left over")  # emptied at start
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    try:
+        (server,) = _servers(
+            tmp_path, url, 1, {"requests_per_minute": 0}, "--no-poller", "--workers", "2"
+        )
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
     try:
         alice = _bearer(tokens["alice"])
         job = {"project": "nope", "script": "#!/bin/bash\ntrue", "gpus": 1, "time_limit_minutes": 5}
-        bad = [  # a new connection each: the kernel spreads them over the workers
-            httpx.post(f"{server.url}/v1/jobs", json=job, headers=alice).status_code
-            for _ in range(40)
-        ]
-        assert set(bad) == {404}
-        pids: set[float] = set()
-        for _ in range(30):  # fresh connections reach both workers
-            scrape = httpx.get(f"{server.url}/metrics").text
-            pids.update(v for _, v in _samples(scrape, "process_start_time_seconds"))
-        assert len(pids) == 2, "both workers answered"
+
+        def submit(_: int) -> int:  # a new connection each: the workers take turns accepting
+            return httpx.post(f"{server.url}/v1/jobs", json=job, headers=alice).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(submit, range(40))) == {404}
+        scrape = httpx.get(f"{server.url}/metrics").text
         invalid = [
             v
             for labels, v in _samples(scrape, "broker_submissions_total")
             if labels == {"cluster": "none", "outcome": "invalid"}
         ]
-        assert invalid == [40.0]  # summed over the workers, whichever served each request
+        assert invalid == [40.0]
+        per_worker = {
+            path.name: _invalid_submissions(path) for path in metrics_dir.glob("counter_*.db")
+        }
+        assert len(per_worker) == 2, per_worker  # one file per worker, the stale one gone
+        assert sum(per_worker.values()) == 40.0  # the scrape summed what each worker counted
         assert _samples(scrape, "broker_database_up") == [({}, 1.0)]
         seen = [
             (sample.name, tuple(sorted(sample.labels.items())))
@@ -309,6 +320,16 @@ def test_workers_share_one_port_sum_event_metrics_and_serve_database_series_once
         assert len(seen) == len(set(seen)), "every series once"
     finally:
         server.stop()
+
+
+def _invalid_submissions(path: Path) -> float:
+    return sum(
+        sample.value
+        for metric in MultiProcessCollector.merge([str(path)], accumulate=True)  # type: ignore[no-untyped-call]
+        for sample in metric.samples
+        if sample.name == "broker_submissions_total"
+        and sample.labels == {"cluster": "none", "outcome": "invalid"}
+    )
 
 
 def test_with_workers_the_poller_runs_in_one_of_them_at_a_time(
