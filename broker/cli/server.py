@@ -82,8 +82,8 @@ def serve(
         "port": port or settings.server.port,
         "log_level": log_level,
         "proxy_headers": True,
-        "loop": "uvloop",
-        "http": "httptools",
+        "loop": "auto",  # uvloop and httptools when installed (dependencies of the package)
+        "http": "auto",
     }
     if count == 1:
         from broker.api.app import create_app
