@@ -75,6 +75,7 @@ async def get_actor(request: Request, runtime: RuntimeDep) -> Actor:
         try:
             actor = await run_in_threadpool(_look_up, runtime, token)
         except Unauthenticated:
+            limiter.forget(token_hash)
             limiter.check(_failures(request))
             raise
         limiter.remember(token_hash)

@@ -131,6 +131,11 @@ class RateLimiter:
         with self._lock:
             return token_hash in self._known
 
+    def forget(self, token_hash: str) -> None:
+        """The token no longer authenticates (revoked, expired): treat it as unknown again."""
+        with self._lock:
+            self._known.discard(token_hash)
+
     def remember(self, token_hash: str) -> None:
         with self._lock:
             if len(self._known) > self.MAX_ENTRIES:
