@@ -287,6 +287,24 @@ def test_a_revoked_token_flooding_is_refused_without_look_ups_once_the_address_b
     assert len(lookups) == 5
 
 
+def test_a_removed_member_loses_the_projects_jobs_at_once_with_the_token_cached(
+    api: TestClient, env: Env
+) -> None:
+    alice, admin = token(env, "alice"), token(env, "root")
+    body = {"project": "climate", "script": "#!/bin/bash\ntrue", "gpus": 1, "time_limit_minutes": 5}
+    body["cluster"] = "alpha"
+    created = api.post("/v1/jobs", json=body, headers=alice)
+    assert created.status_code == 201, created.text
+    job = created.json()
+    for _ in range(3):  # alice's actor is cached
+        assert api.get(f"/v1/jobs/{job['id']}", headers=alice).status_code == 200
+    assert api.get("/v1/me", headers=alice).json()["projects"] == ["climate"]
+    assert api.delete("/v1/projects/climate/members/alice", headers=admin).status_code == 204
+    problem(api.get(f"/v1/jobs/{job['id']}", headers=alice), 404, "not-found")
+    assert api.get("/v1/jobs", params={"project": "climate"}, headers=alice).json()["data"] == []
+    assert api.get("/v1/me", headers=alice).json()["projects"] == []
+
+
 # --- one unit-of-work convention: roles checked in the services, writes all-or-nothing -------
 
 
