@@ -14,9 +14,10 @@ caller's projects), read with SQLAlchemy Core in one statement on a connection i
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, Select, select
+from sqlalchemy import BindParameter, Row, Select, bindparam, select
 from sqlalchemy.engine import Engine
 
 from broker.db.models import JobRecord, ProjectRecord, UserRecord
@@ -91,15 +92,22 @@ def _public(row: Row[Any]) -> JobPublic:
 
 
 class JobReader:
-    """Reads jobs for the API on ``engine`` in autocommit (one statement, one round trip)."""
+    """Reads jobs for the API on ``engine`` in autocommit (one statement, one round trip).
+
+    Statements are built once per shape, with bound parameters for every value, so a request
+    only binds its values: SQLAlchemy's compiled cache and the result metadata are reused
+    (building the expression and adapting the result to it were a third of the CPU of a read).
+    """
 
     def __init__(self, engine: Engine, signer: CursorSigner) -> None:
         self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._cursors = signer
+        self._get = _query().where(JobRecord.id == bindparam("job_id"))
+        self._lists: dict[tuple[bool, ...], Select[*tuple[Any, ...]]] = {}
 
     def get(self, actor: Actor, job_id: str) -> JobPublic:
         with self._engine.connect() as connection:
-            row = connection.execute(_query().where(JobRecord.id == job_id)).first()
+            row = connection.execute(self._get, {"job_id": job_id}).first()
         if row is None or not (actor.reads_everything or row.project_id in actor.project_ids):
             raise NotFound(f"job {job_id} does not exist")
         return _public(row)
@@ -110,34 +118,65 @@ class JobReader:
                 f"unknown state {where.state}",
                 [{"field": "state", "message": "one of " + ", ".join(s.value for s in JobState)}],
             )
-        query = _query()
+        values: dict[str, Any] = {"limit": limit + 1}
         if not actor.reads_everything:
-            query = query.where(JobRecord.project_id.in_(actor.project_ids))
+            values["project_ids"] = sorted(actor.project_ids)
         if where.project is not None:
-            project_id = (
-                select(ProjectRecord.id).where(ProjectRecord.name == where.project)
-            ).scalar_subquery()
-            query = query.where(JobRecord.project_id == project_id)
+            values["project"] = where.project
         if where.state is not None:
-            query = query.where(JobRecord.state == where.state)
+            values["state"] = where.state
         if where.cluster is not None:
-            query = query.where(JobRecord.cluster == where.cluster)
+            values["cluster"] = where.cluster
         if where.user is not None:
-            user_id = (select(UserRecord.id).where(UserRecord.name == where.user)).scalar_subquery()
-            query = query.where(JobRecord.user_id == user_id)
+            values["user"] = where.user
         if cursor:
             encoded_at, job_id = self._cursors.decode(CURSOR_KIND, cursor, 2)
-            at = cursors.parse_time(encoded_at)
-            query = query.where(
-                (JobRecord.submitted_at < at)
-                | ((JobRecord.submitted_at == at) & (JobRecord.id < job_id))
-            )
-        query = query.order_by(JobRecord.submitted_at.desc(), JobRecord.id.desc()).limit(limit + 1)
+            values["after_at"] = cursors.parse_time(encoded_at)
+            values["after_id"] = job_id
         with self._engine.connect() as connection:
-            rows = connection.execute(query).all()
+            rows = connection.execute(self._list_statement(frozenset(values)), values).all()
         page = [_public(row) for row in rows[:limit]]
         next_cursor = None
         if len(rows) > limit:
             last = rows[limit - 1]
             next_cursor = self._cursors.encode(CURSOR_KIND, last.submitted_at.isoformat(), last.id)
         return JobsPublic(data=page, next_cursor=next_cursor)
+
+    def _list_statement(self, given: frozenset[str]) -> Select[*tuple[Any, ...]]:
+        shape = tuple(name in given for name in _LIST_PARAMETERS)
+        statement = self._lists.get(shape)
+        if statement is None:
+            statement = _list_query(given)
+            self._lists[shape] = statement
+        return statement
+
+
+_LIST_PARAMETERS = ("project_ids", "project", "state", "cluster", "user", "after_at")
+
+
+def _list_query(given: frozenset[str]) -> Select[*tuple[Any, ...]]:
+    query = _query()
+    if "project_ids" in given:
+        query = query.where(JobRecord.project_id.in_(bindparam("project_ids", expanding=True)))
+    if "project" in given:
+        project_id = (
+            select(ProjectRecord.id).where(ProjectRecord.name == bindparam("project"))
+        ).scalar_subquery()
+        query = query.where(JobRecord.project_id == project_id)
+    if "state" in given:
+        query = query.where(JobRecord.state == bindparam("state"))
+    if "cluster" in given:
+        query = query.where(JobRecord.cluster == bindparam("cluster"))
+    if "user" in given:
+        user_id = (
+            select(UserRecord.id).where(UserRecord.name == bindparam("user"))
+        ).scalar_subquery()
+        query = query.where(JobRecord.user_id == user_id)
+    if "after_at" in given:
+        at: BindParameter[datetime] = bindparam("after_at")
+        after: BindParameter[str] = bindparam("after_id")
+        earlier = (JobRecord.submitted_at == at) & (JobRecord.id < after)
+        query = query.where((JobRecord.submitted_at < at) | earlier)
+    return query.order_by(JobRecord.submitted_at.desc(), JobRecord.id.desc()).limit(
+        bindparam("limit")
+    )
