@@ -117,6 +117,8 @@ class ServerSettings(_Section):
     port: Port = 8080
     public_url: str = ""
     """Base URL users reach the broker at, for printed links; empty when unknown."""
+    workers: PositiveInt = 1
+    """API processes ``broker serve`` starts on this host (more than 1 needs PostgreSQL)."""
 
     @model_validator(mode="after")
     def _check_public_url(self) -> Self:
@@ -221,6 +223,9 @@ class AuthSettings(_Section):
     ] = None
     """Key that signs pagination cursors (HMAC-SHA256), the same on every replica. Unset: a
     random key the broker keeps in its database (table ``broker_keys``), shared the same way."""
+    token_cache_seconds: float = Field(default=30.0, ge=0)
+    """How long a process keeps a resolved token; revocations reach every process at once
+    anyway (PostgreSQL ``LISTEN``/``NOTIFY``). 0: look every token up on every request."""
 
 
 class LimitsSettings(_Section):
@@ -235,6 +240,9 @@ class LimitsSettings(_Section):
     """Requests a minute per user (token bucket); 0 turns the limit off."""
     request_burst: PositiveInt = 60
     """Requests a user may send at once before the per-minute rate applies."""
+    shared_rate_slice: int = Field(default=0, ge=0)
+    """On PostgreSQL: requests of one user a process reserves at a time from the per-minute budget
+    shared by every process; 0: a twentieth of ``requests_per_minute``."""
     max_output_bytes: PositiveInt = 1_048_576
     """Most bytes of a job's output one ``GET /v1/jobs/{id}/output`` returns."""
     max_array_size: int = Field(default=1000, ge=1, le=1_000_000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Engine
@@ -14,12 +15,14 @@ from broker.scheduler import PollerSchedule
 from broker.service.cluster_identity import ClusterIdentities
 from broker.service.clusters import ClusterRegistry
 from broker.service.cursors import CursorSigner
+from broker.service.job_reads import JobReader
 from broker.service.jobs import JobService
 from broker.service.moves import Mover
 from broker.service.oidc import OidcAuthenticator
 from broker.service.output import JobOutputReader
 from broker.service.poller import Poller
 from broker.service.queue import AdmissionQueue
+from broker.service.tokens import IdentityCache
 
 
 @dataclass
@@ -36,6 +39,8 @@ class Runtime:
     mover: Mover
     metrics: BrokerMetrics
     cursors: CursorSigner
+    tokens: IdentityCache
+    job_reads: JobReader
     schedule: PollerSchedule | None = field(default=None)
     oidc: OidcAuthenticator | None = field(default=None)
     """The site's OpenID provider's JWTs as bearer tokens, where ``[auth.oidc]`` is enabled."""
@@ -48,6 +53,8 @@ class Runtime:
             self.schedule.start()
 
     def close(self) -> None:
+        self.tokens.close()
+        self.metrics.close()
         if self.schedule is not None:
             self.schedule.shutdown()
             self.schedule = None
@@ -89,4 +96,23 @@ def build_runtime(settings: Settings, *, clusters: ClusterRegistry | None = None
         metrics=metrics,
         cursors=cursors,
         oidc=OidcAuthenticator(settings) if settings.auth.oidc.enabled else None,
+        job_reads=JobReader(engine, cursors),
+        tokens=IdentityCache(
+            sessions,
+            settings.auth.token_cache_seconds,
+            shared=engine.dialect.name != "sqlite",
+        ),
     )
+
+
+def configure_logging(level: str) -> None:
+    """Log lines of ``level`` and above to stderr, without the libraries' per-cycle chatter."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("paramiko").setLevel(logging.WARNING)
+    if level.lower() != "debug":
+        # APScheduler logs every run of the poller's job at INFO: per-cycle chatter that buries
+        # what matters (the poller logs its own events: lease taken, jobs settled, outages).
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)

@@ -425,6 +425,8 @@ class UsersPublic(BaseModel):
 
 class TokenCreate(StrictModel):
     description: str = Field(default="", max_length=200)
+    expires_at: AwareTimestamp | None = None
+    """When the token stops working (RFC 3339 with an offset); omitted: it does not expire."""
 
 
 class TokenIssued(BaseModel):
@@ -432,6 +434,7 @@ class TokenIssued(BaseModel):
     token: str
     description: str
     created_at: Timestamp
+    expires_at: Timestamp | None = None
 
 
 class TokenPublic(BaseModel):
@@ -440,6 +443,7 @@ class TokenPublic(BaseModel):
     created_at: Timestamp
     last_used_at: Timestamp | None
     revoked: bool
+    expires_at: Timestamp | None = None
 
 
 class TokensPublic(BaseModel):

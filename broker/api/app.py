@@ -11,6 +11,7 @@ from broker.api import problems
 from broker.api.guards import BodySizeLimit, RateLimiter
 from broker.api.routes import jobs, projects, system, users
 from broker.runtime import Runtime
+from broker.service.ratelimit import SharedBudget
 from broker.ui import install as install_pages
 
 API_DESCRIPTION = (
@@ -24,6 +25,7 @@ def create_app(runtime: Runtime, *, run_poller: bool = False) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.tokens.start(runtime.engine)
         if run_poller:
             runtime.start_poller()
         try:
@@ -36,8 +38,17 @@ def create_app(runtime: Runtime, *, run_poller: bool = False) -> FastAPI:
     )
     app.state.runtime = runtime
     limits = runtime.settings.limits
-    app.state.rate_limiter = RateLimiter(limits.requests_per_minute, limits.request_burst)
-    app.state.metrics_registry = runtime.metrics.registry
+    shared = None
+    if runtime.engine.dialect.name == "postgresql" and limits.requests_per_minute > 0:
+        shared = SharedBudget(
+            runtime.sessions,
+            limits.requests_per_minute,
+            limits.shared_rate_slice or max(1, limits.requests_per_minute // 20),
+        )
+    app.state.rate_limiter = RateLimiter(
+        limits.requests_per_minute, limits.request_burst, shared=shared
+    )
+    app.state.metrics_registry = runtime.metrics.scrape_registry
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     problems.install(app)
     for module in (system, users, projects, jobs):

@@ -14,6 +14,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from broker.api.guards import RateLimiter
 from broker.db.engine import transaction
@@ -47,39 +48,59 @@ TransactionDep = Annotated[Session, Depends(get_transaction, scope="function")]
 """A session in a transaction, committed before the response is sent (rolled back on error)."""
 
 
-def get_actor(request: Request, runtime: RuntimeDep) -> Actor:
+async def get_actor(request: Request, runtime: RuntimeDep) -> Actor:
     """The caller, rate-limited BEFORE authentication so floods of bad tokens cost nothing.
 
-    Each presented token has a bucket keyed by its hash. Requests that fail authentication (no
-    token, an unknown or revoked one) also draw on a bucket of the client's address; while that
-    one is empty, tokens never seen to authenticate are refused (429) without a database look-up.
-    A token that has authenticated keeps working from its own bucket. Where ``[auth.oidc]`` is
-    enabled, a JWT goes to the provider's verifier (``broker.service.oidc``), under the same
-    limits.
+    A token this process resolved recently comes from the token cache (``broker.service.tokens``:
+    no query and no worker thread; a revocation drops it everywhere at once). Others are looked
+    up once; requests that fail authentication (no token, an unknown, revoked or expired one)
+    draw on a bucket of the client's address, and while that one is empty, tokens never seen to
+    authenticate are refused (429) without a database look-up. An authenticated caller draws on
+    their own user's bucket and, on PostgreSQL, on the user's budget shared by every process
+    (``broker.service.ratelimit``: a query once per slice of requests, not per request). Where
+    ``[auth.oidc]`` is enabled, a JWT goes to the provider's verifier (``broker.service.oidc``,
+    which caches the provider's keys, not the callers: a JWT's own expiry always applies), under
+    the same limits.
     """
     limiter: RateLimiter = request.app.state.rate_limiter
-    failures = f"failed-auth:{request.client.host if request.client else '-'}"
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        limiter.check(failures)
+        limiter.check(_failures(request))
         raise Unauthenticated("send Authorization: Bearer <token>")
     token_hash = hash_token(token)
-    limiter.check(f"token:{token_hash}")
-    if not limiter.known(token_hash):
-        limiter.require_room(failures)
-    try:
-        if runtime.oidc is not None and looks_like_jwt(token):
-            actor = runtime.oidc.authenticate(runtime.sessions, token)
-        else:
-            with transaction(runtime.sessions) as session:
-                actor = authenticate(session, token)
-    except Unauthenticated:
-        limiter.check(failures)
-        raise
-    limiter.remember(token_hash)
+    jwt = runtime.oidc is not None and looks_like_jwt(token)
+    cache = runtime.tokens
+    actor = None if jwt else cache.get(token_hash)
+    if actor is None:
+        if not limiter.known(token_hash):
+            limiter.require_room(_failures(request))
+        generation = cache.generation
+        try:
+            actor = await run_in_threadpool(_look_up, runtime, token)
+        except Unauthenticated:
+            limiter.forget(token_hash)
+            limiter.check(_failures(request))
+            raise
+        limiter.remember(token_hash)
+        if not jwt:
+            cache.put(token_hash, actor, generation)
+    key = f"user:{actor.user_id}"
+    if not limiter.check_user(key):
+        await run_in_threadpool(limiter.check_shared, key)
     return actor
+
+
+def _look_up(runtime: Runtime, token: str) -> Actor:
+    if runtime.oidc is not None and looks_like_jwt(token):
+        return runtime.oidc.authenticate(runtime.sessions, token)
+    with transaction(runtime.sessions) as session:
+        return authenticate(session, token)
+
+
+def _failures(request: Request) -> str:
+    return f"failed-auth:{request.client.host if request.client else '-'}"
 
 
 CurrentActor = Annotated[Actor, Depends(get_actor)]

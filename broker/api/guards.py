@@ -9,6 +9,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.api.problems import problem
 from broker.errors import RateLimited
+from broker.service.ratelimit import SharedBudget
 
 
 class BodySizeLimit:
@@ -81,17 +82,20 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
 class RateLimiter:
     """Token buckets keyed by caller: ``per_minute`` requests a minute, bursts up to ``burst``.
 
-    The API keys them before authentication (see ``broker.api.deps``): by the presented token's
-    hash, and by client address for requests that fail authentication. ``known`` remembers the
-    hashes of tokens that authenticated, so a flood of unknown tokens can be refused without a
-    database look-up while the address's failure bucket is empty.
+    The API keys them (see ``broker.api.deps``) by user once a caller authenticated, and by
+    client address for requests that fail authentication. ``known`` remembers the hashes of
+    tokens that authenticated, so a flood of unknown tokens can be refused without a database
+    look-up while the address's failure bucket is empty. These buckets are this process's own;
+    ``shared``, when given (PostgreSQL), also holds each user to one budget across every process
+    and replica (``broker.service.ratelimit``).
     """
 
     MAX_ENTRIES = 100_000
 
-    def __init__(self, per_minute: int, burst: int) -> None:
+    def __init__(self, per_minute: int, burst: int, shared: SharedBudget | None = None) -> None:
         self.rate = per_minute / 60.0
         self.burst = float(burst)
+        self.shared = shared
         self._buckets: dict[str, tuple[float, float]] = {}
         self._known: set[str] = set()
         self._lock = threading.Lock()
@@ -100,6 +104,25 @@ class RateLimiter:
         """Take one request from ``key``'s bucket, or raise ``RateLimited``."""
         self._take(key, consume=True)
 
+    def check_user(self, key: str) -> bool:
+        """Take one request of an authenticated user from their bucket here and, when this
+        process can decide alone, from the shared budget; raise ``RateLimited`` if refused.
+        False: the shared budget must be asked (``check_shared``, which may query)."""
+        self._take(key, consume=True)
+        if self.shared is None:
+            return True
+        decided, wait = self.shared.local(key)
+        if wait is not None:
+            _refuse(wait)
+        return decided
+
+    def check_shared(self, key: str) -> None:
+        """Reserve from the shared budget (a database round trip); raise ``RateLimited``."""
+        if self.shared is not None:
+            wait = self.shared.reserve(key)
+            if wait is not None:
+                _refuse(wait)
+
     def require_room(self, key: str) -> None:
         """Raise ``RateLimited`` if ``key``'s bucket is empty; take nothing."""
         self._take(key, consume=False)
@@ -107,6 +130,11 @@ class RateLimiter:
     def known(self, token_hash: str) -> bool:
         with self._lock:
             return token_hash in self._known
+
+    def forget(self, token_hash: str) -> None:
+        """The token no longer authenticates (revoked, expired): treat it as unknown again."""
+        with self._lock:
+            self._known.discard(token_hash)
 
     def remember(self, token_hash: str) -> None:
         with self._lock:
@@ -129,3 +157,8 @@ class RateLimiter:
                 self._buckets[key] = (tokens - 1.0, now)
             if len(self._buckets) > self.MAX_ENTRIES:
                 self._buckets.clear()
+
+
+def _refuse(wait: float) -> None:
+    retry = max(1, int(wait + 0.999))
+    raise RateLimited(f"more than the allowed request rate; retry in {retry}s", retry)

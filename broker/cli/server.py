@@ -4,7 +4,7 @@ database, for the first admin and token)."""
 
 from __future__ import annotations
 
-import logging
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -43,15 +43,9 @@ def _settings(config: Path | None) -> Settings:
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("paramiko").setLevel(logging.WARNING)
-    if level.lower() != "debug":
-        # APScheduler logs every run of the poller's job at INFO: per-cycle chatter that buries
-        # what matters (the poller logs its own events: lease taken, jobs settled, outages).
-        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    from broker.runtime import configure_logging
+
+    configure_logging(level)
 
 
 @app.command()
@@ -60,27 +54,84 @@ def serve(
     host: Annotated[str | None, typer.Option(help="listen address")] = None,
     port: Annotated[int | None, typer.Option(help="listen port")] = None,
     no_poller: Annotated[bool, typer.Option("--no-poller", help="API only")] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="API processes on this host (PostgreSQL only above 1); default [server]"
+        ),
+    ] = None,
     log_level: str = "info",
 ) -> None:
-    """Serve the REST API (and, unless --no-poller, the poller) in one process."""
+    """Serve the REST API (and, unless --no-poller, the poller), in one process or --workers.
+
+    With several workers every one of them serves the API and ticks the poller; the poller's
+    database lease lets exactly one of them poll at a time (another takes over if it dies).
+    """
+    import os
+
     import uvicorn
 
-    from broker.api.app import create_app
     from broker.db.migrate import upgrade
-    from broker.runtime import build_runtime
 
     _logging(log_level)
     settings = _settings(config)
-    runtime = build_runtime(settings)
-    upgrade(runtime.engine)
-    api = create_app(runtime, run_poller=settings.poller.enabled and not no_poller)
+    count = workers or settings.server.workers
+    run_poller = settings.poller.enabled and not no_poller
+    listen = {
+        "host": host or settings.server.host,
+        "port": port or settings.server.port,
+        "log_level": log_level,
+        "proxy_headers": True,
+        "loop": "auto",  # uvloop and httptools when installed (dependencies of the package)
+        "http": "auto",
+    }
+    if count == 1:
+        from broker.api.app import create_app
+        from broker.runtime import build_runtime
+
+        runtime = build_runtime(settings)
+        upgrade(runtime.engine)
+        uvicorn.run(create_app(runtime, run_poller=run_poller), **listen)  # type: ignore[arg-type]
+        return
+    if settings.database.url.startswith("sqlite"):
+        typer.echo(
+            "configuration error: --workers above 1 needs PostgreSQL (SQLite is one process's)",
+            err=True,
+        )
+        raise typer.Exit(5)
+    from broker.api.worker import LOG_LEVEL_ENV, POLLER_ENV
+    from broker.db.engine import make_engine
+
+    engine = make_engine(settings.database.url)
+    upgrade(engine)
+    engine.dispose()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_directory())
+    if config is not None:
+        os.environ["BROKER_CONFIG"] = str(config.resolve())
+    os.environ[POLLER_ENV] = "1" if run_poller else "0"
+    os.environ[LOG_LEVEL_ENV] = log_level
     uvicorn.run(
-        api,
-        host=host or settings.server.host,
-        port=port or settings.server.port,
-        log_level=log_level,
-        proxy_headers=True,
+        "broker.api.worker:create_worker_app",
+        factory=True,
+        workers=count,
+        **listen,  # type: ignore[arg-type]
     )
+
+
+def _metrics_directory() -> Path:
+    """An empty directory for the workers' event metrics (prometheus_client multiprocess mode):
+    ``$PROMETHEUS_MULTIPROC_DIR`` emptied of earlier runs' files, else a new temporary one."""
+    import os
+    import tempfile
+
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not given:
+        return Path(tempfile.mkdtemp(prefix="broker-metrics-"))
+    directory = Path(given)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    return directory
 
 
 @app.command()
@@ -112,7 +163,7 @@ def worker(
     server = None
     if metrics_port:
         server, _ = start_http_server(
-            metrics_port, addr=metrics_host, registry=runtime.metrics.registry
+            metrics_port, addr=metrics_host, registry=runtime.metrics.scrape_registry
         )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -178,23 +229,36 @@ def create_user(
 def issue_token(
     name: str,
     description: Annotated[str, typer.Option()] = "issued by broker admin issue-token",
+    expires_at: Annotated[
+        datetime | None,
+        typer.Option(
+            "--expires-at",
+            formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d"],
+            help="when the token stops working (UTC if no offset given: 2027-06-30)",
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Issue a token for NAME and print it (shown this once)."""
     from broker.db.engine import make_engine, make_session_factory, transaction
-    from broker.errors import NotFound
+    from broker.errors import NotFound, ValidationFailed
     from broker.service import identity
 
+    if expires_at is not None and expires_at.tzinfo is None:
+        expires_at = expires_at.replace(tzinfo=UTC)
     settings = _settings(config)
     engine = make_engine(settings.database.url)
     try:
         with transaction(make_session_factory(engine)) as session:
             issued = identity.issue_token(
-                session, "cli", name, description, settings.auth.token_bytes
+                session, "cli", name, description, settings.auth.token_bytes, expires_at
             )
     except NotFound as exc:
         typer.echo(exc.detail, err=True)
         raise typer.Exit(3) from exc
+    except ValidationFailed as exc:
+        typer.echo(exc.detail, err=True)
+        raise typer.Exit(5) from exc
     finally:
         engine.dispose()
     typer.echo(issued.token)

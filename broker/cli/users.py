@@ -102,15 +102,24 @@ def user_token(
     ctx: typer.Context,
     name: NameArgument,
     description: Annotated[str | None, typer.Option("--description")] = None,
+    expires_at: Annotated[
+        str | None,
+        typer.Option(
+            "--expires-at", help="RFC 3339 time the token stops working, e.g. 2027-06-30T00:00:00Z"
+        ),
+    ] = None,
 ) -> None:
     """Issue an API token for a user; it is printed this once and never again."""
     body = {} if description is None else {"description": description}
+    if expires_at is not None:
+        body["expires_at"] = expires_at
     with connect(ctx) as api:
         data = api.json("POST", f"/v1/users/{segment(name)}/tokens", body=body)
     if options(ctx).json:
         print_json(data)
         return
-    typer.echo(fields((k, data.get(k)) for k in ("id", "description", "created_at", "token")))
+    shown = ("id", "description", "created_at", "expires_at", "token")
+    typer.echo(fields((k, data.get(k)) for k in shown if k != "expires_at" or data.get(k)))
     typer.echo("Store the token now: the broker keeps only its hash.", err=True)
 
 
@@ -128,11 +137,13 @@ def user_tokens(ctx: typer.Context, name: NameArgument) -> None:
             t.get("description"),
             t.get("created_at"),
             t.get("last_used_at"),
+            t.get("expires_at"),
             t.get("revoked"),
         ]
         for t in data["data"]
     ]
-    print_table(["ID", "DESCRIPTION", "CREATED", "LAST USED", "REVOKED"], rows, "No tokens.")
+    headers = ["ID", "DESCRIPTION", "CREATED", "LAST USED", "EXPIRES", "REVOKED"]
+    print_table(headers, rows, "No tokens.")
 
 
 @group.command("revoke")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, exc
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,9 +29,41 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
-    return create_engine(
-        url, echo=echo, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True
+    engine = create_engine(
+        url,
+        echo=echo,
+        pool_size=pool_size,
+        max_overflow=pool_size * 2,
+        pool_recycle=RECYCLE_SECONDS,
+        connect_args={"keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3},
     )
+    event.listen(engine, "checkout", _check_idle_connection)
+    return engine
+
+
+RECYCLE_SECONDS = 1800
+"""A pooled connection older than this is closed and opened anew at its next checkout."""
+
+
+def _check_idle_connection(
+    dbapi_connection: Any, connection_record: Any, connection_proxy: Any
+) -> None:
+    """Refuse a pooled connection the server has closed, without a round trip.
+
+    A connection resting in the pool has nothing to read: if its socket is readable (or closed),
+    the server went away or said goodbye (a restart, ``pg_terminate_backend``, an idle timeout
+    sends a FATAL message and closes). Then ``DisconnectionError`` makes the pool drop it and
+    check out, or open, another. This replaces ``pool_pre_ping``'s ``SELECT 1`` per checkout;
+    a peer that vanished silently is caught by TCP keepalives and ``pool_recycle``.
+    """
+    if getattr(dbapi_connection, "closed", False) or getattr(dbapi_connection, "broken", False):
+        raise exc.DisconnectionError("the connection is closed")
+    try:
+        readable, _, _ = select.select([dbapi_connection.fileno()], [], [], 0)
+    except (OSError, ValueError) as error:
+        raise exc.DisconnectionError(f"the connection's socket is unusable: {error}") from error
+    if readable:
+        raise exc.DisconnectionError("the server closed the connection while it was idle")
 
 
 def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:

@@ -106,6 +106,8 @@ class TokenRecord(Base):
     created_at: Mapped[datetime]
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
+    """After this the token no longer authenticates (None: it never expires)."""
 
 
 class ProjectRecord(Base):
@@ -168,6 +170,7 @@ class JobRecord(Base):
         Index("ix_jobs_submitted", "submitted_at", "id"),
         Index("ix_jobs_project_submitted", "project_id", "submitted_at"),
         Index("ix_jobs_project_ended", "project_id", "ended_at"),
+        Index("ix_jobs_project_state_submitted", "project_id", "state", "submitted_at", "id"),
         Index("ix_jobs_tag", "tag", unique=True),
     )
 
@@ -358,3 +361,15 @@ class UiSessionRecord(Base):
     csrf_token: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime]
     expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class RateBudgetRecord(Base):
+    """Requests drawn by one key (a user) from its per-minute budget in one window, shared by every
+    API process and replica (``broker.service.ratelimit``)."""
+
+    __tablename__ = "rate_budgets"
+
+    key: Mapped[str] = mapped_column(String(80), primary_key=True)
+    window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    """Unix time of the window's first second."""
+    used: Mapped[int] = mapped_column(Integer)

@@ -8,6 +8,7 @@ adapter errors); ``attach`` adds the scrape-time collectors to its registry.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from collections.abc import Iterable
@@ -20,13 +21,14 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    multiprocess,
 )
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.config import Settings
 from broker.metrics.collector import DatabaseCollector
 from broker.metrics.labels import COMMANDS, LIMITS, SUBMIT_OUTCOMES, error_kinds
-from broker.metrics.ssh import RunnerSource, SshCollector
+from broker.metrics.ssh import RunnerSource, SshCollector, SshMirror
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +61,28 @@ class BrokerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        """Several API workers (``broker serve --workers``): the event series are kept in
+        prometheus_client's per-process files and summed over every worker at scrape time."""
+        self.scrape_registry = self.registry
+        """What ``/metrics`` serves: ``registry`` itself in one process; with several, the
+        workers' event series summed (``MultiProcessCollector``) plus this worker's
+        scrape-time collectors, which read shared state and so are served once, not summed."""
+        if self.multiprocess:
+            self.scrape_registry = CollectorRegistry(auto_describe=True)
+            multiprocess.MultiProcessCollector(self.scrape_registry)  # type: ignore[no-untyped-call]
         self.collector: DatabaseCollector | None = None
+        self.ssh_mirror: SshMirror | None = None
         self._kinds = error_kinds()
         registry = self.registry
-        ProcessCollector(registry=registry)
-        PlatformCollector(registry=registry)
+        ProcessCollector(registry=self.scrape_registry)
+        PlatformCollector(registry=self.scrape_registry)
         self.build_info = Gauge(
             "broker_build_info",
             "Always 1; labels name the running broker's version and Python",
             ["version", "python_version"],
             registry=registry,
+            multiprocess_mode="max",
         )
         self.build_info.labels(_version(), platform.python_version()).set(1)
         self.submissions = Counter(
@@ -160,12 +174,14 @@ class BrokerMetrics:
             "Broker-charged minus sacct-derived weighted GPU-seconds over the drift check window",
             ["cluster", "project"],
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.drift_checked = Gauge(
             "broker_ledger_drift_check_timestamp_seconds",
             "When the ledger was last compared with sacct for the cluster (Unix time)",
             ["cluster"],
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
 
     # --- wiring ---------------------------------------------------------------------------------
@@ -183,12 +199,20 @@ class BrokerMetrics:
         if self.collector is not None:
             raise RuntimeError("BrokerMetrics.attach was already called")
         self.collector = DatabaseCollector(sessions, settings, max_age=max_age)
-        self.registry.register(self.collector)
-        self.registry.register(SshCollector(settings, clusters))
+        self.scrape_registry.register(self.collector)
+        if self.multiprocess:
+            self.ssh_mirror = SshMirror(settings, clusters, self.registry)
+        else:
+            self.scrape_registry.register(SshCollector(settings, clusters))
         for name, cluster in sorted(settings.clusters.items()):
             gpu_types = sorted({p.gpu_type for p in cluster.partitions.values()})
             self._zero_fill(name, gpu_types)
         return self.collector
+
+    def close(self) -> None:
+        if self.ssh_mirror is not None:
+            self.ssh_mirror.close()
+            self.ssh_mirror = None
 
     def _zero_fill(self, cluster: str, gpu_types: Iterable[str]) -> None:
         for outcome in SUBMIT_OUTCOMES:

@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from typing import Protocol
 
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from broker.config import Settings
@@ -89,3 +90,77 @@ class SshCollector:
 def _int_attribute(runner: object | None, name: str) -> int:
     value = getattr(runner, name, 0)
     return value if isinstance(value, int) else 0
+
+
+class SshMirror:
+    """With several API workers (prometheus_client multiprocess mode) a custom collector would
+    show only the scraping worker's SSH state, so each worker copies its own into multiprocess
+    metrics every ``interval`` seconds instead: connections opened (a counter, summed over the
+    workers), sessions in use (summed; a worker that stops sets its share to 0) and the
+    per-process session limit (the largest). Same names, labels and meaning per host."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        runners: RunnerSource | None,
+        registry: CollectorRegistry,
+        interval: float = 2.0,
+    ) -> None:
+        self._source = SshCollector(settings, runners)
+        self._opened = Counter(
+            "broker_ssh_connections_opened",
+            "SSH connections this process opened to the cluster's login node, reconnects included",
+            ["cluster"],
+            registry=registry,
+        )
+        self._in_use = Gauge(
+            "broker_ssh_sessions_in_use",
+            "SSH sessions (channels) this process has open or opening on the cluster now",
+            ["cluster"],
+            registry=registry,
+            multiprocess_mode="sum",
+        )
+        self._max = Gauge(
+            "broker_ssh_sessions_max",
+            "Sessions this process may open at once on the cluster (clusters.NAME.max_sessions)",
+            ["cluster"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self._copied: dict[str, float] = {}
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ssh-metrics", daemon=True)
+        self.copy()
+        self._thread.start()
+
+    def copy(self) -> None:
+        for family in self._source.collect():
+            for sample in family.samples:
+                cluster = sample.labels["cluster"]
+                if family.name == "broker_ssh_connections_opened":
+                    before = self._copied.get(cluster, 0.0)
+                    if sample.value > before:
+                        self._opened.labels(cluster).inc(sample.value - before)
+                    else:
+                        self._opened.labels(cluster)
+                    self._copied[cluster] = max(before, sample.value)
+                elif family.name == "broker_ssh_sessions_in_use":
+                    self._in_use.labels(cluster).set(sample.value)
+                elif family.name == "broker_ssh_sessions_max":
+                    self._max.labels(cluster).set(sample.value)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.copy()
+            except Exception:
+                log.warning("metrics: cannot copy the SSH series", exc_info=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * self._interval)
+        for family in self._source.collect():
+            if family.name == "broker_ssh_sessions_in_use":
+                for sample in family.samples:
+                    self._in_use.labels(sample.labels["cluster"]).set(0)

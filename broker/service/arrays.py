@@ -50,15 +50,16 @@ _SUMMARY_BUCKET = {
 }
 
 
-def task_summary(job: JobRecord, states: Mapping[str, int]) -> TaskSummaryPublic:
-    """Counts by state of an array's tasks from ``states`` (task rows by state); tasks without
-    a row have not started: pending while the job lives (cancelled once it ended)."""
+def task_summary(size: int, job_state: str, states: Mapping[str, int]) -> TaskSummaryPublic:
+    """Counts by state of the ``size`` tasks of an array in ``job_state`` from ``states`` (task
+    rows by state); tasks without a row have not started: pending while the job lives
+    (cancelled once it ended)."""
     buckets: Counter[str] = Counter()
     for state, count in states.items():
         buckets[_SUMMARY_BUCKET.get(state, "other")] += count
-    total = job.array_size or 0
+    total = size
     unseen = max(0, total - sum(states.values()))
-    buckets["cancelled" if is_final(job.state) else "pending"] += unseen
+    buckets["cancelled" if is_final(job_state) else "pending"] += unseen
     return TaskSummaryPublic(
         total=total,
         pending=buckets["pending"],
@@ -84,7 +85,10 @@ def summaries(session: Session, jobs: Iterable[JobRecord]) -> dict[str, TaskSumm
     )
     for job_id, state, count in rows:
         counts[job_id][state] = int(count)
-    return {job_id: task_summary(job, counts[job_id]) for job_id, job in arrays.items()}
+    return {
+        job_id: task_summary(job.array_size or 0, job.state, counts[job_id])
+        for job_id, job in arrays.items()
+    }
 
 
 def task_public(task: JobTaskRecord) -> TaskPublic:

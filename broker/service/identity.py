@@ -9,16 +9,16 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from broker.clock import utcnow
 from broker.config import Settings
 from broker.db.models import MembershipRecord, ProjectRecord, TokenRecord, UserRecord
-from broker.errors import Conflict, Forbidden, NotFound, Unauthenticated
+from broker.errors import Conflict, Forbidden, NotFound, Unauthenticated, ValidationFailed
 from broker.schemas import (
     MePublic,
     TokenIssued,
@@ -47,6 +47,12 @@ class Actor:
     project_ids: frozenset[int]
     unix_user: str | None = None
     """The Unix account the caller's jobs run as (None: the caller cannot submit)."""
+    project_names: frozenset[str] | None = None
+    """Names of the projects in ``project_ids``, when resolved with them (None: not loaded)."""
+    token_id: str | None = None
+    """The API token the caller presented, if any."""
+    expires_at: datetime | None = None
+    """When the credential the caller presented stops being valid (None: never by itself)."""
 
     @property
     def is_admin(self) -> bool:
@@ -82,38 +88,73 @@ def hash_token(token: str) -> str:
 
 
 def authenticate(session: Session, token: str) -> Actor:
-    """Resolve a bearer token to its user, or raise ``Unauthenticated``."""
+    """Resolve a bearer token to its user, or raise ``Unauthenticated``.
+
+    One statement: the token, its user and the user's projects (one row per membership). A revoked
+    or expired token matches nothing. ``last_used_at`` is written here only when it is older than
+    ``LAST_USED_RESOLUTION``; the API's token cache records later uses in batches
+    (``broker.service.tokens``).
+    """
     if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         raise Unauthenticated("invalid token")
-    row = session.execute(
-        select(TokenRecord, UserRecord)
-        .join(UserRecord, UserRecord.id == TokenRecord.user_id)
-        .where(TokenRecord.token_hash == hash_token(token), TokenRecord.revoked_at.is_(None))
-    ).first()
-    if row is None:
-        raise Unauthenticated("invalid token")
-    token_row, user = row
     now = utcnow()
-    if token_row.last_used_at is None or now - token_row.last_used_at > LAST_USED_RESOLUTION:
-        token_row.last_used_at = now
-    project_ids = frozenset(
-        session.scalars(
-            select(MembershipRecord.project_id).where(MembershipRecord.user_id == user.id)
+    rows = session.execute(
+        select(
+            TokenRecord.id,
+            TokenRecord.last_used_at,
+            TokenRecord.expires_at,
+            UserRecord.id,
+            UserRecord.name,
+            UserRecord.role,
+            UserRecord.unix_user,
+            MembershipRecord.project_id,
+            ProjectRecord.name,
         )
-    )
+        .join(UserRecord, UserRecord.id == TokenRecord.user_id)
+        .outerjoin(MembershipRecord, MembershipRecord.user_id == UserRecord.id)
+        .outerjoin(ProjectRecord, ProjectRecord.id == MembershipRecord.project_id)
+        .where(
+            TokenRecord.token_hash == hash_token(token),
+            TokenRecord.revoked_at.is_(None),
+            or_(TokenRecord.expires_at.is_(None), TokenRecord.expires_at > now),
+        )
+    ).all()
+    if not rows:
+        raise Unauthenticated("invalid token")
+    token_id, last_used_at, expires_at, user_id, name, role, unix_user = rows[0][:7]
+    if last_used_at is None or now - last_used_at > LAST_USED_RESOLUTION:
+        session.execute(
+            update(TokenRecord).where(TokenRecord.id == token_id).values(last_used_at=now)
+        )
     return Actor(
-        user_id=user.id,
-        name=user.name,
-        role=user.role,
-        project_ids=project_ids,
-        unix_user=user.unix_user,
+        user_id=user_id,
+        name=name,
+        role=role,
+        project_ids=frozenset(row[7] for row in rows if row[7] is not None),
+        unix_user=unix_user,
+        project_names=frozenset(row[8] for row in rows if row[8] is not None),
+        token_id=token_id,
+        expires_at=expires_at,
     )
+
+
+def identity_changed(session: Session) -> None:
+    """Something a cached ``Actor`` holds changed in ``session``'s transaction (a token revoked,
+    a membership, a Unix account): once it commits, every process drops its cached actors.
+
+    This process drops them at commit; other processes on PostgreSQL hear of it through a
+    ``NOTIFY`` sent in the same transaction, so it reaches them exactly when the change is
+    visible (``broker.service.tokens``).
+    """
+    from broker.service import tokens
+
+    tokens.changed_in(session)
 
 
 def me(session: Session, actor: Actor) -> MePublic:
-    return MePublic(
-        name=actor.name, role=actor.role, projects=_project_names(session, actor.user_id)
-    )
+    names = actor.project_names
+    projects = sorted(names) if names is not None else _project_names(session, actor.user_id)
+    return MePublic(name=actor.name, role=actor.role, projects=projects)
 
 
 def _project_names(session: Session, user_id: int) -> list[str]:
@@ -203,6 +244,8 @@ def patch_user(
         check_unix_user(settings, body.unix_user)
     old = user.unix_user
     user.unix_user = body.unix_user
+    if old != body.unix_user:
+        identity_changed(session)
     audit.record(
         session, actor_name, "user.patch", "user", name, {"unix_user": [old, body.unix_user]}
     )
@@ -234,9 +277,17 @@ def issue_token(
     user_name: str,
     description: str,
     token_bytes: int = 32,
+    expires_at: datetime | None = None,
 ) -> TokenIssued:
-    """A new token for ``user_name`` (admins; see ``admin_name``), shown in this answer only."""
+    """A new token for ``user_name`` (admins; see ``admin_name``), shown in this answer only.
+
+    With ``expires_at`` (in the future) the token stops authenticating at that time."""
     actor_name = admin_name(actor)
+    if expires_at is not None and expires_at <= utcnow():
+        raise ValidationFailed(
+            "expires_at is not in the future",
+            [{"field": "expires_at", "message": "must be a time in the future"}],
+        )
     user = get_user_record(session, user_name)
     token = TOKEN_PREFIX + secrets.token_urlsafe(token_bytes)
     record = TokenRecord(
@@ -245,19 +296,20 @@ def issue_token(
         token_hash=hash_token(token),
         description=description,
         created_at=utcnow(),
+        expires_at=expires_at,
     )
     session.add(record)
     session.flush()
-    audit.record(
-        session,
-        actor_name,
-        "token.issue",
-        "token",
-        f"{user_name}/{record.id}",
-        {"description": description},
-    )
+    details: dict[str, str] = {"description": description}
+    if expires_at is not None:
+        details["expires_at"] = expires_at.isoformat()
+    audit.record(session, actor_name, "token.issue", "token", f"{user_name}/{record.id}", details)
     return TokenIssued(
-        id=record.id, token=token, description=description, created_at=record.created_at
+        id=record.id,
+        token=token,
+        description=description,
+        created_at=record.created_at,
+        expires_at=expires_at,
     )
 
 
@@ -275,6 +327,7 @@ def list_tokens(session: Session, actor: Actor, user_name: str) -> TokensPublic:
                 created_at=t.created_at,
                 last_used_at=t.last_used_at,
                 revoked=t.revoked_at is not None,
+                expires_at=t.expires_at,
             )
             for t in rows
         ]
@@ -290,4 +343,5 @@ def revoke_token(session: Session, actor: Actor | str, user_name: str, token_id:
     if token is None or token.revoked_at is not None:
         raise NotFound(f"token {token_id} of {user_name} does not exist")
     token.revoked_at = utcnow()
+    identity_changed(session)
     audit.record(session, actor_name, "token.revoke", "token", f"{user_name}/{token_id}")

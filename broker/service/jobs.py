@@ -154,7 +154,7 @@ def job_public(
     """The API's view of a job; ``tasks``: an array's task summary (``arrays.summaries``), else
     an array is shown with no task started; ``position``: a queued job's place in its queue."""
     if job.array_size and tasks is None:
-        tasks = arrays.task_summary(job, {})
+        tasks = arrays.task_summary(job.array_size, job.state, {})
     return JobPublic(
         id=job.id,
         project=project,

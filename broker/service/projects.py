@@ -23,7 +23,7 @@ from broker.schemas import (
     UsagePublic,
 )
 from broker.service import audit, ledger
-from broker.service.identity import Actor, get_user_record
+from broker.service.identity import Actor, get_user_record, identity_changed
 from quotas import budget_gpu_seconds, gpu_hours
 
 
@@ -132,6 +132,7 @@ def put_member(
                 project_id=project.id, user_id=user.id, role=body.role, created_at=utcnow()
             )
         )
+        identity_changed(session)
     else:
         membership.role = body.role
     audit.record(
@@ -153,6 +154,7 @@ def remove_member(session: Session, actor: Actor, project_name: str, user_name: 
     if membership is None:
         raise NotFound(f"{user_name} is not a member of {project_name}")
     session.delete(membership)
+    identity_changed(session)
     audit.record(session, actor.name, "member.remove", "project", project.name, {"user": user.name})
 
 

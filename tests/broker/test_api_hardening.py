@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from broker.api import deps
 from broker.api.app import create_app
+from broker.db.engine import transaction
 from broker.service import identity
 from tests.broker.harness import Env, build_env
 from tests.broker.http_api import problem, token
@@ -261,6 +262,47 @@ def test_one_bad_token_repeated_is_limited_by_its_own_bucket(
     bad = {"Authorization": "Bearer brk_stolen-and-revoked"}
     statuses = [api.get("/v1/me", headers=bad).status_code for _ in range(8)]
     assert statuses[:5] == [401] * 5 and set(statuses[5:]) == {429}
+
+
+def test_a_revoked_token_flooding_is_refused_without_look_ups_once_the_address_bucket_is_empty(
+    limited: tuple[TestClient, Env], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api, env = limited
+    with transaction(env.runtime.sessions) as session:
+        issued = identity.issue_token(session, "test", "alice", "soon revoked")
+    bearer = {"Authorization": f"Bearer {issued.token}"}
+    assert api.get("/v1/me", headers=bearer).status_code == 200  # known now
+    with transaction(env.runtime.sessions) as session:
+        identity.revoke_token(session, "test", "alice", issued.id)
+    lookups = []
+    real_authenticate = identity.authenticate
+
+    def counting_authenticate(session: Any, presented: str) -> Any:
+        lookups.append(presented)
+        return real_authenticate(session, presented)
+
+    monkeypatch.setattr(deps, "authenticate", counting_authenticate)
+    statuses = [api.get("/v1/me", headers=bearer).status_code for _ in range(12)]
+    assert statuses[:5] == [401] * 5 and set(statuses[5:]) == {429}
+    assert len(lookups) == 5
+
+
+def test_a_removed_member_loses_the_projects_jobs_at_once_with_the_token_cached(
+    api: TestClient, env: Env
+) -> None:
+    alice, admin = token(env, "alice"), token(env, "root")
+    body = {"project": "climate", "script": "#!/bin/bash\ntrue", "gpus": 1, "time_limit_minutes": 5}
+    body["cluster"] = "alpha"
+    created = api.post("/v1/jobs", json=body, headers=alice)
+    assert created.status_code == 201, created.text
+    job = created.json()
+    for _ in range(3):  # alice's actor is cached
+        assert api.get(f"/v1/jobs/{job['id']}", headers=alice).status_code == 200
+    assert api.get("/v1/me", headers=alice).json()["projects"] == ["climate"]
+    assert api.delete("/v1/projects/climate/members/alice", headers=admin).status_code == 204
+    problem(api.get(f"/v1/jobs/{job['id']}", headers=alice), 404, "not-found")
+    assert api.get("/v1/jobs", params={"project": "climate"}, headers=alice).json()["data"] == []
+    assert api.get("/v1/me", headers=alice).json()["projects"] == []
 
 
 # --- one unit-of-work convention: roles checked in the services, writes all-or-nothing -------

@@ -278,7 +278,7 @@ def test_a_job_claimed_by_an_earlier_pass_counts_against_the_limit(env: Env) -> 
     # runs: the claimed job holds the only pending slot.
     with env.runtime.sessions() as session:
         project_id = session.get_one(JobRecord, first.id).project_id
-    claimed = env.runtime.queue._claim(project_id, set(), None)  # noqa: SLF001 - half a pass
+    claimed = env.runtime.queue._claim(project_id, set(), None)
     assert list(claimed) == [waiting[0].id]
     env.runtime.queue.release()  # a second pass, before the first one's sbatch
     assert get(env, waiting[1]).state == "queued"

@@ -818,6 +818,27 @@ def test_user_token_prints_the_token_once_issued(broker: FakeBroker, cli: typer.
     assert ["token", "brk_abcdef"] in [line.split() for line in result.stdout.splitlines()]
 
 
+def test_user_token_with_an_expiry_sends_it_and_prints_it(
+    broker: FakeBroker, cli: typer.Typer
+) -> None:
+    issued = {
+        "id": "t2",
+        "token": "brk_short",
+        "description": "",
+        "created_at": "2027-01-01T00:00:00Z",
+        "expires_at": "2027-02-01T00:00:00Z",
+    }
+    broker.on("POST", "/v1/users/alice/tokens", 201, issued)
+
+    result = run(cli, "user", "token", "alice", "--expires-at", "2027-02-01T00:00:00Z")
+
+    assert result.exit_code == 0
+    assert body_of(broker.last) == {"expires_at": "2027-02-01T00:00:00Z"}
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert ["expires_at", "2027-02-01T00:00:00Z"] in lines
+    assert ["token", "brk_short"] in lines
+
+
 def test_user_revoke(broker: FakeBroker, cli: typer.Typer) -> None:
     broker.on("DELETE", "/v1/users/alice/tokens/t1", 204)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response
+from starlette.concurrency import run_in_threadpool
 
 from broker.api.deps import CurrentActor, RuntimeDep
 from broker.api.problems import COMMON, responses
@@ -46,7 +47,7 @@ def submit_job(
 
 
 @router.get("", response_model=JobsPublic)
-def list_jobs(
+async def list_jobs(
     actor: CurrentActor,
     runtime: RuntimeDep,
     project: str | None = None,
@@ -60,12 +61,14 @@ def list_jobs(
     limits = runtime.settings.limits
     page = min(limit or limits.default_list_limit, limits.max_list_limit)
     where = JobFilter(project=project, state=state, cluster=cluster, user=user)
-    return runtime.jobs.list(actor, where, page, cursor)
+    return await run_in_threadpool(runtime.job_reads.list, actor, where, page, cursor)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: str, actor: CurrentActor, runtime: RuntimeDep) -> JobPublic:
-    return runtime.jobs.get(actor, job_id)
+async def get_job(job_id: str, actor: CurrentActor, runtime: RuntimeDep) -> JobPublic:
+    # async with one worker-thread hop for the query: a sync route would take two (the route,
+    # then FastAPI's check of its answer), each a context switch under load.
+    return await run_in_threadpool(runtime.job_reads.get, actor, job_id)
 
 
 @router.delete("/{job_id}", status_code=202, response_model=JobPublic)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, BackgroundTasks, Response
+from starlette.concurrency import run_in_threadpool
 
 from broker.api.deps import CurrentActor, RuntimeDep, SessionDep, TransactionDep
 from broker.api.problems import COMMON, responses
+from broker.runtime import Runtime
 from broker.schemas import (
     MePublic,
     TokenCreate,
@@ -17,13 +19,21 @@ from broker.schemas import (
     UsersPublic,
 )
 from broker.service import identity
+from broker.service.identity import Actor
 
 router = APIRouter(tags=["users"], responses=responses(*COMMON, 409))
 
 
 @router.get("/v1/me", response_model=MePublic)
-def whoami(actor: CurrentActor, session: SessionDep) -> MePublic:
-    return identity.me(session, actor)
+async def whoami(actor: CurrentActor, runtime: RuntimeDep) -> MePublic:
+    if actor.project_names is not None:  # resolved with the token: nothing to read
+        return MePublic(name=actor.name, role=actor.role, projects=sorted(actor.project_names))
+    return await run_in_threadpool(_me, runtime, actor)
+
+
+def _me(runtime: Runtime, actor: Actor) -> MePublic:
+    with runtime.sessions() as session:
+        return identity.me(session, actor)
 
 
 @router.post("/v1/users", status_code=201, response_model=UserPublic)
@@ -70,9 +80,14 @@ def issue_token(
     session: TransactionDep,
     runtime: RuntimeDep,
 ) -> TokenIssued:
-    """The token is in this response and never again."""
+    """The token is in this response and never again; with ``expires_at`` it stops working then."""
     return identity.issue_token(
-        session, actor, name, body.description, runtime.settings.auth.token_bytes
+        session,
+        actor,
+        name,
+        body.description,
+        runtime.settings.auth.token_bytes,
+        expires_at=body.expires_at,
     )
 
 
