@@ -196,10 +196,12 @@ def _charge(session: Session, row: ForeignJobRecord, record: JobStatus) -> None:
     started = record.start_time
     elapsed = 0 if started is None else (record.elapsed_s or 0)
     alloc = record.alloc_gpus or 0
+    before = ledger.Charge.of(row)
     row.alloc_gpus, row.elapsed_s = alloc, elapsed
     row.started_at = row.started_at or started
     row.ended_at = record.end_time
     row.charged_gpu_seconds = charge_gpu_seconds(alloc, elapsed, weight)
+    ledger.foreign_charged(session, row, before)
     log.info(
         "foreign job %s on %s (%s) charged %d GPU-s",
         row.slurm_job_id,

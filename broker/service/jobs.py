@@ -433,6 +433,7 @@ class JobService:
         )
         session.add(job)
         session.flush()  # the job row must exist before its first event references it
+        ledger.admitted(session, job)
         session.add(
             JobEventRecord(
                 job_id=job_id,

@@ -650,8 +650,10 @@ class Poller:
                         reason=f"charge corrected from {charged} to {corrected} GPU-s by sacct",
                     )
                 )
+                before = ledger.Charge.of(job)
                 job.charged_gpu_seconds = corrected
                 job.updated_at = now
+                ledger.charge_corrected(session, job, before)
                 done += 1
         return done
 

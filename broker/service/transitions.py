@@ -53,7 +53,8 @@ def settle(
     lock: bool = True,
     **fields: Any,
 ) -> bool:
-    """Finish ``job``: release its whole reservation and charge what it used, in one step.
+    """Finish ``job``: release its whole reservation and charge what it used, in one step, with
+    the ledger's totals (``ledger.settled``) in the same transaction.
 
     Takes the project's ledger lock unless the caller already holds it (``lock=False``).
     Returns False (and changes nothing) if the job was already final.
@@ -82,6 +83,7 @@ def settle(
         charge_gpu_seconds,
         job.reserved_gpu_seconds,
     )
+    released, before = job.reserved_gpu_seconds, ledger.Charge.of(job)
     job.state = final.value
     job.state_reason = reason
     job.reserved_gpu_seconds = 0
@@ -93,4 +95,5 @@ def settle(
         fields.pop("ended_at", None)
     for key, value in fields.items():
         setattr(job, key, value)
+    ledger.settled(session, job, released, before)
     return True
