@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TypeAlias
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -178,6 +179,41 @@ def own_status(
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class JobIdentity:
+    """A broker job's columns that tell its Slurm record from another job's."""
+
+    job_id: str
+    tag: str
+    name: str
+    submitted_at: datetime
+    account: str
+    unix_user: str | None
+
+    def status(self, slurm_job_id: str, report: StatusReport) -> JobStatus | None:
+        return own_status(
+            self.job_id,
+            self.tag,
+            self.name,
+            self.submitted_at,
+            slurm_job_id,
+            report,
+            account=self.account,
+            unix_user=self.unix_user,
+        )
+
+
+Applied: TypeAlias = tuple[JobState, str | None, datetime | None]
+"""What ``Poller._apply`` reads of a live job's status: its state, reason and (once running)
+start time. Elapsed time and the scheduler's estimated start change every cycle and change
+nothing in the job's row while it is live."""
+
+
+def _applied(status: JobStatus) -> Applied:
+    state = from_slurm(status.state)
+    return state, status.reason, status.start_time if state == JobState.RUNNING else None
+
+
 def _may_settle(job: JobRecord, status: JobStatus | None, threshold: int) -> bool:
     if status is None:
         return job.missing_polls + 1 >= threshold
@@ -198,6 +234,13 @@ class Poller:
         self._settings = settings
         self._observer: BrokerObserver = observer or NullObserver()
         self._drift_checked: dict[str, float] = {}
+        self._applied: dict[str, dict[str, Applied]] = {}
+        """Per cluster: job id -> what of Slurm's status was last applied to it and committed."""
+        self._identities: dict[str, dict[str, JobIdentity]] = {}
+        """Per cluster: job id -> the columns ``own_status`` matches on (fixed once the job has a
+        Slurm id)."""
+        self._held_until: dict[str, float] = {}
+        """Per cluster: until when (monotonic) the lease was surely held since the last cycle."""
 
     def poll(self, cluster: str, fence: Fence | None = None) -> CycleReport:
         """One cycle of ``cluster``. With a ``fence``, every write proves the lease is still held
@@ -208,6 +251,10 @@ class Poller:
         try:
             if fence is not None:
                 fence.renew()
+                if started > self._held_until.get(cluster, 0.0):
+                    # The lease may have lapsed since this process last polled: another one may
+                    # have changed the jobs, so what was applied is read again from the rows.
+                    self.forget(cluster)
             client = self._clusters.client(cluster)
             self._follow(cluster, report, fence)
             self._reconcile(cluster, report, fence)
@@ -223,6 +270,13 @@ class Poller:
         except LeaseLost:
             report.ok, report.lease_lost, report.error = False, True, "poller lease lost"
         report.duration_s = time.monotonic() - started
+        if fence is not None:
+            if report.lease_lost:
+                self.forget(cluster)
+                self._held_until.pop(cluster, None)
+            else:
+                # Renewed at the start of the cycle: held until then + its TTL, at least.
+                self._held_until[cluster] = started + fence.ttl_seconds
         if not report.lease_lost:
             try:
                 self._record_cluster(report, capacity, fence)
@@ -230,6 +284,11 @@ class Poller:
                 report.ok, report.lease_lost, report.error = False, True, "poller lease lost"
         self._report(report)
         return report
+
+    def forget(self, cluster: str) -> None:
+        """Drop what this process remembers of ``cluster``'s jobs: the next cycle loads and
+        applies every followed job again, as the first cycle after a start does."""
+        self._applied.pop(cluster, None)
 
     @contextmanager
     def _write(self, fence: Fence | None) -> Iterator[Session]:
@@ -310,26 +369,37 @@ class Poller:
         report: CycleReport,
         fence: Fence | None,
     ) -> None:
+        """Apply Slurm's statuses to the followed jobs whose status changed since it was last
+        applied (and to every job with no status or a final one, which counts or settles).
+
+        Which status is a job's (``own_status``) is decided from columns that do not change once
+        the job has a Slurm id, kept per job id, so an unchanged queue costs no job rows at all:
+        only the changed jobs are loaded, locked and written.
+        """
         threshold = self._settings.poller.missing_polls_before_unknown
+        identities = self._identities_of(cluster, followed)
+        applied = self._applied.setdefault(cluster, {})
+        for job_id in [j for j in applied if j not in followed]:
+            del applied[job_id]
+        seen: dict[str, JobStatus | None] = {}
+        for job_id, slurm_job_id in followed.items():
+            found = identities[job_id].status(slurm_job_id, status)
+            unchanged = (
+                found is not None
+                and not from_slurm(found.state).is_final
+                and applied.get(job_id) == _applied(found)
+            )
+            if not unchanged:
+                seen[job_id] = found
+        if not seen:
+            return
+        done: dict[str, Applied] = {}
         with self._write(fence) as session:
             jobs = list(
                 session.scalars(
-                    select(JobRecord).where(JobRecord.id.in_(followed)).order_by(JobRecord.id)
+                    select(JobRecord).where(JobRecord.id.in_(seen)).order_by(JobRecord.id)
                 )
             )
-            seen = {
-                job.id: own_status(
-                    job.id,
-                    job.tag,
-                    job.name,
-                    job.submitted_at,
-                    followed[job.id],
-                    status,
-                    account=job.account,
-                    unix_user=job.unix_user,
-                )
-                for job in jobs
-            }
             settling = sorted(
                 {job.project_id for job in jobs if _may_settle(job, seen[job.id], threshold)}
             )
@@ -339,17 +409,47 @@ class Poller:
                 if is_final(job.state) or job.slurm_job_id != followed[job.id]:
                     continue  # changed since it was read (a cancel settled it, a resubmit)
                 part = CycleReport(cluster=cluster)
+                found = seen[job.id]
                 try:
                     with session.begin_nested():
-                        self._apply(session, job, seen[job.id], part, threshold)
+                        self._apply(session, job, found, part, threshold)
                 except Exception:
                     # One job's bad data (a value its column refuses, a bug) must not stop the
                     # cycle for the others: its savepoint is rolled back, it is tried again next
                     # cycle.
                     report.failed_jobs += 1
                     log.exception("job %s: applying Slurm's status failed; skipped", job.id)
+                    applied.pop(job.id, None)
                     continue
                 report.add(part)
+                if found is not None and not is_final(job.state):
+                    done[job.id] = _applied(found)
+        # Committed: these jobs now show what was applied (a rollback leaves them to be re-read).
+        applied.update(done)
+
+    def _identities_of(self, cluster: str, followed: dict[str, str]) -> dict[str, JobIdentity]:
+        """The matching columns of the followed jobs, read once per job (in one query)."""
+        known = self._identities.setdefault(cluster, {})
+        for job_id in [j for j in known if j not in followed]:
+            del known[job_id]
+        new = [job_id for job_id in followed if job_id not in known]
+        if new:
+            with self._sessions() as session:
+                for offset in range(0, len(new), 1000):
+                    for row in session.execute(
+                        select(
+                            JobRecord.id,
+                            JobRecord.tag,
+                            JobRecord.name,
+                            JobRecord.submitted_at,
+                            JobRecord.account,
+                            JobRecord.unix_user,
+                        ).where(JobRecord.id.in_(new[offset : offset + 1000]))
+                    ):
+                        known[row.id] = JobIdentity(
+                            row.id, row.tag, row.name, row.submitted_at, row.account, row.unix_user
+                        )
+        return {job_id: known[job_id] for job_id in followed if job_id in known}
 
     def _apply(
         self,

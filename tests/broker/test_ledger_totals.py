@@ -9,6 +9,7 @@ rows give when recomputed from scratch (``ledger.check``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -35,9 +36,7 @@ PROJECTS = ("climate", "other")
 @pytest.fixture
 def env() -> Iterator[Env]:
     with throwaway_database("broker_totals") as url:
-        environment = build_env(
-            url, gpu_hours=60.0, identity_settings={"foreign_jobs": "charge"}
-        )
+        environment = build_env(url, gpu_hours=60.0, identity_settings={"foreign_jobs": "charge"})
         yield environment
         environment.runtime.close()
 
@@ -214,12 +213,10 @@ def test_the_totals_equal_the_rows_after_any_history(env: Env, history: list[Ste
             if step.outcome == "refused":
                 fake.refuse_next_submit = "Requested node configuration is not available"
             fake.lose_next_submit_answer = step.outcome == "lost"
-            try:
+            with contextlib.suppress(QuotaExceeded, SubmitRejected):
                 env.runtime.jobs.submit(
                     actors[project], _body(project, cluster, step.gpus, step.minutes), None
                 )
-            except (QuotaExceeded, SubmitRejected):
-                pass
             fake.refuse_next_submit, fake.lose_next_submit_answer = None, False
             if step.outcome == "lost":
                 _poll_all(env)  # the reconciler finds it by its tag
