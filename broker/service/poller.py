@@ -191,6 +191,9 @@ class JobIdentity:
     unix_user: str | None
 
     def status(self, slurm_job_id: str, report: StatusReport) -> JobStatus | None:
+        current = report.found.get(slurm_job_id)
+        if current is not None and current.tag == self.tag:
+            return current  # what own_status finds first, without its other checks
         return own_status(
             self.job_id,
             self.tag,
