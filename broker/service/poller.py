@@ -3,7 +3,10 @@ retry pending cancels, check charges against sacct, and snapshot capacity.
 
 A cycle runs one batched ``statuses`` (one squeue, plus one sacct for jobs that left the queue),
 whatever the number of jobs. When the cluster cannot be reached nothing is changed: a job is never
-finalised because its cluster is down.
+finalised because its cluster is down. Only the jobs whose status changed since it was last applied
+(or that Slurm no longer shows, or that ended) are loaded and written: the poller remembers what it
+applied, per cluster, and forgets it when its lease was lost or may have lapsed, so the first cycle
+after that (or after a start) reads and applies every followed job again.
 
 Money rules: a job is settled from a sacct record that knows when the job ended (after a slurmdbd
 restart sacct may say ``COMPLETED`` with ``End=Unknown`` for a while); no charge exceeds the job's
