@@ -399,6 +399,10 @@ class Poller:
                 seen[job_id] = found
         if not seen:
             return
+        for job_id in seen:
+            # Whatever happens to it now (a missing poll counted, a rollback), the row may no
+            # longer show what was last applied: it is compared again only once re-applied.
+            applied.pop(job_id, None)
         done: dict[str, Applied] = {}
         with self._write(fence) as session:
             jobs = list(
@@ -425,7 +429,6 @@ class Poller:
                     # cycle.
                     report.failed_jobs += 1
                     log.exception("job %s: applying Slurm's status failed; skipped", job.id)
-                    applied.pop(job.id, None)
                     continue
                 report.add(part)
                 if found is not None and not is_final(job.state):

@@ -13,6 +13,7 @@ from broker.db.models import JobRecord
 from broker.scheduler import LEASE_NAME
 from broker.schemas import JobCreate
 from broker.service import lease
+from broker.service.jobs import JobFilter
 from tests.broker.harness import Env, build_env
 
 
@@ -121,3 +122,18 @@ def test_after_a_lapsed_lease_every_job_is_read_again(env: Env) -> None:
         assert loads.take()[0] == 3
     finally:
         loads.close()
+
+
+def test_a_job_seen_again_after_a_missing_poll_has_its_count_reset(env: Env) -> None:
+    (slurm_id,) = _submit(env, 1)
+    poller, fake = env.runtime.poller, env.slurm["alpha"]
+    threshold = env.runtime.settings.poller.missing_polls_before_unknown
+    poller.poll("alpha")
+    for _ in range(3):  # missing for one cycle less than the threshold, then back: not lost
+        fake.jobs[slurm_id].in_squeue = fake.jobs[slurm_id].in_sacct = False
+        for _ in range(threshold - 1):
+            assert poller.poll("alpha").settled == {}
+        fake.jobs[slurm_id].in_squeue = fake.jobs[slurm_id].in_sacct = True
+        assert poller.poll("alpha").settled == {}
+    (job,) = env.runtime.jobs.list(env.alice, JobFilter(project="climate"), 10, None).data
+    assert job.state == "pending"
