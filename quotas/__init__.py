@@ -3,7 +3,7 @@
 ``decide`` admits or refuses a job request against a project's policy and ledger, and the rounding
 rules of reservations and charges live in ``quotas.policy``; ``quotas.periods`` says which part of a
 finished job's charge belongs to which allocation period. The ledger itself is the broker's
-(``broker.service.ledger``), derived from its job rows.
+(``broker.service.ledger``): defined by its job rows, kept as running totals beside them.
 """
 
 from quotas.periods import charged_before, charged_within, split_charge

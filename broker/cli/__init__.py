@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import typer
 
-from broker.cli import client, server
+from broker.cli import client, ledger, server
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 server.register(app)
+ledger.register(app)
 client.register(app)
 
 

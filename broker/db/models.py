@@ -1,9 +1,10 @@
 """The broker's tables. Rows never leave the service layer; the API sees schemas.
 
-Quota amounts are integer weighted GPU-seconds (see ``quotas.types``): a project's ledger is derived
-from its job rows (``charged_gpu_seconds`` of finished jobs, ``reserved_gpu_seconds`` of live ones),
-so there is no second counter that could drift from the jobs it summarises. The project row is the
-lock that serialises admission (see ``broker.service.ledger``).
+Quota amounts are integer weighted GPU-seconds (see ``quotas.types``). A project's ledger is
+defined by its job rows (``charged_gpu_seconds`` of finished jobs, ``reserved_gpu_seconds`` of live
+ones) and kept as running totals (``LedgerUsedRecord``, ``LedgerLiveRecord``, ``JobTotalRecord``)
+that every change to those columns updates in the same transaction, under the project row's lock,
+which also serialises admission (see ``broker.service.ledger``, which can recompute and check them).
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ class JobRecord(Base):
         Index("ix_jobs_project_ended", "project_id", "ended_at"),
         Index("ix_jobs_project_state_submitted", "project_id", "state", "submitted_at", "id"),
         Index("ix_jobs_tag", "tag", unique=True),
+        Index("ix_jobs_state", "state"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -252,6 +254,54 @@ class JobTaskRecord(Base):
     elapsed_s: Mapped[int | None]
     charged_gpu_seconds: Mapped[int | None] = mapped_column(BigInteger)
     """Set once the task is final by its own sacct record (or given up on)."""
+
+
+class LedgerUsedRecord(Base):
+    """What a project used in its quota's current period, by cluster, GPU type and user: the sum of
+    ``quotas.charged_within`` over its finished jobs for that period. ``user_id`` 0 (``gpu_type``
+    empty) holds its foreign jobs' charges (``ForeignJobRecord``). Rebuilt when the period changes.
+    """
+
+    __tablename__ = "ledger_used"
+
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True
+    )
+    cluster: Mapped[str] = mapped_column(String(64), primary_key=True)
+    gpu_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    used_gpu_seconds: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class LedgerLiveRecord(Base):
+    """What a project's live jobs hold on a cluster: reservations and GPUs."""
+
+    __tablename__ = "ledger_live"
+
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True
+    )
+    cluster: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reserved_gpu_seconds: Mapped[int] = mapped_column(BigInteger, default=0)
+    live_gpus: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class JobTotalRecord(Base):
+    """Totals of a project's finished jobs by cluster, GPU type and final state (for /metrics)."""
+
+    __tablename__ = "job_totals"
+
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True
+    )
+    cluster: Mapped[str] = mapped_column(String(64), primary_key=True)
+    gpu_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), primary_key=True)
+    jobs: Mapped[int] = mapped_column(BigInteger, default=0)
+    gpus: Mapped[int] = mapped_column(BigInteger, default=0)
+    charged_gpu_seconds: Mapped[int] = mapped_column(BigInteger, default=0)
+    gpu_seconds: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Sum of allocated GPUs x elapsed seconds, as Slurm reported them."""
 
 
 class JobEventRecord(Base):

@@ -1,5 +1,7 @@
-"""The broker's state as the scrape-time series need it, read from the database in five queries
-whatever the number of jobs: ledgers of the current periods, job totals, cluster snapshots."""
+"""The broker's state as the scrape-time series need it, read from the database in a few queries
+whose cost does not grow with the number of finished jobs: the ledger's totals, the finished jobs'
+totals (both kept by ``broker.service.ledger``), the live jobs (by the state index), and cluster
+snapshots."""
 
 from __future__ import annotations
 
@@ -7,12 +9,13 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, literal_column, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from broker.db.models import (
     ClusterStatusRecord,
     JobRecord,
+    JobTotalRecord,
     LeaseRecord,
     ProjectRecord,
     QuotaRecord,
@@ -81,16 +84,8 @@ def read_state(session: Session) -> DatabaseState:
         projects[project_id] = name
         project_clusters[name] = frozenset(accounts or {})
 
-    # Both job queries read every row once. On SQLite a bare project_id lets the planner walk an
-    # ix_jobs_project_* index and fetch each row by rowid, which takes twice as long as reading
-    # the table; the no-op "+ 0" keeps it on a table scan. PostgreSQL plans it the same either way.
-    project_key = JobRecord.project_id + literal_column("0")
-
-    # The ledger of the current period: the same sums as broker.service.ledger.snapshot, for every
-    # project at once (jobs submitted in the quota's period; reserved is what they still hold).
     # The ledger of the current period, as broker.service.ledger.snapshot counts it, for every
-    # project at once: the part of each charge run inside the quota's period, and what live jobs
-    # still hold whenever they were submitted.
+    # project at once, from the ledger's totals.
     period_sums = ledger.current_periods(session)
     ledgers = {name: ProjectLedger() for name in projects.values()}
     for project_id, start, end, budget in session.execute(
@@ -108,9 +103,16 @@ def read_state(session: Session) -> DatabaseState:
         ledgers[name] = ProjectLedger(budget, used, reserved, start, end)
 
     groups: dict[tuple[str, str, str, str], JobGroup] = {}
+    # Finished jobs from their kept totals; live ones (a bounded few) from their rows.
+    for row in session.scalars(select(JobTotalRecord).where(JobTotalRecord.jobs != 0)):
+        name = projects.get(row.project_id)
+        if name is not None:
+            groups[(name, row.cluster, row.gpu_type, row.state)] = JobGroup(
+                int(row.jobs), int(row.gpus), int(row.charged_gpu_seconds), int(row.gpu_seconds)
+            )
     for project_id, cluster, gpu_type, state, jobs, gpus, charged, gpu_seconds in session.execute(
         select(
-            project_key,
+            JobRecord.project_id,
             JobRecord.cluster,
             JobRecord.gpu_type,
             JobRecord.state,
@@ -118,7 +120,9 @@ def read_state(session: Session) -> DatabaseState:
             func.coalesce(func.sum(JobRecord.gpus), 0),
             func.coalesce(func.sum(JobRecord.charged_gpu_seconds), 0),
             func.coalesce(func.sum(JobRecord.alloc_gpus * JobRecord.elapsed_s), 0),
-        ).group_by(project_key, JobRecord.cluster, JobRecord.gpu_type, JobRecord.state)
+        )
+        .where(JobRecord.state.in_(ledger.LIVE_STATES))
+        .group_by(JobRecord.project_id, JobRecord.cluster, JobRecord.gpu_type, JobRecord.state)
     ):
         name = projects.get(project_id)
         if name is not None:

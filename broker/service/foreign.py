@@ -94,6 +94,14 @@ def apply(
             )
         )
     }
+    unknown = [
+        job.job_id
+        for job in status.others
+        if job.account in accounts
+        and not (job.tag in ours and ours[job.tag] in (None, job.job_id))
+        and job.job_id not in known
+    ]
+    closed = _closed(session, name, unknown)
     for job in status.others:
         if job.account not in accounts:
             continue
@@ -101,7 +109,7 @@ def apply(
             continue
         row = known.get(job.job_id)
         if row is None:
-            if _closed(session, name, job.job_id):
+            if job.job_id in closed:
                 continue
             row = _record(session, cluster, action, job, accounts[job.account])
             known[job.job_id] = row
@@ -135,15 +143,20 @@ def apply(
     return work
 
 
-def _closed(session: Session, cluster: str, slurm_job_id: str) -> bool:
-    return (
-        session.scalar(
-            select(ForeignJobRecord.id).where(
-                ForeignJobRecord.cluster == cluster, ForeignJobRecord.slurm_job_id == slurm_job_id
+def _closed(session: Session, cluster: str, slurm_job_ids: list[str]) -> set[str]:
+    """Those of ``slurm_job_ids`` already recorded (and closed) as foreign jobs, in one query per
+    thousand ids."""
+    closed: set[str] = set()
+    for offset in range(0, len(slurm_job_ids), 1000):
+        closed.update(
+            session.scalars(
+                select(ForeignJobRecord.slurm_job_id).where(
+                    ForeignJobRecord.cluster == cluster,
+                    ForeignJobRecord.slurm_job_id.in_(slurm_job_ids[offset : offset + 1000]),
+                )
             )
         )
-        is not None
-    )
+    return closed
 
 
 def _record(
@@ -196,10 +209,12 @@ def _charge(session: Session, row: ForeignJobRecord, record: JobStatus) -> None:
     started = record.start_time
     elapsed = 0 if started is None else (record.elapsed_s or 0)
     alloc = record.alloc_gpus or 0
+    before = ledger.Charge.of(row)
     row.alloc_gpus, row.elapsed_s = alloc, elapsed
     row.started_at = row.started_at or started
     row.ended_at = record.end_time
     row.charged_gpu_seconds = charge_gpu_seconds(alloc, elapsed, weight)
+    ledger.foreign_charged(session, row, before)
     log.info(
         "foreign job %s on %s (%s) charged %d GPU-s",
         row.slurm_job_id,

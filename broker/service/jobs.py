@@ -599,6 +599,7 @@ class JobService:
             reason = f"{reason}; queued: {waits.message}"
         session.add(job)
         session.flush()  # the job row must exist before its first event references it
+        ledger.admitted(session, job)
         session.add(
             JobEventRecord(
                 job_id=job_id, at=now, from_state=None, to_state=job.state, reason=reason

@@ -1,45 +1,64 @@
-"""A project's quota ledger, derived from its job rows, and the lock that serialises admission.
+"""A project's quota ledger: running totals kept with the job rows, and the lock that serialises
+admission.
 
 Reserved = what the project's live jobs still hold, whenever they were submitted (a job admitted in
 the last period and still running holds its reservation in this one). Used in a period = the part of
 each finished job's charge that it ran inside the period (``quotas.periods``): a job that straddles
-the period's start charges only what it ran after it, the rest stays with the period before.
+the period's start charges only what it ran after it, the rest stays with the period before; plus
+the whole charge of each foreign job that ended inside it.
 
-Both are read from the job rows (``reserved_gpu_seconds``, ``charged_gpu_seconds``, ``started_at``,
-``ended_at``), so the ledger cannot drift from the jobs. Jobs that ran wholly inside a window are
-summed by the database; only the few whose run crosses one of its ends (at most the jobs that were
-running at that instant) are read and split here, with the same exact arithmetic everywhere. Every
-change to those columns happens in a transaction that first takes ``lock_project``.
+The job rows (``reserved_gpu_seconds``, ``charged_gpu_seconds``, ``started_at``, ``ended_at``) and
+foreign job rows define the ledger. Reading it from them costs a pass over every job that ended in
+the period, so it is also kept as totals (``ledger_used`` for the quota's current period by
+cluster, GPU type and user; ``ledger_live`` for reservations and GPUs held, by cluster;
+``job_totals`` for finished jobs by state, which /metrics reads). Every change to those columns
+calls one of the functions here in the same transaction, under ``lock_project``: ``admitted``,
+``settled``, ``charge_corrected``, ``foreign_charged``, and ``period_changed`` when a quota gets a
+new period (which rebuilds that period's totals from the rows). ``recompute`` derives the totals
+from the rows again, the same exact arithmetic everywhere; ``check`` compares the two.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 from sqlalchemy import (
     ColumnElement,
     SQLColumnExpression,
+    Table,
     and_,
     case,
+    delete,
     false,
     func,
-    literal_column,
+    insert,
     not_,
     or_,
     select,
     true,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from broker import lifecycle
-from broker.db.models import ForeignJobRecord, JobRecord, ProjectRecord, QuotaRecord
+from broker.db.models import (
+    ForeignJobRecord,
+    JobRecord,
+    JobTotalRecord,
+    LedgerLiveRecord,
+    LedgerUsedRecord,
+    ProjectRecord,
+    QuotaRecord,
+)
 from quotas import LedgerSnapshot, QuotaPolicy, charged_within
 
 LIVE_STATES = lifecycle.values(lifecycle.LIVE)
+FINAL_STATES = lifecycle.values(lifecycle.FINAL)
 NOT_STARTED_STATES = lifecycle.values(lifecycle.NOT_STARTED)
 
 
@@ -149,61 +168,6 @@ def charges_within(
     return {key: seconds for key, seconds in totals.items() if seconds}
 
 
-def current_periods(session: Session) -> dict[int, tuple[int, int]]:
-    """(used, reserved) of every project with a quota, in its own quota's period, by project id.
-
-    One pass over the jobs for all projects (for metrics): the database sums what lies wholly
-    inside each period and what live jobs hold, and returns each job that crosses a period's end
-    as a group of its own, to be split here.
-    """
-    start, end = QuotaRecord.period_start, QuotaRecord.period_end
-    ends_inside, split = _charged(start, end)
-    # "+ 0": a plain scan of the jobs; on SQLite an index walk with a lookup per row is slower.
-    project_key = JobRecord.project_id + literal_column("0")
-    charged = JobRecord.charged_gpu_seconds
-    crossing = case((split, JobRecord.id), else_=None)
-    totals: dict[int, tuple[int, int]] = {}
-    crossing_ids: list[str] = []
-    for project_id, job_id, used, reserved in session.execute(
-        select(
-            project_key,
-            crossing,
-            func.sum(case((ends_inside, charged), else_=0)),
-            func.sum(
-                case((JobRecord.state.in_(LIVE_STATES), JobRecord.reserved_gpu_seconds), else_=0)
-            ),
-        )
-        .join(QuotaRecord, QuotaRecord.project_id == project_key)
-        .group_by(project_key, crossing)
-    ):
-        if job_id is not None:
-            crossing_ids.append(job_id)  # its share of the period is computed below
-            used = 0
-        was_used, was_reserved = totals.get(int(project_id), (0, 0))
-        totals[int(project_id)] = (was_used + int(used or 0), was_reserved + int(reserved or 0))
-    for project_id, charge, started, ended, period_start, period_end in session.execute(
-        select(JobRecord.project_id, charged, JobRecord.started_at, JobRecord.ended_at, start, end)
-        .join(QuotaRecord, QuotaRecord.project_id == JobRecord.project_id)
-        .where(JobRecord.id.in_(crossing_ids))
-    ):
-        if charge is not None and ended is not None:
-            part = charged_within(charge, started, ended, period_start, period_end)
-            was_used, was_reserved = totals[project_id]
-            totals[project_id] = (was_used + part, was_reserved)
-    for project_id, foreign in session.execute(
-        select(ForeignJobRecord.project_id, func.sum(ForeignJobRecord.charged_gpu_seconds))
-        .join(QuotaRecord, QuotaRecord.project_id == ForeignJobRecord.project_id)
-        .where(
-            ForeignJobRecord.ended_at >= QuotaRecord.period_start,
-            ForeignJobRecord.ended_at < QuotaRecord.period_end,
-        )
-        .group_by(ForeignJobRecord.project_id)
-    ):
-        was_used, was_reserved = totals.get(int(project_id), (0, 0))
-        totals[int(project_id)] = (was_used + int(foreign or 0), was_reserved)
-    return totals
-
-
 def foreign_within(session: Session, project_id: int, start: datetime, end: datetime) -> int:
     """What the project's foreign jobs (``broker.service.foreign``) were charged in [start, end):
     a foreign job's whole charge counts in the period it ended in."""
@@ -217,45 +181,54 @@ def foreign_within(session: Session, project_id: int, start: datetime, end: date
     return int(total or 0)
 
 
+FOREIGN_USER = 0
+"""``ledger_used.user_id`` of foreign jobs' charges (user ids start at 1)."""
+
+
+# --- reading the totals ------------------------------------------------------------------------
+
+
 def snapshot(session: Session, project_id: int, quota: QuotaRecord | None) -> LedgerSnapshot:
-    """The project's ledger now. Call under ``lock_project`` when the result decides a change."""
+    """The project's ledger now. Call under ``lock_project`` when the result decides a change.
+
+    A handful of total rows, plus a count of the project's jobs not started yet (an index range
+    over its live jobs, which ``max_pending_jobs`` bounds).
+    """
     used = 0
     if quota is not None:
-        used = sum(
-            charges_within(
-                session,
-                [],
-                quota.period_start,
-                quota.period_end,
-                JobRecord.project_id == project_id,
-            ).values()
+        used = int(
+            session.scalar(
+                select(func.coalesce(func.sum(LedgerUsedRecord.used_gpu_seconds), 0)).where(
+                    LedgerUsedRecord.project_id == project_id
+                )
+            )
+            or 0
         )
-        used += foreign_within(session, project_id, quota.period_start, quota.period_end)
-    by_cluster: dict[str, int] = defaultdict(int)
-    pending = 0
+    by_cluster: dict[str, int] = {}
     reserved = 0
-    for cluster, state, gpus, count, held in session.execute(
+    for cluster, held, gpus in session.execute(
         select(
-            JobRecord.cluster,
-            JobRecord.state,
-            func.sum(HELD_GPUS),
-            func.count(),
-            func.sum(JobRecord.reserved_gpu_seconds),
-        )
-        .where(JobRecord.project_id == project_id, JobRecord.state.in_(LIVE_STATES))
-        .group_by(JobRecord.cluster, JobRecord.state)
+            LedgerLiveRecord.cluster,
+            LedgerLiveRecord.reserved_gpu_seconds,
+            LedgerLiveRecord.live_gpus,
+        ).where(LedgerLiveRecord.project_id == project_id)
     ):
-        reserved += int(held or 0)
-        if state == lifecycle.JobState.QUEUED.value:
-            continue  # it holds its reservation, but waits for the limits below
-        by_cluster[cluster] += int(gpus)
-        if state in NOT_STARTED_STATES:
-            pending += int(count)
+        reserved += int(held)
+        if gpus:
+            by_cluster[cluster] = int(gpus)
+    pending = int(
+        session.scalar(
+            select(func.count()).where(
+                JobRecord.project_id == project_id, JobRecord.state.in_(NOT_STARTED_STATES)
+            )
+        )
+        or 0
+    )
     return LedgerSnapshot(
         used_gpu_seconds=used,
         reserved_gpu_seconds=reserved,
         live_gpus=sum(by_cluster.values()),
-        live_gpus_by_cluster=dict(by_cluster),
+        live_gpus_by_cluster=by_cluster,
         pending_jobs=pending,
     )
 
@@ -263,19 +236,437 @@ def snapshot(session: Session, project_id: int, quota: QuotaRecord | None) -> Le
 def used_breakdown(
     session: Session, project_id: int, quota: QuotaRecord
 ) -> tuple[dict[str, int], dict[str, int], dict[int, int]]:
-    """Charged GPU-seconds of the current period by cluster, by GPU type and by user id."""
-    charges = charges_within(
-        session,
-        [JobRecord.cluster, JobRecord.gpu_type, JobRecord.user_id],
-        quota.period_start,
-        quota.period_end,
-        JobRecord.project_id == project_id,
-    )
+    """Charged GPU-seconds of the current period by cluster, by GPU type and by user id (the
+    broker's own jobs; foreign jobs are ``foreign_used``)."""
     by_cluster: dict[str, int] = defaultdict(int)
     by_type: dict[str, int] = defaultdict(int)
     by_user: dict[int, int] = defaultdict(int)
-    for (cluster, gpu_type, user_id), seconds in charges.items():
-        by_cluster[cluster] += seconds
-        by_type[gpu_type] += seconds
-        by_user[user_id] += seconds
+    for cluster, gpu_type, user_id, seconds in session.execute(
+        select(
+            LedgerUsedRecord.cluster,
+            LedgerUsedRecord.gpu_type,
+            LedgerUsedRecord.user_id,
+            LedgerUsedRecord.used_gpu_seconds,
+        ).where(
+            LedgerUsedRecord.project_id == project_id,
+            LedgerUsedRecord.user_id != FOREIGN_USER,
+            LedgerUsedRecord.used_gpu_seconds != 0,
+        )
+    ):
+        by_cluster[cluster] += int(seconds)
+        by_type[gpu_type] += int(seconds)
+        by_user[user_id] += int(seconds)
     return dict(by_cluster), dict(by_type), dict(by_user)
+
+
+def foreign_used(session: Session, project_id: int) -> int:
+    """What the project's foreign jobs were charged in its quota's current period."""
+    total = session.scalar(
+        select(func.coalesce(func.sum(LedgerUsedRecord.used_gpu_seconds), 0)).where(
+            LedgerUsedRecord.project_id == project_id,
+            LedgerUsedRecord.user_id == FOREIGN_USER,
+        )
+    )
+    return int(total or 0)
+
+
+def current_periods(session: Session) -> dict[int, tuple[int, int]]:
+    """(used, reserved) of every project with a quota, in its own quota's period, by project id:
+    two small aggregates over the totals, whatever the number of jobs."""
+    totals: dict[int, tuple[int, int]] = {}
+    for (project_id,) in session.execute(select(QuotaRecord.project_id)):
+        totals[int(project_id)] = (0, 0)
+    for project_id, used in session.execute(
+        select(LedgerUsedRecord.project_id, func.sum(LedgerUsedRecord.used_gpu_seconds)).group_by(
+            LedgerUsedRecord.project_id
+        )
+    ):
+        if int(project_id) in totals:
+            totals[int(project_id)] = (int(used or 0), 0)
+    for project_id, reserved in session.execute(
+        select(
+            LedgerLiveRecord.project_id, func.sum(LedgerLiveRecord.reserved_gpu_seconds)
+        ).group_by(LedgerLiveRecord.project_id)
+    ):
+        if int(project_id) in totals:
+            used, _ = totals[int(project_id)]
+            totals[int(project_id)] = (used, int(reserved or 0))
+    return totals
+
+
+# --- keeping the totals ------------------------------------------------------------------------
+
+
+def _add(session: Session, table: Table, key: dict[str, Any], **deltas: int) -> None:
+    """Add ``deltas`` to the total row at ``key``, creating it (from zero) if it is missing."""
+    if not any(deltas.values()):
+        return
+    dialect = session.get_bind().dialect.name
+    values = {**key, **deltas}
+    update_set = {name: table.c[name] + delta for name, delta in deltas.items()}
+    if dialect == "postgresql":
+        pg = postgresql.insert(table).values(values)
+        session.execute(pg.on_conflict_do_update(index_elements=list(key), set_=update_set))
+    elif dialect == "sqlite":
+        lite = sqlite.insert(table).values(values)
+        session.execute(lite.on_conflict_do_update(index_elements=list(key), set_=update_set))
+    else:  # pragma: no cover - the broker supports the two above
+        raise NotImplementedError(dialect)
+
+
+_USED = cast(Table, LedgerUsedRecord.__table__)
+_LIVE = cast(Table, LedgerLiveRecord.__table__)
+_FINISHED = cast(Table, JobTotalRecord.__table__)
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """The columns of a job (or foreign job) that decide its part of a period's use."""
+
+    charged: int | None
+    started: datetime | None
+    ended: datetime | None
+
+    @classmethod
+    def of(cls, row: JobRecord | ForeignJobRecord) -> Charge:
+        return cls(row.charged_gpu_seconds, row.started_at, row.ended_at)
+
+    def within(self, quota: QuotaRecord) -> int:
+        """The job's part of ``quota``'s period."""
+        if self.charged is None or self.ended is None:
+            return 0
+        return charged_within(
+            self.charged, self.started, self.ended, quota.period_start, quota.period_end
+        )
+
+    def foreign_within(self, quota: QuotaRecord) -> int:
+        """A foreign job's: its whole charge, in the period it ended in."""
+        if self.charged is None or self.ended is None:
+            return 0
+        return self.charged if quota.period_start <= self.ended < quota.period_end else 0
+
+
+def held_gpus(job: JobRecord) -> int:
+    """GPUs a live job counts against the concurrency limits: its GPUs, times the tasks of an
+    array that may run together; none while it waits in the broker's queue (``queued``)."""
+    if job.state == lifecycle.JobState.QUEUED.value:
+        return 0
+    return job.gpus * (job.array_max_parallel or job.array_size or 1)
+
+
+def admitted(session: Session, job: JobRecord) -> None:
+    """A new live job holds its reservation and GPUs. Under ``lock_project``."""
+    _add(
+        session,
+        _LIVE,
+        {"project_id": job.project_id, "cluster": job.cluster},
+        reserved_gpu_seconds=job.reserved_gpu_seconds,
+        live_gpus=held_gpus(job),
+    )
+
+
+def held_changed(
+    session: Session, job: JobRecord, *, cluster: str, reserved: int, gpus: int
+) -> None:
+    """A live job's share of the live totals changed: it held ``reserved`` GPU-seconds and
+    ``gpus`` GPUs on ``cluster`` before (it left the queue, was re-priced or moved). Under
+    ``lock_project``."""
+    if cluster == job.cluster:
+        _add(
+            session,
+            _LIVE,
+            {"project_id": job.project_id, "cluster": job.cluster},
+            reserved_gpu_seconds=job.reserved_gpu_seconds - reserved,
+            live_gpus=held_gpus(job) - gpus,
+        )
+        return
+    _add(
+        session,
+        _LIVE,
+        {"project_id": job.project_id, "cluster": cluster},
+        reserved_gpu_seconds=-reserved,
+        live_gpus=-gpus,
+    )
+    admitted(session, job)
+
+
+def settled(
+    session: Session, job: JobRecord, released: int, before: Charge, held: int | None = None
+) -> None:
+    """``job`` has just become final, giving back ``released`` GPU-seconds of reservation and
+    the ``held`` GPUs it counted while live (``held_gpus`` before it ended), its charge columns
+    changed from ``before``. Under ``lock_project``."""
+    _add(
+        session,
+        _LIVE,
+        {"project_id": job.project_id, "cluster": job.cluster},
+        reserved_gpu_seconds=-released,
+        live_gpus=-(job.gpus if held is None else held),
+    )
+    _charge_changed(session, job, before)
+    gpu_seconds = (
+        job.alloc_gpus * job.elapsed_s
+        if job.alloc_gpus is not None and job.elapsed_s is not None
+        else 0
+    )
+    _add(
+        session,
+        _FINISHED,
+        {
+            "project_id": job.project_id,
+            "cluster": job.cluster,
+            "gpu_type": job.gpu_type,
+            "state": job.state,
+        },
+        jobs=1,
+        gpus=job.gpus,
+        charged_gpu_seconds=job.charged_gpu_seconds or 0,
+        gpu_seconds=gpu_seconds,
+    )
+
+
+def charge_corrected(session: Session, job: JobRecord, before: Charge) -> None:
+    """A finished job's charge changed from ``before`` (sacct's later record). Under the lock."""
+    _charge_changed(session, job, before)
+    _add(
+        session,
+        _FINISHED,
+        {
+            "project_id": job.project_id,
+            "cluster": job.cluster,
+            "gpu_type": job.gpu_type,
+            "state": job.state,
+        },
+        charged_gpu_seconds=(job.charged_gpu_seconds or 0) - (before.charged or 0),
+    )
+
+
+def _charge_changed(session: Session, job: JobRecord, before: Charge) -> None:
+    quota = session.get(QuotaRecord, job.project_id)
+    if quota is None:
+        return  # no period, nothing used; a quota's first period is built from the rows
+    delta = Charge.of(job).within(quota) - before.within(quota)
+    _add(
+        session,
+        _USED,
+        {
+            "project_id": job.project_id,
+            "cluster": job.cluster,
+            "gpu_type": job.gpu_type,
+            "user_id": job.user_id,
+        },
+        used_gpu_seconds=delta,
+    )
+
+
+def foreign_charged(session: Session, row: ForeignJobRecord, before: Charge) -> None:
+    """A foreign job's charge columns changed from ``before``. Under ``lock_project``."""
+    quota = session.get(QuotaRecord, row.project_id)
+    if quota is None:
+        return
+    delta = Charge.of(row).foreign_within(quota) - before.foreign_within(quota)
+    _add(
+        session,
+        _USED,
+        {
+            "project_id": row.project_id,
+            "cluster": row.cluster,
+            "gpu_type": "",
+            "user_id": FOREIGN_USER,
+        },
+        used_gpu_seconds=delta,
+    )
+
+
+def period_changed(session: Session, project_id: int, quota: QuotaRecord) -> None:
+    """The project's quota has a new period: its use is rebuilt from the rows (the jobs that
+    ended since the period's start, by index). Under ``lock_project``, once the quota is flushed.
+    """
+    session.execute(delete(LedgerUsedRecord).where(LedgerUsedRecord.project_id == project_id))
+    rows = [
+        {
+            "project_id": project_id,
+            "cluster": cluster,
+            "gpu_type": gpu_type,
+            "user_id": user_id,
+            "used_gpu_seconds": seconds,
+        }
+        for (cluster, gpu_type, user_id), seconds in recompute_used(
+            session, project_id, quota
+        ).items()
+    ]
+    if rows:
+        session.execute(insert(LedgerUsedRecord), rows)
+
+
+# --- recomputing them from the rows -------------------------------------------------------------
+
+
+def recompute_used(
+    session: Session, project_id: int, quota: QuotaRecord
+) -> dict[tuple[str, str, int], int]:
+    """``ledger_used`` of the project, from its job and foreign job rows."""
+    used: dict[tuple[str, str, int], int] = {
+        (str(cluster), str(gpu_type), int(user_id)): seconds
+        for (cluster, gpu_type, user_id), seconds in charges_within(
+            session,
+            [JobRecord.cluster, JobRecord.gpu_type, JobRecord.user_id],
+            quota.period_start,
+            quota.period_end,
+            JobRecord.project_id == project_id,
+        ).items()
+    }
+    for cluster, seconds in session.execute(
+        select(ForeignJobRecord.cluster, func.sum(ForeignJobRecord.charged_gpu_seconds))
+        .where(
+            ForeignJobRecord.project_id == project_id,
+            ForeignJobRecord.ended_at >= quota.period_start,
+            ForeignJobRecord.ended_at < quota.period_end,
+        )
+        .group_by(ForeignJobRecord.cluster)
+    ):
+        if seconds:
+            used[(str(cluster), "", FOREIGN_USER)] = int(seconds)
+    return used
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """Every total of the ledger, keyed as its table (zero entries left out)."""
+
+    used: dict[tuple[int, str, str, int], int]
+    live: dict[tuple[int, str], tuple[int, int]]
+    finished: dict[tuple[int, str, str, str], tuple[int, int, int, int]]
+
+
+def recompute(session: Session) -> Totals:
+    """The totals as the job and foreign job rows define them (a pass over every job)."""
+    used: dict[tuple[int, str, str, int], int] = {}
+    for quota in session.scalars(select(QuotaRecord)):
+        for (cluster, gpu_type, user_id), seconds in recompute_used(
+            session, quota.project_id, quota
+        ).items():
+            if seconds:
+                used[(quota.project_id, cluster, gpu_type, user_id)] = seconds
+    live: dict[tuple[int, str], tuple[int, int]] = {}
+    counted = case((JobRecord.state == lifecycle.JobState.QUEUED.value, 0), else_=HELD_GPUS)
+    for project_id, cluster, held, gpus in session.execute(
+        select(
+            JobRecord.project_id,
+            JobRecord.cluster,
+            func.sum(JobRecord.reserved_gpu_seconds),
+            func.sum(counted),
+        )
+        .where(JobRecord.state.in_(LIVE_STATES))
+        .group_by(JobRecord.project_id, JobRecord.cluster)
+    ):
+        if held or gpus:
+            live[(int(project_id), str(cluster))] = (int(held or 0), int(gpus or 0))
+    finished: dict[tuple[int, str, str, str], tuple[int, int, int, int]] = {}
+    for project_id, cluster, gpu_type, state, jobs, gpus, charged, gpu_seconds in session.execute(
+        select(
+            JobRecord.project_id,
+            JobRecord.cluster,
+            JobRecord.gpu_type,
+            JobRecord.state,
+            func.count(),
+            func.coalesce(func.sum(JobRecord.gpus), 0),
+            func.coalesce(func.sum(JobRecord.charged_gpu_seconds), 0),
+            func.coalesce(func.sum(JobRecord.alloc_gpus * JobRecord.elapsed_s), 0),
+        )
+        .where(JobRecord.state.in_(FINAL_STATES))
+        .group_by(JobRecord.project_id, JobRecord.cluster, JobRecord.gpu_type, JobRecord.state)
+    ):
+        finished[(int(project_id), str(cluster), str(gpu_type), str(state))] = (
+            int(jobs),
+            int(gpus or 0),
+            int(charged or 0),
+            int(gpu_seconds or 0),
+        )
+    return Totals(used, live, finished)
+
+
+def stored(session: Session) -> Totals:
+    """The totals as kept (zero entries left out)."""
+    used = {
+        (r.project_id, r.cluster, r.gpu_type, r.user_id): int(r.used_gpu_seconds)
+        for r in session.scalars(select(LedgerUsedRecord))
+        if r.used_gpu_seconds
+    }
+    live = {
+        (r.project_id, r.cluster): (int(r.reserved_gpu_seconds), int(r.live_gpus))
+        for r in session.scalars(select(LedgerLiveRecord))
+        if r.reserved_gpu_seconds or r.live_gpus
+    }
+    finished = {
+        (r.project_id, r.cluster, r.gpu_type, r.state): (
+            int(r.jobs),
+            int(r.gpus),
+            int(r.charged_gpu_seconds),
+            int(r.gpu_seconds),
+        )
+        for r in session.scalars(select(JobTotalRecord))
+        if r.jobs
+    }
+    return Totals(used, live, finished)
+
+
+def check(session: Session) -> list[str]:
+    """Where the kept totals differ from the rows' (empty when they agree), one line each."""
+    kept, truth = stored(session), recompute(session)
+    problems: list[str] = []
+    for name in ("used", "live", "finished"):
+        have: dict[Any, Any] = getattr(kept, name)
+        want: dict[Any, Any] = getattr(truth, name)
+        for key in sorted(set(have) | set(want), key=repr):
+            if have.get(key) != want.get(key):
+                problems.append(f"{name} {key}: kept {have.get(key)}, rows give {want.get(key)}")
+    return problems
+
+
+def rebuild(session: Session) -> None:
+    """Replace every total with what the rows give; takes every project's ledger lock first."""
+    for (project_id,) in session.execute(select(ProjectRecord.id).order_by(ProjectRecord.id)):
+        lock_project(session, int(project_id))
+    truth = recompute(session)
+    for model in (LedgerUsedRecord, LedgerLiveRecord, JobTotalRecord):
+        session.execute(delete(model))
+    if truth.used:
+        session.execute(
+            insert(LedgerUsedRecord),
+            [
+                {
+                    "project_id": p,
+                    "cluster": c,
+                    "gpu_type": g,
+                    "user_id": u,
+                    "used_gpu_seconds": s,
+                }
+                for (p, c, g, u), s in truth.used.items()
+            ],
+        )
+    if truth.live:
+        session.execute(
+            insert(LedgerLiveRecord),
+            [
+                {"project_id": p, "cluster": c, "reserved_gpu_seconds": r, "live_gpus": g}
+                for (p, c), (r, g) in truth.live.items()
+            ],
+        )
+    if truth.finished:
+        session.execute(
+            insert(JobTotalRecord),
+            [
+                {
+                    "project_id": p,
+                    "cluster": c,
+                    "gpu_type": g,
+                    "state": st,
+                    "jobs": j,
+                    "gpus": n,
+                    "charged_gpu_seconds": ch,
+                    "gpu_seconds": gs,
+                }
+                for (p, c, g, st), (j, n, ch, gs) in truth.finished.items()
+            ],
+        )

@@ -135,9 +135,13 @@ class Mover:
                 if held - job.reserved_gpu_seconds + price > policy.budget_gpu_seconds:
                     continue  # this price does not fit: it stays where it is
                 job.move_target = f"{option.cluster}/{option.partition}"
+                was = job.reserved_gpu_seconds
                 job.weight = weight
                 job.reservation_gpu_seconds = price
                 job.reserved_gpu_seconds = price
+                ledger.held_changed(
+                    session, job, cluster=job.cluster, reserved=was, gpus=ledger.held_gpus(job)
+                )
                 log.info(
                     "job %s waited on %s for %s: moving it to %s",
                     job.id,
@@ -210,8 +214,12 @@ class Mover:
             if quota is not None and job.state == JobState.PENDING.value:
                 weight = weight_for(ledger.policy_of(quota), job.gpu_type)
                 price = reservation_gpu_seconds(job.gpus, job.time_limit_minutes, weight)
+                was = job.reserved_gpu_seconds
                 job.weight, job.reservation_gpu_seconds = weight, price
                 job.reserved_gpu_seconds = price
+                ledger.held_changed(
+                    session, job, cluster=job.cluster, reserved=was, gpus=ledger.held_gpus(job)
+                )
             job.move_target = None
             job.moves = 1  # once: it is not tried again
             log.info("job %s: move to another cluster given up: %s", job_id, why)
@@ -245,6 +253,7 @@ class Mover:
                     reason=f"cancelled while moving; Slurm job {old_id} on {old_cluster} gone",
                 )
                 return False
+            before = (job.cluster, job.reserved_gpu_seconds, ledger.held_gpus(job))
             project = session.get_one(ProjectRecord, job.project_id)
             account = project.slurm_accounts.get(cluster_name)
             if directory is None or account is None:
@@ -285,6 +294,7 @@ class Mover:
             job.missing_polls = 0
             job.release_claimed_at = now  # sbatch under way
             job.updated_at = now
+            ledger.held_changed(session, job, cluster=before[0], reserved=before[1], gpus=before[2])
             return True
 
     # --- 4. submit on the target -----------------------------------------------------------------

@@ -3,7 +3,10 @@ retry pending cancels, check charges against sacct, and snapshot capacity.
 
 A cycle runs one batched ``statuses`` (one squeue, plus one sacct for jobs that left the queue),
 whatever the number of jobs. When the cluster cannot be reached nothing is changed: a job is never
-finalised because its cluster is down.
+finalised because its cluster is down. Only the jobs whose status changed since it was last applied
+(or that Slurm no longer shows, or that ended) are loaded and written: the poller remembers what it
+applied, per cluster, and forgets it when its lease was lost or may have lapsed, so the first cycle
+after that (or after a start) reads and applies every followed job again.
 
 Money rules: a job is settled from a sacct record that knows when the job ended (after a slurmdbd
 restart sacct may say ``COMPLETED`` with ``End=Unknown`` for a while); no charge exceeds the job's
@@ -24,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeAlias
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -199,6 +202,44 @@ def _array_drift(row: Any, status: StatusReport) -> int:
     return int(row.charged_gpu_seconds or 0) - slurm_side
 
 
+@dataclass(frozen=True, slots=True)
+class JobIdentity:
+    """A broker job's columns that tell its Slurm record from another job's."""
+
+    job_id: str
+    tag: str
+    name: str
+    submitted_at: datetime
+    account: str
+    unix_user: str | None
+
+    def status(self, slurm_job_id: str, report: StatusReport) -> JobStatus | None:
+        current = report.found.get(slurm_job_id)
+        if current is not None and current.tag == self.tag:
+            return current  # what own_status finds first, without its other checks
+        return own_status(
+            self.job_id,
+            self.tag,
+            self.name,
+            self.submitted_at,
+            slurm_job_id,
+            report,
+            account=self.account,
+            unix_user=self.unix_user,
+        )
+
+
+Applied: TypeAlias = tuple[JobState, str | None, datetime | None]
+"""What ``Poller._apply`` reads of a live job's status: its state, reason and (once running)
+start time. Elapsed time and the scheduler's estimated start change every cycle and change
+nothing in the job's row while it is live."""
+
+
+def _applied(status: JobStatus) -> Applied:
+    state = from_slurm(status.state)
+    return state, status.reason, status.start_time if state == JobState.RUNNING else None
+
+
 def _may_settle(job: JobRecord, status: JobStatus | None, threshold: int) -> bool:
     if status is None:
         return job.missing_polls + 1 >= threshold
@@ -219,6 +260,13 @@ class Poller:
         self._settings = settings
         self._observer: BrokerObserver = observer or NullObserver()
         self._drift_checked: dict[str, float] = {}
+        self._applied: dict[str, dict[str, Applied]] = {}
+        """Per cluster: job id -> what of Slurm's status was last applied to it and committed."""
+        self._identities: dict[str, dict[str, JobIdentity]] = {}
+        """Per cluster: job id -> the columns ``own_status`` matches on (fixed once the job has a
+        Slurm id)."""
+        self._held_until: dict[str, float] = {}
+        """Per cluster: until when (monotonic) the lease was surely held since the last cycle."""
 
     def poll(self, cluster: str, fence: Fence | None = None) -> CycleReport:
         """One cycle of ``cluster``. With a ``fence``, every write proves the lease is still held
@@ -229,6 +277,10 @@ class Poller:
         try:
             if fence is not None:
                 fence.renew()
+                if started > self._held_until.get(cluster, 0.0):
+                    # The lease may have lapsed since this process last polled: another one may
+                    # have changed the jobs, so what was applied is read again from the rows.
+                    self.forget(cluster)
             client = self._clusters.client(cluster)
             self._follow(cluster, report, fence)
             self._reconcile(cluster, report, fence)
@@ -244,6 +296,13 @@ class Poller:
         except LeaseLost:
             report.ok, report.lease_lost, report.error = False, True, "poller lease lost"
         report.duration_s = time.monotonic() - started
+        if fence is not None:
+            if report.lease_lost:
+                self.forget(cluster)
+                self._held_until.pop(cluster, None)
+            else:
+                # Renewed at the start of the cycle: held until then + its TTL, at least.
+                self._held_until[cluster] = started + fence.ttl_seconds
         if not report.lease_lost:
             try:
                 self._record_cluster(report, capacity, fence)
@@ -251,6 +310,11 @@ class Poller:
                 report.ok, report.lease_lost, report.error = False, True, "poller lease lost"
         self._report(report)
         return report
+
+    def forget(self, cluster: str) -> None:
+        """Drop what this process remembers of ``cluster``'s jobs: the next cycle loads and
+        applies every followed job again, as the first cycle after a start does."""
+        self._applied.pop(cluster, None)
 
     @contextmanager
     def _write(self, fence: Fence | None) -> Iterator[Session]:
@@ -274,17 +338,18 @@ class Poller:
 
     def _follow(self, cluster: str, report: CycleReport, fence: Fence | None) -> None:
         with self._sessions() as session:
+            rows = session.execute(
+                select(JobRecord.id, JobRecord.slurm_job_id, JobRecord.array_size).where(
+                    JobRecord.cluster == cluster,
+                    JobRecord.state.in_(FOLLOWED_STATES),
+                    JobRecord.slurm_job_id.is_not(None),
+                )
+            ).all()
             followed: dict[str, str] = {
-                job_id: slurm_job_id
-                for job_id, slurm_job_id in session.execute(
-                    select(JobRecord.id, JobRecord.slurm_job_id).where(
-                        JobRecord.cluster == cluster,
-                        JobRecord.state.in_(FOLLOWED_STATES),
-                        JobRecord.slurm_job_id.is_not(None),
-                    )
-                ).all()
-                if slurm_job_id is not None
+                job_id: slurm_job_id for job_id, slurm_job_id, _ in rows if slurm_job_id is not None
             }
+            # An array's tasks change under one Slurm id: arrays are looked at every cycle.
+            array_ids = {job_id for job_id, _, size in rows if size}
             accounts = foreign.managed_accounts(session, cluster)
             foreign_ids = foreign.open_ids(session, cluster)
         report.followed = len(followed)
@@ -298,7 +363,7 @@ class Poller:
         )
         report.status_commands = status.commands
         if followed:
-            self._apply_all(cluster, followed, status, report, fence)
+            self._apply_all(cluster, followed, status, report, fence, array_ids)
         if foreign_ids or any(job.account in accounts for job in status.others):
             self._foreign_jobs(cluster, status, accounts, report, fence)
 
@@ -330,31 +395,49 @@ class Poller:
         status: StatusReport,
         report: CycleReport,
         fence: Fence | None,
+        array_ids: frozenset[str] | set[str] = frozenset(),
     ) -> None:
+        """Apply Slurm's statuses to the followed jobs whose status changed since it was last
+        applied (and to every job with no status or a final one, which counts or settles, and
+        to every job array, whose tasks change under one Slurm id).
+
+        Which status is a job's (``own_status``) is decided from columns that do not change once
+        the job has a Slurm id, kept per job id, so an unchanged queue costs no job rows at all:
+        only the changed jobs are loaded, locked and written.
+        """
         threshold = self._settings.poller.missing_polls_before_unknown
+        identities = self._identities_of(cluster, followed)
+        applied = self._applied.setdefault(cluster, {})
+        for job_id in [j for j in applied if j not in followed]:
+            del applied[job_id]
+        seen: dict[str, JobStatus | None] = {}
+        for job_id, slurm_job_id in followed.items():
+            found = identities[job_id].status(slurm_job_id, status)
+            unchanged = (
+                found is not None
+                and job_id not in array_ids
+                and not from_slurm(found.state).is_final
+                and applied.get(job_id) == _applied(found)
+            )
+            if not unchanged:
+                seen[job_id] = found
+        if not seen:
+            return
+        for job_id in seen:
+            # Whatever happens to it now (a missing poll counted, a rollback), the row may no
+            # longer show what was last applied: it is compared again only once re-applied.
+            applied.pop(job_id, None)
+        done: dict[str, Applied] = {}
         with self._write(fence) as session:
             jobs = list(
                 session.scalars(
-                    select(JobRecord).where(JobRecord.id.in_(followed)).order_by(JobRecord.id)
+                    select(JobRecord).where(JobRecord.id.in_(seen)).order_by(JobRecord.id)
                 )
             )
             array_tasks = {
                 job.id: arrays.own_tasks(job, status.tasks.get(followed[job.id], {}))
                 for job in jobs
                 if job.array_size
-            }
-            seen = {
-                job.id: own_status(
-                    job.id,
-                    job.tag,
-                    job.name,
-                    job.submitted_at,
-                    followed[job.id],
-                    status,
-                    account=job.account,
-                    unix_user=job.unix_user,
-                )
-                for job in jobs
             }
             settling = sorted(
                 {
@@ -371,12 +454,13 @@ class Poller:
                 if job.move_target is not None:
                     continue  # being moved: broker.service.moves follows its Slurm job
                 part = CycleReport(cluster=cluster)
+                found = seen[job.id]
                 try:
                     with session.begin_nested():
                         if job.id in array_tasks:
                             self._apply_array(session, job, array_tasks[job.id], part, threshold)
                         else:
-                            self._apply(session, job, seen[job.id], part, threshold)
+                            self._apply(session, job, found, part, threshold)
                 except Exception:
                     # One job's bad data (a value its column refuses, a bug) must not stop the
                     # cycle for the others: its savepoint is rolled back, it is tried again next
@@ -385,6 +469,34 @@ class Poller:
                     log.exception("job %s: applying Slurm's status failed; skipped", job.id)
                     continue
                 report.add(part)
+                if found is not None and not is_final(job.state):
+                    done[job.id] = _applied(found)
+        # Committed: these jobs now show what was applied (a rollback leaves them to be re-read).
+        applied.update(done)
+
+    def _identities_of(self, cluster: str, followed: dict[str, str]) -> dict[str, JobIdentity]:
+        """The matching columns of the followed jobs, read once per job (in one query)."""
+        known = self._identities.setdefault(cluster, {})
+        for job_id in [j for j in known if j not in followed]:
+            del known[job_id]
+        new = [job_id for job_id in followed if job_id not in known]
+        if new:
+            with self._sessions() as session:
+                for offset in range(0, len(new), 1000):
+                    for row in session.execute(
+                        select(
+                            JobRecord.id,
+                            JobRecord.tag,
+                            JobRecord.name,
+                            JobRecord.submitted_at,
+                            JobRecord.account,
+                            JobRecord.unix_user,
+                        ).where(JobRecord.id.in_(new[offset : offset + 1000]))
+                    ):
+                        known[row.id] = JobIdentity(
+                            row.id, row.tag, row.name, row.submitted_at, row.account, row.unix_user
+                        )
+        return {job_id: known[job_id] for job_id in followed if job_id in known}
 
     def _apply(
         self,
@@ -779,8 +891,10 @@ class Poller:
                         reason=f"charge corrected from {charged} to {corrected} GPU-s by sacct",
                     )
                 )
+                before = ledger.Charge.of(job)
                 job.charged_gpu_seconds = corrected
                 job.updated_at = now
+                ledger.charge_corrected(session, job, before)
                 done += 1
         return done
 

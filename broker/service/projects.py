@@ -175,6 +175,7 @@ def put_quota(session: Session, actor: Actor, project_name: str, body: QuotaPut)
     project = visible_project(session, actor, project_name)
     ledger.lock_project(session, project.id)
     quota = session.get(QuotaRecord, project.id)
+    period = None if quota is None else (quota.period_start, quota.period_end)
     values = {
         "period_start": body.period_start,
         "period_end": body.period_end,
@@ -197,6 +198,8 @@ def put_quota(session: Session, actor: Actor, project_name: str, body: QuotaPut)
         for key, value in values.items():
             setattr(quota, key, value)
     session.flush()
+    if period != (quota.period_start, quota.period_end):
+        ledger.period_changed(session, project.id, quota)
     audit.record(
         session, actor.name, "quota.put", "project", project.name, body.model_dump(mode="json")
     )
@@ -250,11 +253,7 @@ def usage(session: Session, actor: Actor, project_name: str) -> UsagePublic:
     )
     budget = quota.budget_gpu_seconds if quota is not None else 0
     remaining = budget - snap.used_gpu_seconds - snap.reserved_gpu_seconds
-    foreign = (
-        ledger.foreign_within(session, project.id, quota.period_start, quota.period_end)
-        if quota is not None
-        else 0
-    )
+    foreign = ledger.foreign_used(session, project.id) if quota is not None else 0
     return UsagePublic(
         project=project.name,
         period_start=quota.period_start if quota else None,

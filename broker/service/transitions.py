@@ -36,7 +36,12 @@ def move(
             job_id=job.id, at=now, from_state=job.state, to_state=target.value, reason=reason
         )
     )
+    left_queue = job.state == JobState.QUEUED.value
     job.state = target.value
+    if left_queue:  # its GPUs count against the concurrency limits from now on
+        ledger.held_changed(
+            session, job, cluster=job.cluster, reserved=job.reserved_gpu_seconds, gpus=0
+        )
     job.updated_at = now
     if target == JobState.RUNNING:
         _forget_script(job)
@@ -61,7 +66,8 @@ def settle(
     lock: bool = True,
     **fields: Any,
 ) -> bool:
-    """Finish ``job``: release its whole reservation and charge what it used, in one step.
+    """Finish ``job``: release its whole reservation and charge what it used, in one step, with
+    the ledger's totals (``ledger.settled``) in the same transaction.
 
     Takes the project's ledger lock unless the caller already holds it (``lock=False``).
     Returns False (and changes nothing) if the job was already final.
@@ -90,6 +96,7 @@ def settle(
         charge_gpu_seconds,
         job.reserved_gpu_seconds,
     )
+    released, before, held = job.reserved_gpu_seconds, ledger.Charge.of(job), ledger.held_gpus(job)
     job.state = final.value
     job.state_reason = reason
     job.reserved_gpu_seconds = 0
@@ -103,4 +110,5 @@ def settle(
         fields.pop("ended_at", None)
     for key, value in fields.items():
         setattr(job, key, value)
+    ledger.settled(session, job, released, before, held)
     return True

@@ -170,6 +170,8 @@ def check(env: Env, name: str, model: Model) -> None:
         rows = list(session.scalars(select(JobRecord).where(JobRecord.project_id == pid)))
         report = reports.usage(session, env.admin, "project", quota.period_start, quota.period_end)
         everything = reports.usage(session, env.admin, "project", None, None)
+        # The running totals admission, usage and /metrics read are exactly the rows' sums.
+        assert ledger.check(session) == []
     # Recomputed from the job rows, one by one.
     used_rows = sum(
         charged_within(r.charged_gpu_seconds, r.started_at, r.ended_at, quota.period_start, None)

@@ -12,6 +12,7 @@ from sqlalchemy import update
 from broker.db.engine import transaction
 from broker.db.models import JobRecord
 from broker.schemas import JobCreate, JobPublic
+from broker.service import ledger
 from tests.broker.harness import Env, build_env
 
 SCRIPT = "#!/bin/bash\nsrun python train.py\n"
@@ -128,6 +129,8 @@ def test_a_placed_job_waiting_for_resources_moves_once_at_the_new_price(env: Env
     env.runtime.poller.poll("alpha")
     done = env.runtime.jobs.get(env.alice, job.id)
     assert done.state == "completed" and done.charged_gpu_hours == pytest.approx(8 * 600 / 3600)
+    with env.runtime.sessions() as session:
+        assert ledger.check(session) == []  # the move re-priced and re-homed its totals
     env.runtime.poller.poll("beta")  # the cancelled first job changes nothing
     assert env.runtime.jobs.get(env.alice, job.id).state == "completed"
 
@@ -154,6 +157,8 @@ def test_a_job_that_starts_before_its_move_keeps_running_at_its_old_price(env: E
     assert env.runtime.mover.run("beta") == 0
     kept = env.runtime.jobs.get(env.alice, job.id)
     assert kept.cluster == "beta" and kept.reserved_gpu_hours == pytest.approx(4.0)
+    with env.runtime.sessions() as session:
+        assert ledger.check(session) == []
     assert env.slurm["beta"].jobs[str(job.slurm_job_id)].state == "RUNNING"
     assert list(env.slurm["alpha"].jobs) == []
 

@@ -21,7 +21,7 @@ from broker.db.engine import transaction
 from broker.db.models import JobRecord
 from broker.errors import QuotaExceeded
 from broker.schemas import JobCreate, JobPublic, QueuePut, QuotaPut
-from broker.service import projects
+from broker.service import ledger, projects
 from tests.broker.harness import Env, build_env
 from tests.metrics.seed import Scrape
 
@@ -118,6 +118,8 @@ def test_five_jobs_at_a_limit_of_one_run_one_after_the_other_in_order(env: Env) 
         assert released.state == "pending" and released.slurm_job_id
         assert released.queue is None
         assert usage(env) == pytest.approx((used, 8.0 * (len(jobs) - jobs.index(following))))
+        with env.runtime.sessions() as session:
+            assert ledger.check(session) == []  # running totals = recomputation from the rows
     events = [e.to_state for e in env.runtime.jobs.events(env.alice, jobs[4].id).data]
     assert events == ["queued", "pending"]
     time.sleep(2.1)  # the scrape-time read is shared for 2 s
@@ -185,6 +187,8 @@ def test_cancelling_a_queued_job_gives_its_reservation_back_and_reaches_no_slurm
     assert accepted and cancelled.state == "cancelled"
     assert cancelled.charged_gpu_hours == 0.0 and cancelled.queue is None
     assert usage(env) == pytest.approx((0.0, 8.0))
+    with env.runtime.sessions() as session:
+        assert ledger.check(session) == []
     cycle(env)
     assert list(env.slurm["alpha"].jobs) == [first.slurm_job_id]
     assert env.slurm["alpha"].cancels == []

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker.service import ledger
 from quotas import charge_gpu_seconds
 from tests.e2e.live import LiveBroker, new_project, squeue_ids, wait_for
 
@@ -117,6 +118,8 @@ def test_an_array_of_20_runs_4_at_a_time_and_is_charged_the_sum_of_its_tasks(
     usage = alice.http.get(f"/v1/projects/{project}/usage").json()
     assert usage["used_gpu_hours"] == pytest.approx(expected_seconds / 3600, abs=1e-4)
     assert usage["reserved_gpu_hours"] == 0.0
+    with broker.runtime.sessions() as session:
+        assert ledger.check(session) == []  # running totals = recomputation from the rows
 
     # Each task wrote its own output, readable by task.
     seven = alice.http.get(f"/v1/jobs/{job['id']}/output", params={"task": 7}).json()
