@@ -154,9 +154,12 @@ def test_a_placed_job_moves_once_when_its_cluster_fills_and_a_pinned_one_never(
     assert len(moved) == 1 and "Resources" in moved[0], reasons
 
     since = datetime.now(UTC) - timedelta(hours=1)
-    (on_beta,) = [
-        r for r in slurm("beta").accounting(since, accounts=[project]) if r.job_id == first_slurm_id
-    ]
+
+    def on_beta_record() -> list[Any]:  # slurmdbd may record the cancel a moment later
+        records = slurm("beta").accounting(since, accounts=[project])
+        return [r for r in records if r.job_id == first_slurm_id and r.end_time is not None]
+
+    (on_beta,) = wait_for(on_beta_record, timeout=30, what="the first job's sacct record")
     (on_alpha,) = slurm("alpha").accounting(since, accounts=[project])
     assert on_beta.state == "CANCELLED" and on_beta.start_time is None  # never ran
     assert on_beta.end_time is not None and on_alpha.submit_time is not None

@@ -80,7 +80,13 @@ def test_five_jobs_at_a_limit_of_one_run_one_after_the_other(broker: LiveBroker)
         # (interval 1 s here): never before it ended, and within about one cycle of it.
         assert timedelta(0) <= released - ended < timedelta(seconds=2.5)
     since = datetime.now(UTC) - timedelta(hours=1)
-    records = broker.runtime.clusters.client("alpha").accounting(since, accounts=[project])
+
+    def all_accounted() -> list[Any] | None:  # slurmdbd records the last end a moment later
+        client = broker.runtime.clusters.client("alpha")
+        records = [r for r in client.accounting(since, accounts=[project]) if r.end_time]
+        return records if len(records) == 5 else None
+
+    records = wait_for(all_accounted, timeout=30, what="five sacct records with their ends")
     spans = sorted((r.start_time, r.end_time) for r in records)
     assert len(spans) == 5
     for (_, end), (start, _) in itertools.pairwise(spans):
