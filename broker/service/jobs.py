@@ -322,19 +322,21 @@ class JobService:
                 [{"field": "Idempotency-Key", "message": "1 to 200 characters"}],
             )
         fingerprint = request_fingerprint(body)
-        with self._sessions() as session:
-            project = visible_project(session, actor, body.project)
-            self._require_submitter(actor, project)
-            cluster_name, _, _ = self._placement(project, body)
-        # Before anything is reserved: the researcher's Unix account must be usable there.
-        directory = self._identities.prepare(cluster_name, actor.unix_user)
         try:
-            with transaction(self._sessions) as session:
-                job, replayed = self._admit(
-                    session, actor, body, idempotency_key, fingerprint, directory
-                )
-                job_id, cluster_name = job.id, job.cluster
-                spec = _sbatch_spec(job, body, actor.name)
+            try:
+                with transaction(self._sessions) as session:
+                    job, replayed = self._admit(session, actor, body, idempotency_key, fingerprint)
+                    job_id, cluster_name = job.id, job.cluster
+                    spec = _sbatch_spec(job, body, actor.name)
+            except _Unprepared as first_time:
+                # Before anything is reserved (the transaction above rolled back): the
+                # researcher's Unix account must be usable there. Once per user, cluster and
+                # process; then admission again, from the start.
+                self._identities.prepare(first_time.cluster, actor.unix_user)
+                with transaction(self._sessions) as session:
+                    job, replayed = self._admit(session, actor, body, idempotency_key, fingerprint)
+                    job_id, cluster_name = job.id, job.cluster
+                    spec = _sbatch_spec(job, body, actor.name)
         except IntegrityError:
             # The key is unique per user, but admission locks only the project: the same key
             # sent at once for two projects meets here, at the unique constraint. The winner
@@ -366,11 +368,13 @@ class JobService:
         body: JobCreate,
         idempotency_key: str | None,
         fingerprint: str,
-        directory: str,
     ) -> tuple[JobRecord, bool]:
         project = visible_project(session, actor, body.project)
         self._require_submitter(actor, project)
         cluster_name, partition, gpu_type = self._placement(project, body)
+        directory = self._identities.prepared(cluster_name, actor.unix_user)
+        if directory is None:
+            raise _Unprepared(cluster_name)
         account = project.slurm_accounts.get(cluster_name)
         if account is None:
             raise LimitExceeded(
@@ -635,6 +639,16 @@ _OUTCOMES: dict[type[BrokerError], str] = {
     ClusterUnavailable: "cluster_unavailable",
     SubmitRejected: "slurm_rejected",
 }
+
+
+class _Unprepared(Exception):
+    """Admission stops before any write: the researcher's directory on ``cluster`` is not
+    prepared in this process yet (``ClusterIdentities.prepare`` runs SSH commands, which never
+    happen inside a transaction)."""
+
+    def __init__(self, cluster: str) -> None:
+        super().__init__(cluster)
+        self.cluster = cluster
 
 
 def _by_idempotency_key(session: Session, user_id: int, key: str) -> JobRecord | None:
