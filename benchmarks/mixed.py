@@ -265,7 +265,7 @@ def run_mixed(
             cpu = server.cpu_s() - cpu_before
             processes = server.processes()
             workers = server.workers
-    endpoints = {}
+    endpoints: dict[str, dict[str, Any]] = {}
     for name in ENDPOINTS:
         latencies = tally.latencies[name]
         endpoints[name] = {
