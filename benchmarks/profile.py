@@ -168,11 +168,16 @@ def profile_submit(args: argparse.Namespace, workdir: Path) -> Path:
             return operation
 
         try:
+            cpu_before = server.cpu_s()
             with py_spy(server.pid, output, [f"--{args.mode}"]):
                 result = closed_loop(args.jobs, args.clients, make)
+            cpu = server.cpu_s() - cpu_before
         finally:
             cancel_all(cluster)
-    print(f"{result.ok} jobs at {result.per_second:.1f}/s, {len(result.errors)} errors")
+    print(
+        f"{result.ok} jobs at {result.per_second:.1f}/s, {len(result.errors)} errors; broker "
+        f"CPU {cpu / max(result.ok, 1) * 1000:.1f} ms per job (py-spy's sampling included)"
+    )
     return output.with_suffix(".txt")
 
 
@@ -205,7 +210,7 @@ def profile_metrics(args: argparse.Namespace, workdir: Path) -> Path:
     from benchmarks.seed import seed_history
     from broker.metrics import BrokerMetrics
 
-    output = OUT / f"metrics-{args.backend}-{args.jobs}"
+    output = OUT / f"metrics-{args.backend}-{args.jobs}-{args.mode}"
     with fresh_database(args.backend, workdir) as url:
         db = open_database(url)
         try:
@@ -258,7 +263,7 @@ def profile_poll(args: argparse.Namespace, workdir: Path) -> Path:
 
     cluster = Cluster.from_broker_toml()
     prepare_account(cluster)
-    output = OUT / f"poll-{args.backend}-{args.jobs}"
+    output = OUT / f"poll-{args.backend}-{args.jobs}-{args.mode}"
     with ExitStack() as stack:
         url = stack.enter_context(fresh_database(args.backend, workdir))
         target = _poll_target(args.backend, url, cluster)

@@ -1025,8 +1025,10 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
         "kept-open HTTP connection: token check, quota decision and reservation under the "
         "project's ledger lock, job row, sbatch over the broker's kept-open paramiko "
         "connection, commit of the Slurm id, response.",
-        "- The broker runs as its own process, `broker serve --no-poller` (one uvicorn process, "
-        "as deployed), with `BROKER_LIMITS__REQUESTS_PER_MINUTE=0` and a fresh database: a "
+        "- The broker runs as its own process, `broker serve --no-poller`, on PostgreSQL with "
+        "`--workers N` where `serve` has the option (a supervisor and N worker processes; "
+        "CPU counts them all, memory is per process), on SQLite as one process; with "
+        "`BROKER_LIMITS__REQUESTS_PER_MINUTE=0` and a fresh database: a "
         "SQLite file on local disk, or a new PostgreSQL database on the local server.",
         "- Slurm keeps ended jobs for `MinJobAge` (300 s) and holds at most `MaxJobCount` "
         "(10,000): before each step the run waits until the step fits and leaves 2,000 job "

@@ -35,7 +35,7 @@ def test_quick_run_writes_every_table_and_plot(tmp_path: Path) -> None:
         cwd=devcluster.REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=420,
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
