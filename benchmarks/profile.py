@@ -148,6 +148,11 @@ def _print_top(raw: Path, limit: int = 30) -> None:
         print()
 
 
+def _spy_options(args: argparse.Namespace, server: BrokerServer) -> list[str]:
+    """py-spy's options for a ``broker serve``: its workers too, when it has several."""
+    return [f"--{args.mode}"] + (["--subprocesses"] if server.workers > 1 else [])
+
+
 def profile_submit(args: argparse.Namespace, workdir: Path) -> Path:
     cluster = Cluster.from_broker_toml()
     prepare_account(cluster)
@@ -155,7 +160,7 @@ def profile_submit(args: argparse.Namespace, workdir: Path) -> Path:
     with ExitStack() as stack:
         url = stack.enter_context(fresh_database(args.backend, workdir))
         token = seed_bench_project(url, cluster.name)
-        server = stack.enter_context(BrokerServer(url, workdir, "profile"))
+        server = stack.enter_context(BrokerServer(url, workdir, "profile", workers=args.workers))
         target = BrokerTarget(args.backend, args.backend, server, token)
         BrokerSubmit(target, cluster).submit()  # connection and account check outside the profile
 
@@ -169,7 +174,7 @@ def profile_submit(args: argparse.Namespace, workdir: Path) -> Path:
 
         try:
             cpu_before = server.cpu_s()
-            with py_spy(server.pid, output, [f"--{args.mode}"]):
+            with py_spy(server.pid, output, _spy_options(args, server)):
                 result = closed_loop(args.jobs, args.clients, make)
             cpu = server.cpu_s() - cpu_before
         finally:
@@ -190,13 +195,13 @@ def profile_reads(args: argparse.Namespace, workdir: Path) -> Path:
         db = open_database(url)
         history = seed_history(db, jobs=args.jobs)
         db.close()
-        server = stack.enter_context(BrokerServer(url, workdir, "profile"))
+        server = stack.enter_context(BrokerServer(url, workdir, "profile", workers=args.workers))
         if args.endpoint == "get":
             paths = [f"/v1/jobs/{job_id}" for job_id in history.visible_job_ids]
         else:
             paths = [f"/v1/jobs?project={p}&state=completed" for p in history.own_projects]
         run_wrk(server.url, paths, history.token, connections=args.clients, duration_s=2)
-        with py_spy(server.pid, output, [f"--{args.mode}"]):
+        with py_spy(server.pid, output, _spy_options(args, server)):
             result = run_wrk(
                 server.url, paths, history.token, connections=args.clients, duration_s=10
             )
@@ -336,6 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--endpoint", choices=("get", "list"), default="get")
     parser.add_argument(
         "--mode", choices=("gil", "idle"), default="gil", help="py-spy: CPU (gil) or wall (idle)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="submit and reads: broker serve --workers N (where serve has the option)",
     )
     parser.add_argument(
         "--sampler",
