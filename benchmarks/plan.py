@@ -42,6 +42,8 @@ class Plan:
     (one process otherwise, and always on SQLite)."""
     metrics_sizes: tuple[int, ...] = (1_000, 100_000, 1_000_000)
     """Jobs in the database for the cold ``/metrics`` scrapes (PostgreSQL), grown in steps."""
+    metrics_copy_from: int = 100_000
+    """From this many jobs on, the history grows by server-side copies of its rows."""
     mixed_researchers: int = 200
     mixed_seconds: float = 60.0
     mixed_think_s: float = 1.0
@@ -76,7 +78,8 @@ QUICK = Plan(
     metrics_scrapes=1,
     single_requests=5,
     api_workers=2,
-    metrics_sizes=(100, 1000),
+    metrics_sizes=(100, 1000, 3000),
+    metrics_copy_from=1000,
     mixed_researchers=8,
     mixed_seconds=4.0,
     mixed_think_s=0.3,
