@@ -21,6 +21,7 @@ What the runner guarantees, whatever paramiko does underneath:
 
 from __future__ import annotations
 
+import functools
 import logging
 import select
 import shlex
@@ -34,7 +35,12 @@ from typing import Literal, Protocol
 
 import paramiko
 
-from adapters.environment import check_variables, env_command_prefix
+from adapters.environment import (
+    CLEARED_VARIABLES,
+    check_variables,
+    controlled_variables,
+    env_command_prefix,
+)
 from adapters.errors import (
     AdapterError,
     AuthenticationFailed,
@@ -156,7 +162,16 @@ def remote_command(
         raise ValueError("empty argv")
     if argv[0].startswith("-") or "=" in argv[0]:
         raise ValueError(f"argv[0] {argv[0]!r} would be read as an option or variable by env")
-    return shlex.join([*env_command_prefix(extra_env, env, env_binary=env_binary), *argv])
+    # The same words as shlex.join(env_command_prefix(...) + argv); the long constant part (env
+    # and its hundred-odd -u options) is quoted once per process.
+    variables = [f"{key}={value}" for key, value in controlled_variables(extra_env, env).items()]
+    return f"{_clearing(env_binary)} {shlex.join([*variables, *argv])}"
+
+
+@functools.lru_cache(maxsize=8)
+def _clearing(env_binary: str) -> str:
+    """``env -u NAME ...`` for every cleared variable, quoted for the remote shell."""
+    return shlex.join(env_command_prefix(env_binary=env_binary)[: 1 + 2 * len(CLEARED_VARIABLES)])
 
 
 class _Closable(Protocol):

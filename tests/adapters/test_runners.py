@@ -4,6 +4,7 @@ and the translation of paramiko and socket errors."""
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 import threading
@@ -14,7 +15,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from adapters.environment import CLEARED_VARIABLES
+from adapters.environment import CLEARED_VARIABLES, env_command_prefix
 from adapters.errors import (
     AdapterError,
     AuthenticationFailed,
@@ -102,6 +103,21 @@ def test_remote_command_pins_the_environment() -> None:
     assert env["SLURM_CONF"] == "/c"
     assert env["K"] == "v'1"
     assert not set(CLEARED_VARIABLES) & env.keys()
+
+
+@pytest.mark.parametrize(
+    ("extra", "call", "binary"),
+    [(None, None, "/usr/bin/env"), ({"SLURM_CONF": "/c d"}, {"K": "v'1"}, "/opt/bin/env")],
+)
+def test_remote_command_is_the_quoted_prefix_and_argv(
+    extra: dict[str, str] | None, call: dict[str, str] | None, binary: str
+) -> None:
+    """The part quoted once per process gives the very string quoting every word would."""
+    argv = ["/usr/bin/sbatch", "--comment=a b", *WORDS]
+    for _ in range(2):  # the second call uses what the first cached
+        assert remote_command(argv, extra, call, env_binary=binary) == shlex.join(
+            [*env_command_prefix(extra, call, env_binary=binary), *argv]
+        )
 
 
 @pytest.mark.parametrize(
