@@ -323,20 +323,20 @@ class JobService:
             )
         fingerprint = request_fingerprint(body)
         try:
-            try:
-                with transaction(self._sessions) as session:
-                    job, replayed = self._admit(session, actor, body, idempotency_key, fingerprint)
-                    job_id, cluster_name = job.id, job.cluster
-                    spec = _sbatch_spec(job, body, actor.name)
-            except _Unprepared as first_time:
-                # Before anything is reserved (the transaction above rolled back): the
-                # researcher's Unix account must be usable there. Once per user, cluster and
-                # process; then admission again, from the start.
-                self._identities.prepare(first_time.cluster, actor.unix_user)
-                with transaction(self._sessions) as session:
-                    job, replayed = self._admit(session, actor, body, idempotency_key, fingerprint)
-                    job_id, cluster_name = job.id, job.cluster
-                    spec = _sbatch_spec(job, body, actor.name)
+            while True:
+                try:
+                    with transaction(self._sessions) as session:
+                        job, replayed = self._admit(
+                            session, actor, body, idempotency_key, fingerprint
+                        )
+                        job_id, cluster_name = job.id, job.cluster
+                        spec = _sbatch_spec(job, body, actor.name)
+                    break
+                except _Unprepared as first_time:
+                    # Before anything is reserved (the transaction above rolled back): the
+                    # researcher's Unix account must be usable there. Once per user, cluster and
+                    # process (prepare remembers success or raises); then admission again.
+                    self._identities.prepare(first_time.cluster, actor.unix_user)
         except IntegrityError:
             # The key is unique per user, but admission locks only the project: the same key
             # sent at once for two projects meets here, at the unique constraint. The winner
