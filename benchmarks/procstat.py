@@ -60,8 +60,15 @@ def memory_kib(pid: int) -> dict[str, int]:
     return values
 
 
+_ROLES = (
+    ("multiprocessing.spawn", "worker (multiprocessing spawn)"),
+    ("multiprocessing.resource_tracker", "multiprocessing resource tracker"),
+    ("broker serve", "broker serve"),
+)
+
+
 def command_name(pid: int) -> str:
-    """A short description of the process: its command line, shortened."""
+    """A short description of the process: its role where known, else its command line."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
@@ -71,7 +78,11 @@ def command_name(pid: int) -> str:
         for i, a in enumerate(argv)
         if a
     ]
-    return " ".join(words)[:80]
+    line = " ".join(words)
+    for marker, role in _ROLES:
+        if marker in line:
+            return role
+    return line[:60]
 
 
 @dataclass(frozen=True, slots=True)
