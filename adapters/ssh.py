@@ -21,7 +21,11 @@ What the runner guarantees, whatever paramiko does underneath:
 
 from __future__ import annotations
 
+import functools
+import heapq
+import itertools
 import logging
+import os
 import select
 import shlex
 import socket
@@ -34,7 +38,12 @@ from typing import Literal, Protocol
 
 import paramiko
 
-from adapters.environment import check_variables, env_command_prefix
+from adapters.environment import (
+    CLEARED_VARIABLES,
+    check_variables,
+    controlled_variables,
+    env_command_prefix,
+)
 from adapters.errors import (
     AdapterError,
     AuthenticationFailed,
@@ -156,7 +165,16 @@ def remote_command(
         raise ValueError("empty argv")
     if argv[0].startswith("-") or "=" in argv[0]:
         raise ValueError(f"argv[0] {argv[0]!r} would be read as an option or variable by env")
-    return shlex.join([*env_command_prefix(extra_env, env, env_binary=env_binary), *argv])
+    # The same words as shlex.join(env_command_prefix(...) + argv); the long constant part (env
+    # and its hundred-odd -u options) is quoted once per process.
+    variables = [f"{key}={value}" for key, value in controlled_variables(extra_env, env).items()]
+    return f"{_clearing(env_binary)} {shlex.join([*variables, *argv])}"
+
+
+@functools.lru_cache(maxsize=8)
+def _clearing(env_binary: str) -> str:
+    """``env -u NAME ...`` for every cleared variable, quoted for the remote shell."""
+    return shlex.join(env_command_prefix(env_binary=env_binary)[: 1 + 2 * len(CLEARED_VARIABLES)])
 
 
 class _Closable(Protocol):
@@ -168,12 +186,12 @@ class _Alarm:
 
     def __init__(self, seconds: float, target: _Closable) -> None:
         self.fired = threading.Event()
+        self.cancelled = False
+        self.deadline = time.monotonic() + max(seconds, 0.0)
         self._target = target
-        self._timer = threading.Timer(max(seconds, 0.0), self._fire)
-        self._timer.daemon = True
-        self._timer.start()
+        _WATCHDOG.add(self)
 
-    def _fire(self) -> None:
+    def fire(self) -> None:
         self.fired.set()
         try:
             self._target.close()
@@ -181,7 +199,59 @@ class _Alarm:
             logger.debug("closing after the deadline failed", exc_info=True)
 
     def cancel(self) -> None:
-        self._timer.cancel()
+        """The guarded call returned in time. (If the deadline passed meanwhile, the alarm may
+        have fired already: callers look at ``fired``.)"""
+        self.cancelled = True
+
+
+class _Watchdog:
+    """One thread for every ``_Alarm`` of the process, instead of a timer thread per command:
+    it sleeps until the earliest deadline and fires the alarms not cancelled by then."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty, with no thread yet (also in a forked child)."""
+        self._ready = threading.Condition()
+        self._alarms: list[tuple[float, int, _Alarm]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, alarm: _Alarm) -> None:
+        with self._ready:
+            if len(self._alarms) > 1024:  # most are cancelled: commands end long before deadlines
+                self._alarms = [entry for entry in self._alarms if not entry[2].cancelled]
+                heapq.heapify(self._alarms)
+            heapq.heappush(self._alarms, (alarm.deadline, next(self._order), alarm))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="ssh-deadlines", daemon=True)
+                self._thread.start()
+            if self._alarms[0][2] is alarm:  # earlier than what the thread sleeps towards
+                self._ready.notify()
+
+    def _next_due(self) -> _Alarm:
+        with self._ready:
+            while True:
+                while self._alarms and self._alarms[0][2].cancelled:
+                    heapq.heappop(self._alarms)
+                if not self._alarms:
+                    self._ready.wait()
+                    continue
+                wait = self._alarms[0][0] - time.monotonic()
+                if wait <= 0:
+                    return heapq.heappop(self._alarms)[2]
+                self._ready.wait(wait)
+
+    def _run(self) -> None:
+        while True:
+            self._next_due().fire()  # outside the lock: closing may take a moment
+
+
+_WATCHDOG = _Watchdog()
+# A child forked from a process whose watchdog ran (uvicorn's workers) starts from an empty one:
+# the parent's thread does not exist there, and its lock may have been held at the fork.
+os.register_at_fork(after_in_child=_WATCHDOG.reset)
 
 
 class SSHRunner:

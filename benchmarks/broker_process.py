@@ -26,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from benchmarks.slurm import BENCH_ACCOUNT, BROKER_TOML, RESEARCHER_UNIX_USER
+from benchmarks.procstat import command_name, memory_kib, process_tree, tree_cpu_s
+from benchmarks.slurm import BENCH_ACCOUNT, BROKER_TOML, REPO, RESEARCHER_UNIX_USER
 from broker.clock import utcnow
 from broker.config import Settings, environment_for, load_settings
 from broker.db.engine import make_engine, make_session_factory, transaction
@@ -159,16 +160,55 @@ def seed_bench_project(url: str, cluster: str) -> str:
     return token
 
 
-class BrokerServer:
-    """``broker serve --no-poller`` on a free loopback port, in its own process."""
+_WORKERS_OPTION: dict[Path, bool] = {}
 
-    def __init__(self, database_url: str, workdir: Path, label: str) -> None:
+
+def code_environment(root: Path) -> dict[str, str]:
+    """The environment that makes a Python process import the broker from ``root`` (this tree,
+    or a baseline's worktree) rather than from wherever the virtualenv's editable install
+    points."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else str(root)}
+
+
+def serve_has_workers(root: Path = REPO) -> bool:
+    """Whether ``broker serve`` of the code in ``root`` takes ``--workers N``."""
+    if root not in _WORKERS_OPTION:
+        cli = str(Path(sys.executable).with_name("broker"))
+        done = subprocess.run(
+            [cli, "serve", "--help"],
+            env={**code_environment(root), "COLUMNS": "200"},
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        _WORKERS_OPTION[root] = "--workers" in done.stdout
+    return _WORKERS_OPTION[root]
+
+
+class BrokerServer:
+    """``broker serve --no-poller`` on a free loopback port, in its own process (with
+    ``workers`` > 1 and a ``serve`` that has ``--workers``: a supervisor and its workers)."""
+
+    def __init__(
+        self,
+        database_url: str,
+        workdir: Path,
+        label: str,
+        *,
+        workers: int = 1,
+        root: Path = REPO,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.label = label
+        self.root = root
+        self.workers = workers if workers > 1 and serve_has_workers(root) else 1
         self.log = workdir / f"broker-{label}-{self.port}.log"
         self._env = {
-            **os.environ,
+            **code_environment(root),
             **environment_for(bench_overrides(database_url)),
             "BROKER_CONFIG": str(BROKER_TOML),
         }
@@ -182,12 +222,12 @@ class BrokerServer:
 
     def start(self, timeout: float = 60) -> BrokerServer:
         cli = str(Path(sys.executable).with_name("broker"))
+        argv = [cli, "serve", "--port", str(self.port), "--no-poller", "--log-level", "warning"]
+        if self.workers > 1:
+            argv += ["--workers", str(self.workers)]
         with self.log.open("ab") as log:
             self._proc = subprocess.Popen(
-                [cli, "serve", "--port", str(self.port), "--no-poller", "--log-level", "warning"],
-                env=self._env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                argv, env=self._env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root
             )
         deadline = time.monotonic() + timeout
         while True:
@@ -202,13 +242,36 @@ class BrokerServer:
             time.sleep(0.2)
 
     def memory_kib(self) -> dict[str, int]:
-        """``VmRSS`` (resident now) and ``VmHWM`` (peak resident) of the server, in KiB."""
-        values = {}
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0])
-        return values
+        """``VmRSS`` (resident now) and ``VmHWM`` (peak resident) of the server's largest
+        process, in KiB (the only one without workers)."""
+        processes = self.processes()
+        return {
+            "VmRSS": max(p["rss_kib"] for p in processes),
+            "VmHWM": max(p["hwm_kib"] for p in processes),
+        }
+
+    def processes(self) -> list[dict[str, Any]]:
+        """Every process of the server (supervisor first, then workers): pid, command, resident
+        and peak resident memory in KiB."""
+        rows = []
+        for pid in process_tree(self.pid):
+            try:
+                memory = memory_kib(pid)
+            except OSError:
+                continue
+            rows.append(
+                {
+                    "pid": pid,
+                    "command": command_name(pid),
+                    "rss_kib": memory.get("VmRSS", 0),
+                    "hwm_kib": memory.get("VmHWM", 0),
+                }
+            )
+        return rows
+
+    def cpu_s(self) -> float:
+        """CPU seconds used so far by the server's processes together."""
+        return tree_cpu_s(self.pid)
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

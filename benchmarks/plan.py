@@ -37,6 +37,20 @@ class Plan:
     metrics_scrapes: int = 5
     single_requests: int = 100
     """Sequential requests per endpoint, one client, for the cost of one request."""
+    api_workers: int = 2
+    """``broker serve --workers`` for the servers on PostgreSQL, where ``serve`` has the option
+    (one process otherwise, and always on SQLite)."""
+    metrics_sizes: tuple[int, ...] = (1_000, 100_000, 1_000_000)
+    """Jobs in the database for the cold ``/metrics`` scrapes (PostgreSQL), grown in steps."""
+    metrics_copy_from: int = 100_000
+    """From this many jobs on, the history grows by server-side copies of its rows."""
+    mixed_researchers: int = 200
+    mixed_seconds: float = 60.0
+    mixed_think_s: float = 1.0
+    """Mean pause of a simulated researcher between two requests (exponential)."""
+    mixed_history_jobs: int = 20_000
+    """Jobs already in the database before the mixed load (the researchers' history)."""
+    mixed_scrape_every_s: float = 5.0
     background_sample_s: float = 3.0
     """Before each section: how long to watch what the machine does without the benchmark."""
     keep_free_jobs: int = 2000
@@ -63,6 +77,14 @@ QUICK = Plan(
     read_warmup_seconds=0.0,
     metrics_scrapes=1,
     single_requests=5,
+    api_workers=2,
+    metrics_sizes=(100, 1000, 3000),
+    metrics_copy_from=1000,
+    mixed_researchers=8,
+    mixed_seconds=4.0,
+    mixed_think_s=0.3,
+    mixed_history_jobs=500,
+    mixed_scrape_every_s=1.0,
     background_sample_s=0.2,
     room_wait_s=30.0,
 )

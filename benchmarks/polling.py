@@ -197,6 +197,7 @@ def _cycle(target: PollTarget, cluster: Cluster) -> dict[str, Any]:
         "commands": dict(Counter(c.command for c in calls)),
         "bytes_read": sum(c.bytes_read for c in calls),
         "squeue_s": sum(c.seconds for c in calls if c.command == "squeue"),
+        "commands_s": sum(c.seconds for c in calls),
         "squeue_bytes": sum(c.bytes_read for c in calls if c.command == "squeue"),
         "squeue_lines": sum(c.lines for c in calls if c.command == "squeue"),
         "controller_rpcs": sum(count for count, _ in rpcs.values()),
@@ -221,6 +222,14 @@ def _summarise(size: int, first: dict[str, Any], cycles: list[dict[str, Any]]) -
         "duration_ms_max": max(c["duration_s"] for c in cycles) * 1000,
         "first_cycle_ms": first["duration_s"] * 1000,
         "squeue_ms_median": median("squeue_s") * 1000,
+        "without_squeue_ms_median": statistics.median(
+            float(c["duration_s"]) - float(c["squeue_s"]) for c in cycles
+        )
+        * 1000,
+        "without_commands_ms_median": statistics.median(
+            float(c["duration_s"]) - float(c["commands_s"]) for c in cycles
+        )
+        * 1000,
         "bytes_read_median": median("bytes_read"),
         "squeue_bytes_median": median("squeue_bytes"),
         "squeue_lines_median": median("squeue_lines"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -14,6 +15,74 @@ def process_cpu_s(pid: int) -> float:
     """User plus system CPU seconds the process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every live process below it (a ``broker serve --workers N`` supervisor and
+    its workers), parents first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            parent = _parent(int(entry.name))
+            if parent is not None:
+                children.setdefault(parent, []).append(int(entry.name))
+    tree, queue = [], [pid]
+    while queue:
+        current = queue.pop(0)
+        tree.append(current)
+        queue += sorted(children.get(current, []))
+    return tree
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of the process and its live descendants (workers that exited are lost)."""
+    total = 0.0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            total += process_cpu_s(member)
+    return total
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """``VmRSS`` (resident now) and ``VmHWM`` (peak resident) of one process, in KiB."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0])
+    return values
+
+
+_ROLES = (
+    ("multiprocessing.spawn", "worker (multiprocessing spawn)"),
+    ("multiprocessing.resource_tracker", "multiprocessing resource tracker"),
+    ("broker serve", "broker serve"),
+)
+
+
+def command_name(pid: int) -> str:
+    """A short description of the process: its role where known, else its command line."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [
+        Path(a.decode(errors="replace")).name if i == 0 else a.decode(errors="replace")
+        for i, a in enumerate(argv)
+        if a
+    ]
+    line = " ".join(words)
+    for marker, role in _ROLES:
+        if marker in line:
+            return role
+    return line[:60]
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,11 +26,13 @@ from benchmarks.broker_process import (
 from benchmarks.load import run_wrk
 from benchmarks.plan import Plan
 from benchmarks.seed import seed_history
+from benchmarks.slurm import REPO
 from broker.metrics import BrokerMetrics
 
 Say = Callable[[str], None]
 
-METRICS_CACHE_S = float(inspect.signature(BrokerMetrics.attach).parameters["max_age"].default)
+_MAX_AGE = inspect.signature(BrokerMetrics.attach).parameters.get("max_age")
+METRICS_CACHE_S = float(_MAX_AGE.default) if _MAX_AGE is not None else 2.0
 """The broker caches the database-derived series this long; a scrape after it reads the database
 again (a "cold" scrape, what Prometheus sees at a scrape interval of 15 s or more)."""
 
@@ -65,7 +67,8 @@ def _one_at_a_time(
     return medians
 
 
-def _scrapes(server: BrokerServer, count: int) -> dict[str, Any]:
+def scrape_timings(server: BrokerServer, count: int) -> dict[str, Any]:
+    """``count`` cold scrapes, each after the cache expired, and a warm one right after each."""
     cold: list[float] = []
     warm: list[float] = []
     size = 0
@@ -92,7 +95,7 @@ def _scrapes(server: BrokerServer, count: int) -> dict[str, Any]:
     }
 
 
-def run_reads(plan: Plan, workdir: Path, say: Say) -> dict[str, Any]:
+def run_reads(plan: Plan, workdir: Path, say: Say, root: Path = REPO) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for backend in BACKENDS:
         with fresh_database(backend, workdir) as url:
@@ -109,7 +112,10 @@ def run_reads(plan: Plan, workdir: Path, say: Say) -> dict[str, Any]:
                 db.close()
             seeded_s = time.perf_counter() - started
             say(f"  {backend}: {history.jobs} jobs seeded in {seeded_s:.0f} s")
-            with BrokerServer(url, workdir, f"reads-{backend}") as server:
+            workers = plan.api_workers if backend == "postgres" else 1
+            with BrokerServer(
+                url, workdir, f"reads-{backend}", workers=workers, root=root
+            ) as server:
                 memory_idle = server.memory_kib()
                 paths = {
                     "get": [f"/v1/jobs/{job_id}" for job_id in history.visible_job_ids],
@@ -153,9 +159,11 @@ def run_reads(plan: Plan, workdir: Path, say: Say) -> dict[str, Any]:
                     },
                     plan.single_requests,
                 )
-                metrics = _scrapes(server, plan.metrics_scrapes)
+                metrics = scrape_timings(server, plan.metrics_scrapes)
                 say(f"  {backend} /metrics: {metrics['cold_ms_median']:.0f} ms cold")
                 memory_after = server.memory_kib()
+                processes = server.processes()
+                served_by = server.workers
         results[backend] = {
             "jobs": history.jobs,
             "seed_s": seeded_s,
@@ -165,6 +173,8 @@ def run_reads(plan: Plan, workdir: Path, say: Say) -> dict[str, Any]:
             "rss_idle_kib": memory_idle.get("VmRSS", 0),
             "rss_after_kib": memory_after.get("VmRSS", 0),
             "rss_peak_kib": memory_after.get("VmHWM", 0),
+            "workers": served_by,
+            "processes": processes,
         }
     return {
         "clients": plan.read_clients,

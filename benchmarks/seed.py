@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, text
+from sqlalchemy import func, insert, select, text
+from sqlalchemy.orm import Session
 
 from benchmarks.broker_process import Database, add_project, add_researcher
 from broker.clock import utcnow
@@ -101,12 +102,30 @@ def job_row(
     }
 
 
-def insert_jobs(db: Database, rows: Sequence[Mapping[str, Any]], *, batch: int = 5_000) -> None:
+def insert_jobs(
+    db: Database, rows: Sequence[Mapping[str, Any]], *, batch: int = 5_000, totals: bool = True
+) -> None:
+    """Insert job rows in bulk. Where the broker keeps ledger totals of its own
+    (``broker.service.ledger.rebuild``), they are rebuilt from the rows in the same
+    transaction, as they would have been kept had the jobs gone through the service;
+    ``totals=False`` leaves that to a later ``rebuild_totals``."""
     with transaction(db.sessions) as session:
         for offset in range(0, len(rows), batch):
             session.execute(insert(JobRecord), list(rows[offset : offset + batch]))
-        # Rows inserted past the service layer: the ledger's totals are derived from them here.
-        ledger.rebuild(session)
+        if totals:
+            _rebuild(session)
+
+
+def _rebuild(session: Session) -> None:
+    rebuild = getattr(ledger, "rebuild", None)
+    if callable(rebuild):
+        rebuild(session)
+
+
+def rebuild_totals(db: Database) -> None:
+    """The ledger totals from the job rows (where the broker keeps totals)."""
+    with transaction(db.sessions) as session:
+        _rebuild(session)
 
 
 def analyze(db: Database) -> None:
@@ -136,20 +155,22 @@ def _weighted_states(rng: random.Random, count: int) -> Iterator[str]:
     return iter(rng.choices(names, weights, k=count))
 
 
-def seed_history(
-    db: Database,
-    *,
-    jobs: int,
-    projects: int = 50,
-    researchers: int = 200,
-    days: int = 180,
-    sample: int = 2000,
-    seed: int = 7,
-) -> History:
-    """``jobs`` job rows over ``projects`` projects and ``researchers`` users, submitted over the
-    last ``days`` days. The reading researcher, ``bench``, is a member of the first two projects,
-    each user of two projects."""
-    rng = random.Random(seed)
+@dataclass
+class People:
+    """The projects and researchers of a seeded history."""
+
+    token: str
+    project_names: list[str]
+    members: dict[str, list[str]]
+    project_ids: dict[str, int]
+    user_ids: dict[str, int]
+
+
+def seed_people(
+    db: Database, *, projects: int = 50, researchers: int = 200, rng: random.Random
+) -> People:
+    """``projects`` projects and ``researchers`` users, each user in two projects; the reading
+    researcher ``bench`` is a member of the first two projects."""
     token = add_researcher(db, "bench")
     with transaction(db.sessions) as session:
         for index in range(researchers):
@@ -168,34 +189,106 @@ def seed_history(
     with db.sessions() as session:
         project_ids = dict(session.execute(select(ProjectRecord.name, ProjectRecord.id)).all())
         user_ids = dict(session.execute(select(UserRecord.name, UserRecord.id)).all())
+    return People(token, project_names, members, project_ids, user_ids)
+
+
+def add_history(
+    db: Database,
+    people: People,
+    jobs: int,
+    *,
+    rng: random.Random,
+    days: int = 180,
+    chunk: int = 50_000,
+    keep_ids_of: Sequence[str] = (),
+) -> list[str]:
+    """``jobs`` job rows over the people's projects, submitted over the last ``days`` days,
+    inserted ``chunk`` at a time (so a million rows never sit in memory at once); ledger totals
+    are rebuilt once at the end. Returns the ids of the jobs of the projects ``keep_ids_of``."""
     now = utcnow()
-    rows = []
-    states = _weighted_states(rng, jobs)
-    for _ in range(jobs):
-        project = rng.choice(project_names)
-        cluster, partition, gpu_type, weight = rng.choice(PLACEMENTS + PLACEMENTS_BETA)
-        state = next(states)
-        submitted = now - timedelta(seconds=rng.uniform(60, days * 86_400))
-        rows.append(
-            job_row(
-                project_id=project_ids[project],
-                user_id=user_ids[rng.choice(members[project])],
-                account=project,
-                state=state,
-                submitted_at=submitted,
-                cluster=cluster,
-                partition=partition,
-                gpu_type=gpu_type,
-                weight=weight,
-                gpus=rng.choice((1, 2, 4, 8)),
-                time_limit_minutes=rng.choice((30, 60, 240, 1440)),
-                slurm_job_id=str(rng.randint(1, 9_999_999)),
-                elapsed_s=rng.randint(10, 86_400) if state not in ("pending", "running") else None,
+    kept_projects = {people.project_ids[p] for p in keep_ids_of}
+    kept: list[str] = []
+    done = 0
+    while done < jobs:
+        size = min(chunk, jobs - done)
+        states = _weighted_states(rng, size)
+        rows = []
+        for _ in range(size):
+            project = rng.choice(people.project_names)
+            cluster, partition, gpu_type, weight = rng.choice(PLACEMENTS + PLACEMENTS_BETA)
+            state = next(states)
+            submitted = now - timedelta(seconds=rng.uniform(60, days * 86_400))
+            rows.append(
+                job_row(
+                    project_id=people.project_ids[project],
+                    user_id=people.user_ids[rng.choice(people.members[project])],
+                    account=project,
+                    state=state,
+                    submitted_at=submitted,
+                    cluster=cluster,
+                    partition=partition,
+                    gpu_type=gpu_type,
+                    weight=weight,
+                    gpus=rng.choice((1, 2, 4, 8)),
+                    time_limit_minutes=rng.choice((30, 60, 240, 1440)),
+                    slurm_job_id=str(rng.randint(1, 9_999_999)),
+                    elapsed_s=rng.randint(10, 86_400)
+                    if state not in ("pending", "running")
+                    else None,
+                )
             )
-        )
-    insert_jobs(db, rows)
+        insert_jobs(db, rows, totals=False)
+        kept += [r["id"] for r in rows if r["project_id"] in kept_projects]
+        done += size
+    rebuild_totals(db)
     analyze(db)
-    own = tuple(project_names[:2])
-    own_ids = [r["id"] for r in rows if r["project_id"] in {project_ids[p] for p in own}]
+    return kept
+
+
+def copy_history(db: Database, jobs: int) -> None:
+    """``jobs`` more job rows on PostgreSQL, copied server-side from those already there (each
+    copy with a new id and tag): the same mix of projects, users, states and times, at a
+    fraction of the cost of building rows in Python (a million rows in seconds). Ledger totals
+    are rebuilt and the planner's statistics refreshed at the end."""
+    if db.engine.dialect.name != "postgresql":
+        raise ValueError("copy_history needs PostgreSQL")
+    columns = [c.name for c in JobRecord.__table__.columns if c.name not in ("id", "tag")]
+    listed = ", ".join(f'"{name}"' for name in columns)
+    copied = ", ".join(f'src."{name}"' for name in columns)
+    statement = text(
+        f"INSERT INTO jobs (id, tag, {listed}) "
+        f"SELECT src.new_id, 'brk-' || src.new_id, {copied} "
+        "FROM (SELECT gen_random_uuid()::text AS new_id, j.* FROM jobs AS j LIMIT :n) AS src"
+    )
+    done = 0
+    while done < jobs:
+        with transaction(db.sessions) as session:
+            have = int(session.scalar(select(func.count()).select_from(JobRecord)) or 0)
+            if have == 0:
+                raise ValueError("no job rows to copy")
+            step = min(have, jobs - done)
+            session.execute(statement, {"n": step})
+        done += step
+    rebuild_totals(db)
+    analyze(db)
+
+
+def seed_history(
+    db: Database,
+    *,
+    jobs: int,
+    projects: int = 50,
+    researchers: int = 200,
+    days: int = 180,
+    sample: int = 2000,
+    seed: int = 7,
+) -> History:
+    """``jobs`` job rows over ``projects`` projects and ``researchers`` users, submitted over the
+    last ``days`` days. The reading researcher, ``bench``, is a member of the first two projects,
+    each user of two projects."""
+    rng = random.Random(seed)
+    people = seed_people(db, projects=projects, researchers=researchers, rng=rng)
+    own = tuple(people.project_names[:2])
+    own_ids = add_history(db, people, jobs, rng=rng, days=days, keep_ids_of=own)
     visible = tuple(rng.sample(own_ids, min(sample, len(own_ids))))
-    return History(token=token, own_projects=own, visible_job_ids=visible, jobs=jobs)
+    return History(token=people.token, own_projects=own, visible_job_ids=visible, jobs=jobs)

@@ -18,7 +18,7 @@ from adapters.slurm.types import JobSpec
 from benchmarks.broker_process import BrokerServer, scrape
 from benchmarks.load import LoadResult, Operation, closed_loop
 from benchmarks.plan import Plan
-from benchmarks.procstat import MachineCpu, process_cpu_s
+from benchmarks.procstat import MachineCpu, process_cpu_s, tree_cpu_s
 from benchmarks.slurm import (
     Cluster,
     ClusterError,
@@ -217,7 +217,7 @@ def _cpu_now(slurmctld: int, broker: int | None) -> tuple[MachineCpu, float, flo
     return (
         MachineCpu.now(),
         process_cpu_s(slurmctld),
-        process_cpu_s(broker) if broker else 0.0,
+        tree_cpu_s(broker) if broker else 0.0,
     )
 
 

@@ -85,6 +85,16 @@ class ClusterIdentities:
         with self._lock:
             self._done.discard(key)
 
+    def prepared(self, cluster_name: str, unix_user: str | None) -> str | None:
+        """The job directory of ``unix_user`` on the cluster if this process has prepared it
+        already (no command run); None if ``prepare`` must run first."""
+        if unix_user is None:
+            return None
+        with self._lock:
+            if ("directory", cluster_name, unix_user) not in self._done:
+                return None
+        return output_dir(self._clusters.config(cluster_name), unix_user)
+
     def prepare(self, cluster_name: str, unix_user: str | None) -> str:
         """The job directory of ``unix_user`` on the cluster, created as them if need be.
 

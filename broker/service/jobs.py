@@ -443,22 +443,27 @@ class JobService:
                 [{"field": "Idempotency-Key", "message": "1 to 200 characters"}],
             )
         fingerprint = request_fingerprint(body)
-        with self._sessions() as session:
-            project = visible_project(session, actor, body.project)
-            self._require_submitter(actor, project)
-            where = self._placement(session, project, body)
-        # Before anything is reserved: the researcher's Unix account must be usable there.
-        directory = self._identities.prepare(where[0], actor.unix_user)
         try:
-            with transaction(self._sessions) as session:
-                job, replayed = self._admit(
-                    session, actor, body, idempotency_key, fingerprint, directory, where
-                )
-                job_id, cluster_name = job.id, job.cluster
-                spec = _sbatch_spec(job, body.script, dict(body.environment), actor.name)
-                queued = (
-                    job_public(job, body.project, actor.name) if job.state == "queued" else None
-                )
+            while True:
+                try:
+                    with transaction(self._sessions) as session:
+                        job, replayed = self._admit(
+                            session, actor, body, idempotency_key, fingerprint
+                        )
+                        job_id, cluster_name = job.id, job.cluster
+                        spec = _sbatch_spec(job, body.script, dict(body.environment), actor.name)
+                        placed = job.placed
+                        queued = (
+                            job_public(job, body.project, actor.name)
+                            if job.state == JobState.QUEUED.value
+                            else None
+                        )
+                    break
+                except _Unprepared as first_time:
+                    # Before anything is reserved (the transaction above rolled back): the
+                    # researcher's Unix account must be usable there. Once per user, cluster and
+                    # process (prepare remembers success or raises); then admission again.
+                    self._identities.prepare(first_time.cluster, actor.unix_user)
         except IntegrityError:
             # The key is unique per user, but admission locks only the project: the same key
             # sent at once for two projects meets here, at the unique constraint. The winner
@@ -480,7 +485,7 @@ class JobService:
                 # this one waited: this retry is a new submission under the same key (once).
                 return self._submit(actor, body, idempotency_key, again=False)
             return SubmitOutcome(earlier_job, created=False)
-        if where[3] is not None:
+        if placed:
             self._observer.placement(cluster_name, "placed")
         if queued is not None:
             log.info("job %s queued: %s", job_id, queued.queue.message if queued.queue else "")
@@ -495,15 +500,15 @@ class JobService:
         body: JobCreate,
         idempotency_key: str | None,
         fingerprint: str,
-        directory: str,
-        where: tuple[str, str, str, str | None],
     ) -> tuple[JobRecord, bool]:
-        """Admission under the project's ledger lock. ``where``: the cluster, partition and GPU
-        type chosen before (the researcher's directory was prepared there), and why, if the
-        broker chose."""
+        """Admission under the project's ledger lock; ``_Unprepared`` when the researcher's
+        directory on the chosen cluster is not known to exist yet (nothing written then)."""
         project = visible_project(session, actor, body.project)
         self._require_submitter(actor, project)
-        cluster_name, partition, gpu_type, placed_why = where
+        cluster_name, partition, gpu_type, placed_why = self._placement(session, project, body)
+        directory = self._identities.prepared(cluster_name, actor.unix_user)
+        if directory is None:
+            raise _Unprepared(cluster_name)
         account = project.slurm_accounts.get(cluster_name)
         if account is None:
             raise LimitExceeded(
@@ -952,6 +957,16 @@ _OUTCOMES: dict[type[BrokerError], str] = {
     ClusterUnavailable: "cluster_unavailable",
     SubmitRejected: "slurm_rejected",
 }
+
+
+class _Unprepared(Exception):
+    """Admission stops before any write: the researcher's directory on ``cluster`` is not
+    prepared in this process yet (``ClusterIdentities.prepare`` runs SSH commands, which never
+    happen inside a transaction)."""
+
+    def __init__(self, cluster: str) -> None:
+        super().__init__(cluster)
+        self.cluster = cluster
 
 
 def _by_idempotency_key(session: Session, user_id: int, key: str) -> JobRecord | None:

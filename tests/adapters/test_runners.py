@@ -4,6 +4,7 @@ and the translation of paramiko and socket errors."""
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 import threading
@@ -14,7 +15,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from adapters.environment import CLEARED_VARIABLES
+from adapters.environment import CLEARED_VARIABLES, env_command_prefix
 from adapters.errors import (
     AdapterError,
     AuthenticationFailed,
@@ -28,6 +29,7 @@ from adapters.ssh import (
     RejectUnknownHostKey,
     SSHRunner,
     Stage,
+    _Alarm,
     load_known_hosts,
     map_ssh_errors,
     remote_command,
@@ -102,6 +104,21 @@ def test_remote_command_pins_the_environment() -> None:
     assert env["SLURM_CONF"] == "/c"
     assert env["K"] == "v'1"
     assert not set(CLEARED_VARIABLES) & env.keys()
+
+
+@pytest.mark.parametrize(
+    ("extra", "call", "binary"),
+    [(None, None, "/usr/bin/env"), ({"SLURM_CONF": "/c d"}, {"K": "v'1"}, "/opt/bin/env")],
+)
+def test_remote_command_is_the_quoted_prefix_and_argv(
+    extra: dict[str, str] | None, call: dict[str, str] | None, binary: str
+) -> None:
+    """The part quoted once per process gives the very string quoting every word would."""
+    argv = ["/usr/bin/sbatch", "--comment=a b", *WORDS]
+    for _ in range(2):  # the second call uses what the first cached
+        assert remote_command(argv, extra, call, env_binary=binary) == shlex.join(
+            [*env_command_prefix(extra, call, env_binary=binary), *argv]
+        )
 
 
 @pytest.mark.parametrize(
@@ -288,3 +305,32 @@ def test_threads_waiting_for_a_failing_connect_share_its_answer(
     assert time.monotonic() - started < 2.5  # one connect timeout, not six in a row
     assert len(errors) == 6
     assert all(isinstance(error, HostUnreachable) for error in errors)
+
+
+# -- deadlines -----------------------------------------------------------------------------------
+
+
+class _Closed:
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def close(self) -> None:
+        self.at = time.monotonic()
+
+
+def test_deadlines_close_in_order_on_one_thread_and_cancelled_ones_never() -> None:
+    """Every command's deadline shares one watchdog thread: no thread per command."""
+    started = time.monotonic()
+    late, early, cancelled = _Closed(), _Closed(), _Closed()
+    alarms = [_Alarm(0.4, late), _Alarm(0.15, early), _Alarm(0.25, cancelled)]
+    alarms[2].cancel()
+    threads = threading.active_count()
+    for _ in range(200):  # commands that end in time
+        _Alarm(60, _Closed()).cancel()
+    assert threading.active_count() == threads
+    time.sleep(0.6)
+    assert early.at is not None and late.at is not None
+    assert 0.15 <= early.at - started < late.at - started
+    assert late.at - started >= 0.4
+    assert cancelled.at is None
+    assert [a.fired.is_set() for a in alarms] == [True, True, False]

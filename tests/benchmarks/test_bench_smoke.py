@@ -20,7 +20,7 @@ from tests import devcluster
 
 pytestmark = pytest.mark.cluster
 
-SECTIONS = ("latency", "throughput", "reads", "polling")
+SECTIONS = ("latency", "throughput", "reads", "polling", "metrics", "mixed")
 
 
 def test_quick_run_writes_every_table_and_plot(tmp_path: Path) -> None:
@@ -35,7 +35,7 @@ def test_quick_run_writes_every_table_and_plot(tmp_path: Path) -> None:
         cwd=devcluster.REPO,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=420,
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -54,4 +54,10 @@ def test_quick_run_writes_every_table_and_plot(tmp_path: Path) -> None:
     for plot in PLOTS.values():
         assert (tmp_path / plot).stat().st_size > 1000, plot
         assert f"]({plot})" in document
-    assert "n/a" not in document.split("## Targets", 1)[1].split("\n## ", 1)[0]
+    targets = document.split("## Targets", 1)[1].split("\n## ", 1)[0]
+    assert "n/a" not in targets
+    assert "not measured" not in targets.replace("not measured (issue)", "")
+    mixed = results["sections"]["mixed"]
+    assert mixed["errors"] == 0, mixed["first_errors"]
+    assert mixed["db_connections"]["samples"] > 0
+    assert all(r["processes"] for r in results["sections"]["reads"]["by_backend"].values())
