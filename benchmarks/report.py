@@ -1048,6 +1048,10 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+"""Where ``python -m benchmarks.sweeps`` leaves its section (``sweeps.md``)."""
+
+
 def write_report(results: dict[str, Any], out: Path) -> Path:
     """Write ``performance.md`` and its plots into ``out``; returns the document's path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -1062,5 +1066,9 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         if name in sections:
             plotter(sections[name], out / PLOTS[name])
     document = out / "performance.md"
-    document.write_text(render(results, PLOTS))
+    text = render(results, PLOTS)
+    sweeps = RESULTS_DIR / "sweeps.md"
+    if sweeps.is_file():  # issue 10's section, measured by python -m benchmarks.sweeps
+        text = text.rstrip("\n") + "\n\n" + sweeps.read_text()
+    document.write_text(text)
     return document
