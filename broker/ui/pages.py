@@ -860,3 +860,94 @@ def admin_set_unix_user(
             background.add_task(runtime.identities.revoke, accounts, change.old_unix_user)
             background.add_task(runtime.identities.grant, accounts, change.new_unix_user)
     return redirect(f"/ui/admin/users/{name}")
+
+
+# --- federated sign-in (OIDC authorization code + PKCE) -------------------------------------
+
+OIDC_PENDING_COOKIE = "broker_ui_oidc"
+"""Short-lived cookie holding the sign-in in progress (state, nonce, PKCE verifier, target)."""
+
+
+def _oidc_login(request: Request) -> Any:
+    from broker.service.oidc_login import OidcLogin
+
+    runtime = runtime_of(request)
+    if runtime.oidc is None or not runtime.settings.auth.oidc.web_client_id:
+        return None
+    login: Any = getattr(request.app.state, "ui_oidc_client", None)
+    if login is None:
+        login = OidcLogin(runtime.oidc)
+        request.app.state.ui_oidc_client = login
+    return login
+
+
+def _callback_uri(request: Request) -> str:
+    return str(request.url_for("oidc_callback"))
+
+
+@router.get("/auth/login", name="oidc_login")
+def oidc_begin(request: Request, next: str | None = None) -> Response:
+    """Send the browser to the provider; what the callback needs stays in an HttpOnly cookie."""
+    import base64
+    import json
+
+    from broker.service.oidc_login import PENDING_LOGIN_SECONDS, LoginFailed
+
+    login = _oidc_login(request)
+    if login is None:
+        return _login_page(request, _safe_next(next), "Sign-in with a provider is not set up.", 404)
+    target = _safe_next(next)
+    try:
+        url, pending = login.begin(_callback_uri(request))
+    except LoginFailed as exc:
+        return _login_page(request, target, f"Sign-in failed: {exc}.", 502)
+    data = dict(pending.to_dict(), next=target)
+    response = redirect(url)
+    response.set_cookie(
+        OIDC_PENDING_COOKIE,
+        base64.urlsafe_b64encode(json.dumps(data).encode()).decode(),
+        max_age=PENDING_LOGIN_SECONDS,
+        path=f"{COOKIE_PATH.rstrip('/')}/auth",
+        httponly=True,
+        samesite="lax",
+        secure=cookie_secure(request, runtime_of(request)),
+    )
+    return response
+
+
+@router.get("/auth/callback", name="oidc_callback")
+def oidc_callback(request: Request) -> Response:
+    """The provider's redirect: state checked against this browser's cookie (one use)."""
+    import base64
+    import json
+
+    from broker.service.oidc_login import LoginFailed, PendingLogin
+
+    login = _oidc_login(request)
+    if login is None:
+        return _login_page(request, "/ui/jobs", "Sign-in with a provider is not set up.", 404)
+    raw = request.cookies.get(OIDC_PENDING_COOKIE, "")
+    try:
+        data = json.loads(base64.urlsafe_b64decode(raw.encode()))
+        pending = PendingLogin.from_dict(data)
+        target = _safe_next(str(data.get("next") or ""))
+    except (ValueError, KeyError, TypeError):
+        return _oidc_failed(request, "/ui/jobs", "the sign-in was not started in this browser")
+    runtime = runtime_of(request)
+    try:
+        signed = login.finish(pending, dict(request.query_params))
+        actor = login.actor(runtime.sessions, signed)
+    except LoginFailed as exc:
+        return _oidc_failed(request, target, str(exc))
+    except Unauthenticated as exc:
+        return _oidc_failed(request, target, str(exc) or "the broker does not know this user")
+    response = redirect(target)
+    start_session(response, request, runtime, actor.name, via="oidc")
+    response.delete_cookie(OIDC_PENDING_COOKIE, path=f"{COOKIE_PATH.rstrip('/')}/auth")
+    return response
+
+
+def _oidc_failed(request: Request, target: str, why: str) -> Response:
+    response = _login_page(request, target, f"Sign-in failed: {why}.", 400)
+    response.delete_cookie(OIDC_PENDING_COOKIE, path=f"{COOKIE_PATH.rstrip('/')}/auth")
+    return response
