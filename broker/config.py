@@ -197,6 +197,8 @@ class OidcSettings(_Section):
     """The web pages' client at the provider (authorization code + PKCE); empty: no web sign-in."""
     web_client_secret: Annotated[SecretStr | None, BeforeValidator(_empty_is_none)] = None
     """That client's secret; unset for a public client."""
+    web_login_label: str = ""
+    """The provider's name on the sign-in page ("Sign in with ..."); empty: the issuer's host."""
 
     @model_validator(mode="after")
     def _check_urls(self) -> Self:

@@ -27,6 +27,7 @@ export BROKER_AUTH__OIDC__ISSUER=$OIDC_ISSUER
 export BROKER_AUTH__OIDC__AUDIENCE=urn:aifactory:broker
 export BROKER_AUTH__OIDC__WEB_CLIENT_ID=broker-ui
 export BROKER_AUTH__OIDC__WEB_CLIENT_SECRET=dev-only-broker-ui-secret
+export BROKER_AUTH__OIDC__WEB_LOGIN_LABEL="the local provider"
 
 config=$repo/.dev-cluster/broker.toml
 export BROKER_CONFIG=$config
@@ -48,8 +49,9 @@ her jobs run as the Unix user alice on the dev cluster. In another shell:
 
 Admin token (for 'broker project ...' and 'broker user ...'): $ADMIN_TOKEN
 
-In a browser: $url/ui/ and sign in with alice's token above (or the admin's).
-Or sign in at the local identity provider ($OIDC_ISSUER) instead of using a token:
+In a browser: $url/ui/ and press "Sign in with the local provider" (user alice, password
+alice-dev-password; admin / admin-dev-password for the admin pages), or paste alice's token above.
+The CLI can sign in at the local identity provider ($OIDC_ISSUER) too:
   $repo/.venv/bin/broker --url $url login --issuer $OIDC_ISSUER
   (open the link it prints; user alice, password alice-dev-password), then
   $repo/.venv/bin/broker --url $url whoami

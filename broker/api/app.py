@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 
@@ -54,4 +55,11 @@ def create_app(runtime: Runtime, *, run_poller: bool = False) -> FastAPI:
     for module in (system, users, projects, jobs):
         app.include_router(module.router)
     install_pages(app)
+    oidc = runtime.settings.auth.oidc
+    if oidc.enabled and oidc.web_client_id:
+        # The sign-in page offers the site's provider (broker.ui.pages: /ui/auth/login).
+        app.state.ui_oidc_login_url = "/ui/auth/login"
+        app.state.ui_oidc_login_label = (
+            oidc.web_login_label or urlsplit(oidc.issuer).hostname or "your institution"
+        )
     return app

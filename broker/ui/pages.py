@@ -6,8 +6,11 @@ authorization, the validation and the problem messages are the service's and the
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
+import json
+import logging
 import secrets
 import uuid
 from typing import Annotated, Any, Literal
@@ -34,6 +37,8 @@ from broker.schemas import (
 from broker.service import identity, pool, projects
 from broker.service.clusters import cluster_views
 from broker.service.jobs import JobFilter
+from broker.service.oidc import ProviderUnreachable
+from broker.service.oidc_login import PENDING_LOGIN_SECONDS, LoginFailed, OidcLogin, PendingLogin
 from broker.ui.sessions import (
     COOKIE_PATH,
     LOGIN_CSRF_COOKIE,
@@ -54,6 +59,8 @@ from broker.ui.web import (
     runtime_of,
     signed_in,
 )
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
@@ -860,3 +867,93 @@ def admin_set_unix_user(
             background.add_task(runtime.identities.revoke, accounts, change.old_unix_user)
             background.add_task(runtime.identities.grant, accounts, change.new_unix_user)
     return redirect(f"/ui/admin/users/{name}")
+
+
+# --- federated sign-in (OIDC authorization code + PKCE) -------------------------------------
+
+OIDC_PENDING_COOKIE = "broker_ui_oidc"
+"""The sign-in in progress (state, nonce, PKCE verifier, the page asked for): HttpOnly, only
+sent to ``/ui/auth/``, SameSite=Lax so that it comes back with the provider's redirect, and
+deleted by the callback (one use)."""
+OIDC_COOKIE_PATH = f"{COOKIE_PATH}/auth"
+
+
+def _oidc_login(request: Request) -> OidcLogin | None:
+    """The web client at the provider, where ``[auth.oidc]`` is enabled with a web client."""
+    runtime = runtime_of(request)
+    if runtime.oidc is None or not runtime.settings.auth.oidc.web_client_id:
+        return None
+    login: OidcLogin | None = getattr(request.app.state, "ui_oidc_client", None)
+    if login is None:
+        login = OidcLogin(runtime.oidc)
+        request.app.state.ui_oidc_client = login
+    return login
+
+
+def _oidc_failed(request: Request, target: str, why: str, status: int = 400) -> Response:
+    """The sign-in page with the reason, and no sign-in left in progress."""
+    log.warning("web sign-in with the provider refused: %s", why)
+    response = _login_page(request, target, f"Sign-in failed: {why}.", status)
+    response.delete_cookie(OIDC_PENDING_COOKIE, path=OIDC_COOKIE_PATH)
+    return response
+
+
+def _callback_uri(request: Request) -> str:
+    """The redirect URI registered at the provider: under ``server.public_url`` where set (a
+    broker behind a TLS proxy), else as this browser reached the broker."""
+    public = runtime_of(request).settings.server.public_url
+    if public:
+        return f"{public.rstrip('/')}{request.app.url_path_for('oidc_callback')}"
+    return str(request.url_for("oidc_callback"))
+
+
+@router.get("/auth/login")
+def oidc_begin(request: Request, next: str | None = None) -> Response:
+    """Send the browser to the provider's login page (authorization code + PKCE)."""
+    target = _safe_next(next)
+    login = _oidc_login(request)
+    if login is None:
+        return _oidc_failed(request, target, "sign-in with a provider is not set up here", 404)
+    try:
+        url, pending = login.begin(_callback_uri(request))
+    except (LoginFailed, ProviderUnreachable) as exc:
+        return _oidc_failed(request, target, str(exc), 502)
+    kept = json.dumps(dict(pending.to_dict(), next=target)).encode()
+    response = redirect(url)
+    response.set_cookie(
+        OIDC_PENDING_COOKIE,
+        base64.urlsafe_b64encode(kept).decode("ascii"),
+        max_age=PENDING_LOGIN_SECONDS,
+        path=OIDC_COOKIE_PATH,
+        httponly=True,
+        samesite="lax",
+        secure=cookie_secure(request, runtime_of(request)),
+    )
+    return response
+
+
+@router.get("/auth/callback", name="oidc_callback")
+def oidc_callback(request: Request) -> Response:
+    """The provider's redirect back: its state must be this browser's sign-in in progress."""
+    login = _oidc_login(request)
+    if login is None:
+        return _oidc_failed(request, "/ui/jobs", "sign-in with a provider is not set up here", 404)
+    try:
+        kept = json.loads(base64.urlsafe_b64decode(request.cookies[OIDC_PENDING_COOKIE]))
+        pending = PendingLogin.from_dict(kept)
+        target = _safe_next(str(kept.get("next") or ""))
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return _oidc_failed(request, "/ui/jobs", "the sign-in was not started in this browser")
+    runtime = runtime_of(request)
+    try:
+        signed = login.finish(pending, dict(request.query_params))
+        actor = login.actor(runtime.sessions, signed)
+    except ProviderUnreachable as exc:
+        return _oidc_failed(request, target, str(exc), 502)
+    except Unauthenticated as exc:  # LoginFailed, an invalid ID token, an unknown user
+        return _oidc_failed(request, target, exc.detail or "the provider's answer is not valid")
+    response = redirect(target)
+    start_session(response, request, runtime, actor.name, via="oidc")
+    log.info("web sign-in of %s through the provider", actor.name)
+    response.delete_cookie(OIDC_PENDING_COOKIE, path=OIDC_COOKIE_PATH)
+    return response

@@ -178,11 +178,11 @@ def new_project(
 class LiveBroker:
     """The broker app with its poller, served by uvicorn on a free loopback port."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, port: int | None = None) -> None:
         self.runtime = build_runtime(settings)
         upgrade(self.runtime.engine)
         self.tokens = seed_users(self.runtime)
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         app = create_app(self.runtime, run_poller=True)
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
