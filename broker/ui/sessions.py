@@ -124,10 +124,15 @@ def current_session(request: Request, runtime: Runtime) -> PageSession | None:
             return None
         page, user = row
         if page.token_id is not None:
-            revoked = session.scalar(
-                select(TokenRecord.revoked_at).where(TokenRecord.id == page.token_id)
-            )
-            if revoked is not None:
+            # The token signed in with stops working (revoked, or past its expiry): so does this.
+            token = session.execute(
+                select(TokenRecord.revoked_at, TokenRecord.expires_at).where(
+                    TokenRecord.id == page.token_id
+                )
+            ).first()
+            if token is None or token.revoked_at is not None:
+                return None
+            if token.expires_at is not None and token.expires_at <= now:
                 return None
         project_ids = frozenset(
             session.scalars(

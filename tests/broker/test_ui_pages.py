@@ -17,8 +17,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from broker.api.app import create_app
+from broker.clock import utcnow
 from broker.db.engine import transaction
-from broker.db.models import MembershipRecord, UiSessionRecord, UserRecord
+from broker.db.models import MembershipRecord, TokenRecord, UiSessionRecord, UserRecord
 from broker.service import identity
 from broker.ui.sessions import COOKIE
 from tests.broker.harness import Env, build_env
@@ -394,3 +395,19 @@ def identity_audit(session: Any) -> list[tuple[str, str, dict[str, Any]]]:
 
     rows = session.scalars(select(AuditRecord).order_by(AuditRecord.id))
     return [(r.action, r.target, r.details) for r in rows]
+
+
+def test_a_session_ends_when_the_token_it_was_signed_in_with_expires(app: Any, env: Env) -> None:
+    with transaction(env.runtime.sessions) as session:
+        issued = identity.issue_token(
+            session, "test", "alice", "ui", expires_at=utcnow() + timedelta(hours=1)
+        )
+    browser = signed_in(app, env, "alice", issued.token)
+    assert browser.get("/ui/projects").status_code == 200
+    with transaction(env.runtime.sessions) as session:  # an hour later
+        session.execute(
+            update(TokenRecord)
+            .where(TokenRecord.id == issued.id)
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+    assert browser.get("/ui/projects").status_code == 303  # back to sign-in
