@@ -15,19 +15,11 @@ from sqlalchemy.orm import Session
 
 from broker.db.models import JobRecord, JobTaskRecord, ProjectRecord
 from broker.lifecycle import LIVE, JobState, values
+from broker.service.arrays import SUMMARY_BUCKET
 from broker.service.ledger import HELD_GPUS
 
 QUEUE_REASONS = ("concurrent_gpus", "concurrent_gpus_per_cluster", "pending_jobs", "project_held")
 TASK_STATES = ("pending", "running", "completed", "failed", "cancelled", "timeout", "other")
-_TASK_BUCKET = {
-    JobState.PENDING.value: "pending",
-    JobState.RUNNING.value: "running",
-    JobState.COMPLETED.value: "completed",
-    JobState.FAILED.value: "failed",
-    JobState.OUT_OF_MEMORY.value: "failed",
-    JobState.CANCELLED.value: "cancelled",
-    JobState.TIMEOUT.value: "timeout",
-}
 
 
 @dataclass
@@ -67,7 +59,7 @@ def read_queue_state(session: Session) -> QueueState:
         .group_by(JobTaskRecord.job_id, JobTaskRecord.state)
     ):
         cluster = sizes[job_id][0]
-        bucket = _TASK_BUCKET.get(task_state, "other")
+        bucket = SUMMARY_BUCKET.get(task_state, "other")
         state.tasks[(cluster, bucket)] = state.tasks.get((cluster, bucket), 0) + int(count)
         seen[job_id] = seen.get(job_id, 0) + int(count)
     for job_id, (cluster, size) in sizes.items():

@@ -39,7 +39,7 @@ _ENDING_ORDER = (
     JobState.UNKNOWN,
 )
 
-_SUMMARY_BUCKET = {
+SUMMARY_BUCKET: dict[str, str] = {
     JobState.PENDING.value: "pending",
     JobState.RUNNING.value: "running",
     JobState.COMPLETED.value: "completed",
@@ -56,7 +56,7 @@ def task_summary(size: int, job_state: str, states: Mapping[str, int]) -> TaskSu
     (cancelled once it ended)."""
     buckets: Counter[str] = Counter()
     for state, count in states.items():
-        buckets[_SUMMARY_BUCKET.get(state, "other")] += count
+        buckets[SUMMARY_BUCKET.get(state, "other")] += count
     total = size
     unseen = max(0, total - sum(states.values()))
     buckets["cancelled" if is_final(job_state) else "pending"] += unseen

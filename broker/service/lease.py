@@ -9,6 +9,8 @@ a takeover from slipping in before that transaction commits).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -102,3 +104,12 @@ class Fence:
         """Extend the lease in a transaction of its own; ``LeaseLost`` if it is gone."""
         with transaction(self.sessions) as session:
             self.check(session)
+
+
+@contextmanager
+def fenced(sessions: sessionmaker[Session], fence: Fence | None) -> Iterator[Session]:
+    """A write transaction of work under ``fence`` (if any): the lease check comes first."""
+    with transaction(sessions) as session:
+        if fence is not None:
+            fence.check(session)
+        yield session

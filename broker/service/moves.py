@@ -24,8 +24,7 @@ A cancel requested meanwhile ends the job as ``cancelled`` once its Slurm job is
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -35,13 +34,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from adapters.errors import AdapterError
 from broker.clock import utcnow
 from broker.config import Settings
-from broker.db.engine import transaction
 from broker.db.models import JobEventRecord, JobRecord, ProjectRecord, QuotaRecord
 from broker.lifecycle import JobState, from_slurm
 from broker.service import ledger, placement, transitions
 from broker.service.cluster_identity import ClusterIdentities, output_dir
 from broker.service.clusters import ClusterRegistry
-from broker.service.lease import Fence
+from broker.service.lease import Fence, fenced
 from broker.waiting import moves_elsewhere_may_help
 from quotas import reservation_gpu_seconds, weight_for
 
@@ -68,12 +66,9 @@ class Mover:
     def attach(self, jobs: JobService) -> None:
         self._jobs = jobs
 
-    @contextmanager
-    def _write(self, fence: Fence | None) -> Iterator[Session]:
-        with transaction(self._sessions) as session:
-            if fence is not None:
-                fence.check(session)
-            yield session
+    def _write(self, fence: Fence | None) -> AbstractContextManager[Session]:
+        """A write transaction of this work: under a fence, the lease check comes first."""
+        return fenced(self._sessions, fence)
 
     def run(self, cluster: str, fence: Fence | None = None) -> int:
         """One pass for the jobs on ``cluster``; returns how many moved (submitted elsewhere)."""

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeAlias
@@ -36,12 +35,11 @@ from adapters.errors import AdapterError
 from adapters.slurm.types import JobStatus, PartitionCapacity, StatusReport
 from broker.clock import utcnow
 from broker.config import Settings
-from broker.db.engine import transaction
 from broker.db.models import ClusterStatusRecord, JobEventRecord, JobRecord, ProjectRecord
 from broker.lifecycle import FOLLOWED, JobState, from_slurm, is_final, values
 from broker.service import arrays, foreign, ledger, queue, transitions
 from broker.service.clusters import ClusterRegistry
-from broker.service.lease import Fence, LeaseLost
+from broker.service.lease import Fence, LeaseLost, fenced
 from broker.service.observer import BrokerObserver, NullObserver
 from quotas import charge_gpu_seconds
 
@@ -316,13 +314,9 @@ class Poller:
         applies every followed job again, as the first cycle after a start does."""
         self._applied.pop(cluster, None)
 
-    @contextmanager
-    def _write(self, fence: Fence | None) -> Iterator[Session]:
-        """A write transaction of this cycle: under a fence, the lease check comes first."""
-        with transaction(self._sessions) as session:
-            if fence is not None:
-                fence.check(session)
-            yield session
+    def _write(self, fence: Fence | None) -> AbstractContextManager[Session]:
+        """A write transaction of this work: under a fence, the lease check comes first."""
+        return fenced(self._sessions, fence)
 
     def _report(self, report: CycleReport) -> None:
         observer = self._observer

@@ -20,8 +20,7 @@ admitted as ``queued``: it holds its reservation, and the queue submits it when 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -31,11 +30,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from broker.clock import utcnow
 from broker.config import QueueSettings, Settings
-from broker.db.engine import transaction
 from broker.db.models import ClusterStatusRecord, JobRecord, ProjectRecord, QuotaRecord
 from broker.lifecycle import JobState
 from broker.service import ledger
-from broker.service.lease import Fence
+from broker.service.lease import Fence, fenced
 from broker.service.observer import BrokerObserver, NullObserver
 from quotas import Decision, JobRequest, LedgerSnapshot, LimitName, Violation, room_now
 from quotas.policy import waits_in_queue
@@ -178,12 +176,9 @@ class AdmissionQueue:
     def attach(self, jobs: JobService) -> None:
         self._jobs = jobs
 
-    @contextmanager
-    def _write(self, fence: Fence | None) -> Iterator[Session]:
-        with transaction(self._sessions) as session:
-            if fence is not None:
-                fence.check(session)
-            yield session
+    def _write(self, fence: Fence | None) -> AbstractContextManager[Session]:
+        """A write transaction of this work: under a fence, the lease check comes first."""
+        return fenced(self._sessions, fence)
 
     def release(self, fence: Fence | None = None) -> ReleaseReport:
         """One pass over every project with queued jobs: claim what fits, in order, and submit
