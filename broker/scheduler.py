@@ -58,7 +58,7 @@ class PollerSchedule:
             return False
         try:
             if self._mover is not None:
-                self._mover.run(cluster, fence)
+                self._mover.consider(cluster, fence)
             if self._queue is not None:
                 # Right after the cycle that may have freed a limit: released within one cycle.
                 self._queue.release(fence)

@@ -92,9 +92,29 @@ def _array_tasks(
             if replace or index not in of_array:
                 of_array[index] = dataclasses.replace(status, array_task=index, array_pending=())
 
-    # A task's own record first: the line of the tasks not started yet may be older news.
-    ordered = newest_first(list(in_accounting))
-    for record in sorted(ordered, key=lambda r: r.array_task is None):
+    # Ids restart when a controller's state is wiped while accounting keeps the old jobs: of
+    # the arrays sacct holds under one id, only the newest is this one (an array's tasks all
+    # carry its submit time). Of its records, a task's own comes first: the line of the tasks
+    # not started yet may be older news.
+    newest: dict[str, datetime] = {}
+    submitted: list[tuple[str | None, datetime | None]] = [
+        (item.array_job_id, item.submit_time) for item in in_queue
+    ] + [(item.array_job_id, item.submit_time) for item in in_accounting]
+    for array_id, at in submitted:
+        if (
+            array_id is not None
+            and at is not None
+            and (array_id not in newest or at > newest[array_id])
+        ):
+            newest[array_id] = at
+    current = [
+        r
+        for r in in_accounting
+        if r.submit_time is None
+        or r.array_job_id is None
+        or r.submit_time >= newest.get(r.array_job_id, r.submit_time)
+    ]
+    for record in sorted(newest_first(current), key=lambda r: r.array_task is None):
         put(_status_from_record(record), replace=False)
     for status in in_queue:
         held = tasks.get(status.array_job_id or "", {})

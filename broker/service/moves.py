@@ -70,7 +70,7 @@ class Mover:
         """A write transaction of this work: under a fence, the lease check comes first."""
         return fenced(self._sessions, fence)
 
-    def run(self, cluster: str, fence: Fence | None = None) -> int:
+    def consider(self, cluster: str, fence: Fence | None = None) -> int:
         """One pass for the jobs on ``cluster``; returns how many moved (submitted elsewhere)."""
         if not self._settings.placement.moves:
             return 0

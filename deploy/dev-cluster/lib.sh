@@ -269,13 +269,19 @@ start_sshd() {
 stop_sshd() {
     local name=$1-sshd pid below
     if pid=$(running_pid "$name" sshd); then
+        # Freeze the listener first: a connection it accepted after the sessions were listed
+        # would otherwise outlive the stop (a client connecting at that instant kept working).
+        kill -STOP "$pid" 2>/dev/null || true
         below=$(descendants "$pid" | tr '\n' ' ')
         if [[ -n ${below// /} ]]; then
             # shellcheck disable=SC2086 # one pid per word
             kill -KILL $below 2>/dev/null || true
         fi
+        kill -KILL "$pid" 2>/dev/null || true
+        wait_pids_gone "$pid"
     fi
     stop_daemons "$name:sshd"
+    rm -f "$PIDS/$name.pid"
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

@@ -432,3 +432,22 @@ def test_a_job_is_submitted_as_its_researcher_and_a_refused_identity_is_no_slurm
     assert caught.value.user == "alice" and not caught.value.may_have_run
     with pytest.raises(ValueError, match="root"):
         client_for(runner).submit(dataclasses.replace(SPEC, run_as="root"))
+
+
+def test_an_array_id_reused_after_a_state_wipe_gives_only_the_newest_arrays_tasks() -> None:
+    old, new = "2026-11-26T17:33:32", "2026-11-26T19:00:52"
+    sacct = (
+        sacct_line("20", "COMPLETED", "brk-old", old).replace("\x1f20\x1f", "\x1f17_2\x1f", 1)
+        + sacct_line("21", "COMPLETED", "brk-old", old).replace("\x1f21\x1f", "\x1f17_3\x1f", 1)
+        + sacct_line("18", "CANCELLED", "brk-new", new).replace("\x1f18\x1f", "\x1f17_0\x1f", 1)
+        + sacct_line("19", "CANCELLED", "brk-new", new).replace("\x1f19\x1f", "\x1f17_1\x1f", 1)
+        + sacct_line("17", "CANCELLED", "", new).replace("\x1f17\x1f", "\x1f17_[2-3%2]\x1f", 1)
+    )
+    runner = ScriptedRunner({"squeue": (0, "", ""), "sacct": (0, sacct, "")})
+    tasks = client_for(runner).statuses(["17"]).tasks["17"]
+    assert {i: t.state for i, t in tasks.items()} == {
+        0: "CANCELLED",
+        1: "CANCELLED",
+        2: "CANCELLED",  # never started in the new array; the old array's task 2 is not it
+        3: "CANCELLED",
+    }

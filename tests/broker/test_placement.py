@@ -108,7 +108,7 @@ def test_a_placed_job_waiting_for_resources_moves_once_at_the_new_price(env: Env
     first_id = str(job.slurm_job_id)
     wait_long(env, job)
     snapshot(env, alpha_idle=8, beta_idle=0)  # beta filled up, alpha freed
-    assert env.runtime.mover.run("beta") == 1
+    assert env.runtime.mover.consider("beta") == 1
     moved = env.runtime.jobs.get(env.alice, job.id)
     assert (moved.cluster, moved.gpu_type, moved.state) == ("alpha", "h100", "pending")
     assert moved.slurm_job_id is not None and moved.id == job.id
@@ -123,7 +123,7 @@ def test_a_placed_job_waiting_for_resources_moves_once_at_the_new_price(env: Env
     # It moves once: waiting again on alpha changes nothing.
     wait_long(env, moved)
     snapshot(env, alpha_idle=0, beta_idle=8)
-    assert env.runtime.mover.run("alpha") == 0
+    assert env.runtime.mover.consider("alpha") == 0
     env.slurm["alpha"].start(str(moved.slurm_job_id))
     env.slurm["alpha"].finish(str(moved.slurm_job_id), "COMPLETED", elapsed_s=600)
     env.runtime.poller.poll("alpha")
@@ -143,7 +143,7 @@ def test_pinned_jobs_and_jobs_waiting_on_limits_never_move(env: Env) -> None:
     wait_long(env, pinned)
     wait_long(env, on_quota, reason="AssocGrpGRES")
     snapshot(env, alpha_idle=32, beta_idle=0)
-    assert env.runtime.mover.run("beta") == 0
+    assert env.runtime.mover.consider("beta") == 0
     assert env.slurm["beta"].cancels == []
     assert {env.runtime.jobs.get(env.alice, j.id).cluster for j in (pinned, on_quota)} == {"beta"}
 
@@ -154,7 +154,7 @@ def test_a_job_that_starts_before_its_move_keeps_running_at_its_old_price(env: E
     wait_long(env, job)
     snapshot(env, alpha_idle=8, beta_idle=0)
     env.slurm["beta"].start(str(job.slurm_job_id))  # starts in the instant before the cancel
-    assert env.runtime.mover.run("beta") == 0
+    assert env.runtime.mover.consider("beta") == 0
     kept = env.runtime.jobs.get(env.alice, job.id)
     assert kept.cluster == "beta" and kept.reserved_gpu_hours == pytest.approx(4.0)
     with env.runtime.sessions() as session:
@@ -170,7 +170,7 @@ def test_a_move_the_budget_cannot_pay_for_does_not_happen(database_url: str) -> 
         job = submit(env)
         wait_long(env, job)
         snapshot(env, alpha_idle=8, beta_idle=0)
-        assert env.runtime.mover.run("beta") == 0
+        assert env.runtime.mover.consider("beta") == 0
         assert env.runtime.jobs.get(env.alice, job.id).cluster == "beta"
         assert env.slurm["beta"].cancels == []
     finally:
@@ -186,7 +186,7 @@ def test_a_cancel_in_the_middle_of_a_move_leaves_no_slurm_job(env: Env) -> None:
     (job_id,) = mover._waiting_too_long("beta")
     mover._decide(job_id, None)
     env.runtime.jobs.cancel(env.alice, job.id)  # the user cancels now
-    assert mover.run("beta") == 0
+    assert mover.consider("beta") == 0
     done = env.runtime.jobs.get(env.alice, job.id)
     assert done.state == "cancelled" and done.reserved_gpu_hours == 0.0
     assert all(j.state == "CANCELLED" for j in env.slurm["beta"].jobs.values())
