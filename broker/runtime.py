@@ -75,8 +75,15 @@ def build_runtime(settings: Settings, *, clusters: ClusterRegistry | None = None
     secret = settings.auth.cursor_secret
     cursors = CursorSigner(sessions, secret.get_secret_value() if secret else None)
     identities = ClusterIdentities(registry, settings)
+    reader = JobReader(engine, cursors)
     jobs = JobService(
-        sessions, registry, settings, observer=metrics, cursors=cursors, identities=identities
+        sessions,
+        registry,
+        settings,
+        observer=metrics,
+        cursors=cursors,
+        identities=identities,
+        reader=reader,
     )
     queue = AdmissionQueue(sessions, settings, observer=metrics)
     queue.attach(jobs)
@@ -96,7 +103,7 @@ def build_runtime(settings: Settings, *, clusters: ClusterRegistry | None = None
         metrics=metrics,
         cursors=cursors,
         oidc=OidcAuthenticator(settings) if settings.auth.oidc.enabled else None,
-        job_reads=JobReader(engine, cursors),
+        job_reads=reader,
         tokens=IdentityCache(
             sessions,
             settings.auth.token_cache_seconds,

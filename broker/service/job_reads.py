@@ -1,8 +1,8 @@
 """The API's hottest reads, ``GET /v1/jobs/{id}`` and ``GET /v1/jobs``, in lean form.
 
-Same answers and the same visibility rule as ``JobService.get`` and ``JobService.list`` (a job
-of a project the caller is not in is 404, exactly as if it did not exist; lists show only the
-caller's projects), read with SQLAlchemy Core in one statement on a connection in autocommit:
+The one way jobs are read for the API and the pages (``JobService.get`` and ``list`` call it):
+a job of a project the caller is not in is 404, exactly as if it did not exist; lists show only
+the caller's projects. Read with SQLAlchemy Core in one statement on a connection in autocommit:
 
 * one round trip per request (no ``BEGIN`` and ``ROLLBACK`` around a single ``SELECT``, which
   psycopg sends as their own round trips), and only the columns the answer needs;
@@ -15,6 +15,7 @@ caller's projects), read with SQLAlchemy Core in one statement on a connection i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -36,9 +37,19 @@ from broker.service import cursors
 from broker.service.arrays import task_summary
 from broker.service.cursors import CursorSigner
 from broker.service.identity import Actor
-from broker.service.jobs import CURSOR_KIND, JobFilter
 from broker.waiting import explain
 from quotas import gpu_hours
+
+CURSOR_KIND = "jobs"
+
+
+@dataclass(frozen=True, slots=True)
+class JobFilter:
+    project: str | None = None
+    state: str | None = None
+    cluster: str | None = None
+    user: str | None = None
+
 
 _STATES = frozenset(state.value for state in JobState)
 _PENDING = JobState.PENDING.value

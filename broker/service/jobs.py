@@ -70,11 +70,12 @@ from broker.schemas import (
     TaskSummaryPublic,
     WaitPublic,
 )
-from broker.service import arrays, cursors, ledger, placement, queue, transitions
+from broker.service import arrays, ledger, placement, queue, transitions
 from broker.service.cluster_identity import ClusterIdentities
 from broker.service.clusters import ClusterRegistry
 from broker.service.cursors import CursorSigner
 from broker.service.identity import Actor
+from broker.service.job_reads import JobFilter, JobReader
 from broker.service.observer import BrokerObserver, NullObserver
 from broker.service.projects import create_project, visible_project
 from broker.service.queue import Waiting
@@ -97,14 +98,6 @@ class SubmitOutcome:
     job: JobPublic
     created: bool
     """False when an Idempotency-Key replayed an earlier submission."""
-
-
-@dataclass(frozen=True, slots=True)
-class JobFilter:
-    project: str | None = None
-    state: str | None = None
-    cluster: str | None = None
-    user: str | None = None
 
 
 def request_fingerprint(body: JobCreate) -> str:
@@ -228,7 +221,6 @@ def _with_names() -> Select[JobRecord, str, str]:
     )
 
 
-CURSOR_KIND = "jobs"
 TASK_CURSOR_KIND = "tasks"
 
 
@@ -269,6 +261,7 @@ class JobService:
         observer: BrokerObserver | None = None,
         cursors: CursorSigner | None = None,
         identities: ClusterIdentities | None = None,
+        reader: JobReader | None = None,
     ) -> None:
         self._sessions = sessions
         secret = settings.auth.cursor_secret
@@ -279,6 +272,8 @@ class JobService:
         self._settings = settings
         self._observer: BrokerObserver = observer or NullObserver()
         self._identities = identities or ClusterIdentities(clusters, settings)
+        bind = sessions.kw["bind"]
+        self._reader = reader or JobReader(bind, self._cursors)
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -294,9 +289,8 @@ class JobService:
         return job, project, user
 
     def get(self, actor: Actor, job_id: str) -> JobPublic:
-        with self._sessions() as session:
-            job, project, user = self._visible_job(session, actor, job_id)
-            return _publics(session, [(job, project, user)])[0]
+        """A job the actor may see (404 otherwise), read as the API reads it."""
+        return self._reader.get(actor, job_id)
 
     def tasks(self, actor: Actor, job_id: str, limit: int, cursor: str | None) -> TasksPublic:
         """An array's tasks in index order, each as Slurm last showed it; tasks Slurm has not
@@ -353,38 +347,8 @@ class JobService:
             )
 
     def list(self, actor: Actor, where: JobFilter, limit: int, cursor: str | None) -> JobsPublic:
-        if where.state is not None and where.state not in {s.value for s in JobState}:
-            raise ValidationFailed(
-                f"unknown state {where.state}",
-                [{"field": "state", "message": "one of " + ", ".join(s.value for s in JobState)}],
-            )
-        query = _with_names()
-        if not actor.reads_everything:
-            query = query.where(JobRecord.project_id.in_(actor.project_ids))
-        if where.project is not None:
-            query = query.where(ProjectRecord.name == where.project)
-        if where.state is not None:
-            query = query.where(JobRecord.state == where.state)
-        if where.cluster is not None:
-            query = query.where(JobRecord.cluster == where.cluster)
-        if where.user is not None:
-            query = query.where(UserRecord.name == where.user)
-        if cursor:
-            encoded_at, job_id = self._cursors.decode(CURSOR_KIND, cursor, 2)
-            at = cursors.parse_time(encoded_at)
-            query = query.where(
-                (JobRecord.submitted_at < at)
-                | ((JobRecord.submitted_at == at) & (JobRecord.id < job_id))
-            )
-        query = query.order_by(JobRecord.submitted_at.desc(), JobRecord.id.desc()).limit(limit + 1)
-        with self._sessions() as session:
-            rows = session.execute(query).all()
-            page = _publics(session, [(job, project, user) for job, project, user in rows[:limit]])
-        next_cursor = None
-        if len(rows) > limit:
-            last = rows[limit - 1][0]
-            next_cursor = self._cursors.encode(CURSOR_KIND, last.submitted_at.isoformat(), last.id)
-        return JobsPublic(data=page, next_cursor=next_cursor)
+        """Newest first, the actor's projects only, as the API lists them."""
+        return self._reader.list(actor, where, limit, cursor)
 
     # --- submitting ------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from broker.schemas import (
 )
 from broker.service import identity, pool, projects
 from broker.service.clusters import cluster_views
-from broker.service.jobs import JobFilter
+from broker.service.job_reads import JobFilter
 from broker.service.oidc import ProviderUnreachable
 from broker.service.oidc_login import PENDING_LOGIN_SECONDS, LoginFailed, OidcLogin, PendingLogin
 from broker.ui.sessions import (

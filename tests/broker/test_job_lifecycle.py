@@ -24,7 +24,7 @@ from broker.errors import (
 from broker.lifecycle import JobState
 from broker.schemas import JobCreate
 from broker.service import projects, transitions
-from broker.service.jobs import JobFilter
+from broker.service.job_reads import JobFilter
 from tests.broker.harness import Env, build_env
 
 SCRIPT = "#!/bin/bash\nsrun python train.py\n"

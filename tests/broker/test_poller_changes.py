@@ -13,7 +13,7 @@ from broker.db.models import JobRecord
 from broker.scheduler import LEASE_NAME
 from broker.schemas import JobCreate
 from broker.service import lease
-from broker.service.jobs import JobFilter
+from broker.service.job_reads import JobFilter
 from tests.broker.harness import Env, build_env
 
 

@@ -18,7 +18,7 @@ from broker.schemas import (
     JobsPublic,
     TasksPublic,
 )
-from broker.service.jobs import JobFilter
+from broker.service.job_reads import JobFilter
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(*COMMON, 409, 413, 503))
 
