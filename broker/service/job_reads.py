@@ -37,6 +37,7 @@ from broker.service import cursors
 from broker.service.arrays import task_summary
 from broker.service.cursors import CursorSigner
 from broker.service.identity import Actor
+from broker.service.queue import positions_query
 from broker.waiting import explain
 from quotas import gpu_hours
 
@@ -156,21 +157,15 @@ def _publics(connection: Connection, rows: Sequence[Row[Any]]) -> list[JobPublic
             .group_by(JobTaskRecord.job_id, JobTaskRecord.state)
         ):
             counts[job_id][task_state] = int(count)
+    queued = {row.id for row in rows if row.state == _QUEUED}
     positions: dict[str, int] = {}
-    for row in rows:
-        if row.state != _QUEUED:
-            continue
-        ahead = connection.execute(
-            select(func.count())
-            .select_from(JobRecord)
-            .where(
-                JobRecord.project_id == row.project_id,
-                JobRecord.state == _QUEUED,
-                (JobRecord.submitted_at < row.submitted_at)
-                | ((JobRecord.submitted_at == row.submitted_at) & (JobRecord.id < row.id)),
-            )
-        ).scalar_one()
-        positions[row.id] = int(ahead) + 1
+    if queued:
+        projects = {row.project_id for row in rows if row.id in queued}
+        positions = {
+            job_id: int(place)
+            for job_id, place in connection.execute(positions_query(projects))
+            if job_id in queued
+        }
     return [
         _public(
             row,

@@ -20,6 +20,7 @@ admitted as ``queued``: it holds its reservation, and the queue submits it when 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -275,21 +276,27 @@ class AdmissionQueue:
         return claimed
 
 
+def positions_query(project_ids: Iterable[int]) -> Select[str, int]:
+    """(job id, 1-based position) of every queued job of ``project_ids``, in one statement."""
+    place = (
+        func.row_number()
+        .over(partition_by=JobRecord.project_id, order_by=(JobRecord.submitted_at, JobRecord.id))
+        .label("position")
+    )
+    return select(JobRecord.id, place).where(
+        JobRecord.project_id.in_(sorted(set(project_ids))),
+        JobRecord.state == JobState.QUEUED.value,
+    )
+
+
 def positions(session: Session, jobs: list[JobRecord]) -> dict[str, int]:
-    """1-based position of each queued job among its project's queued jobs."""
-    out: dict[str, int] = {}
-    for job in jobs:
-        if job.state != JobState.QUEUED.value:
-            continue
-        before = session.scalar(
-            select(func.count())
-            .select_from(JobRecord)
-            .where(
-                JobRecord.project_id == job.project_id,
-                JobRecord.state == JobState.QUEUED.value,
-                (JobRecord.submitted_at < job.submitted_at)
-                | ((JobRecord.submitted_at == job.submitted_at) & (JobRecord.id < job.id)),
-            )
-        )
-        out[job.id] = int(before or 0) + 1
-    return out
+    """1-based position of each queued job among its project's queued jobs (one query)."""
+    queued = {job.id for job in jobs if job.state == JobState.QUEUED.value}
+    if not queued:
+        return {}
+    projects = {job.project_id for job in jobs if job.id in queued}
+    return {
+        job_id: int(place)
+        for job_id, place in session.execute(positions_query(projects))
+        if job_id in queued
+    }
