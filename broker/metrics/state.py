@@ -9,12 +9,11 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from broker.db.models import (
     ClusterStatusRecord,
-    JobRecord,
     JobTotalRecord,
     LeaseRecord,
     ProjectRecord,
@@ -111,18 +110,7 @@ def read_state(session: Session) -> DatabaseState:
                 int(row.jobs), int(row.gpus), int(row.charged_gpu_seconds), int(row.gpu_seconds)
             )
     for project_id, cluster, gpu_type, state, jobs, gpus, charged, gpu_seconds in session.execute(
-        select(
-            JobRecord.project_id,
-            JobRecord.cluster,
-            JobRecord.gpu_type,
-            JobRecord.state,
-            func.count(),
-            func.coalesce(func.sum(JobRecord.gpus), 0),
-            func.coalesce(func.sum(JobRecord.charged_gpu_seconds), 0),
-            func.coalesce(func.sum(JobRecord.alloc_gpus * JobRecord.elapsed_s), 0),
-        )
-        .where(JobRecord.state.in_(ledger.LIVE_STATES))
-        .group_by(JobRecord.project_id, JobRecord.cluster, JobRecord.gpu_type, JobRecord.state)
+        ledger.job_groups(ledger.LIVE_STATES)
     ):
         name = projects.get(project_id)
         if name is not None:

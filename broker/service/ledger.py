@@ -28,6 +28,7 @@ from typing import Any, TypeAlias, cast
 
 from sqlalchemy import (
     ColumnElement,
+    Select,
     SQLColumnExpression,
     Table,
     and_,
@@ -539,6 +540,25 @@ class Totals:
     finished: dict[tuple[int, str, str, str], tuple[int, int, int, int]]
 
 
+def job_groups(states: Sequence[str]) -> Select[*tuple[Any, ...]]:
+    """Jobs in ``states`` by project, cluster, GPU type and state: count, GPUs, charged
+    GPU-seconds and allocated GPU-seconds (what ``job_totals`` keeps for the final ones)."""
+    return (
+        select(
+            JobRecord.project_id,
+            JobRecord.cluster,
+            JobRecord.gpu_type,
+            JobRecord.state,
+            func.count(),
+            func.coalesce(func.sum(JobRecord.gpus), 0),
+            func.coalesce(func.sum(JobRecord.charged_gpu_seconds), 0),
+            func.coalesce(func.sum(JobRecord.alloc_gpus * JobRecord.elapsed_s), 0),
+        )
+        .where(JobRecord.state.in_(states))
+        .group_by(JobRecord.project_id, JobRecord.cluster, JobRecord.gpu_type, JobRecord.state)
+    )
+
+
 def recompute(session: Session) -> Totals:
     """The totals as the job and foreign job rows define them (a pass over every job)."""
     used: dict[tuple[int, str, str, int], int] = {}
@@ -564,18 +584,7 @@ def recompute(session: Session) -> Totals:
             live[(int(project_id), str(cluster))] = (int(held or 0), int(gpus or 0))
     finished: dict[tuple[int, str, str, str], tuple[int, int, int, int]] = {}
     for project_id, cluster, gpu_type, state, jobs, gpus, charged, gpu_seconds in session.execute(
-        select(
-            JobRecord.project_id,
-            JobRecord.cluster,
-            JobRecord.gpu_type,
-            JobRecord.state,
-            func.count(),
-            func.coalesce(func.sum(JobRecord.gpus), 0),
-            func.coalesce(func.sum(JobRecord.charged_gpu_seconds), 0),
-            func.coalesce(func.sum(JobRecord.alloc_gpus * JobRecord.elapsed_s), 0),
-        )
-        .where(JobRecord.state.in_(FINAL_STATES))
-        .group_by(JobRecord.project_id, JobRecord.cluster, JobRecord.gpu_type, JobRecord.state)
+        job_groups(FINAL_STATES)
     ):
         finished[(int(project_id), str(cluster), str(gpu_type), str(state))] = (
             int(jobs),
