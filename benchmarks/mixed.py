@@ -73,7 +73,7 @@ class _Tally:
     async def call(
         self,
         endpoint: str,
-        expected: int,
+        expected: int | tuple[int, ...],
         request: Coroutine[Any, Any, httpx.Response],
     ) -> httpx.Response | None:
         started = time.perf_counter()
@@ -83,7 +83,7 @@ class _Tally:
             self._error(endpoint, f"{endpoint}: {type(exc).__name__}: {exc}")
             return None
         elapsed = time.perf_counter() - started
-        if response.status_code != expected:
+        if response.status_code not in (expected if isinstance(expected, tuple) else (expected,)):
             if response.status_code >= 500:
                 self.server_errors[endpoint] += 1
             self._error(endpoint, f"{endpoint}: {response.status_code} {response.text[:200]}")
@@ -211,7 +211,10 @@ async def _drive(
                     )
                 elif draw < 0.9 or not live:
                     response = await tally.call(
-                        SUBMIT, 201, http.post("/v1/jobs", json=body, headers=headers)
+                        # 202: accepted, queued behind a limit or its sbatch answer awaited
+                        SUBMIT,
+                        (201, 202),
+                        http.post("/v1/jobs", json=body, headers=headers),
                     )
                     if response is not None:
                         job_id = response.json()["id"]

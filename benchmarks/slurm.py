@@ -170,7 +170,7 @@ class LocalSbatch:
             "LANG": "C.UTF-8",
         }
 
-    def submit(self, spec: JobSpec) -> str:
+    def submit(self, spec: JobSpec, *, timeout: float | None = None) -> str:
         argv = [*self._as_user, *commands.sbatch(self.cluster.bin_dir, spec)]
         done = subprocess.run(
             argv,
@@ -236,7 +236,7 @@ class SshSbatch:
             f"{cluster.user}@{cluster.host}",
         ]
 
-    def submit(self, spec: JobSpec) -> str:
+    def submit(self, spec: JobSpec, *, timeout: float | None = None) -> str:
         remote = shlex.join(commands.sbatch(self.cluster.bin_dir, spec))
         done = subprocess.run(
             [*self._ssh, remote],

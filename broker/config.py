@@ -277,9 +277,16 @@ class PollerSettings(_Section):
     interval_seconds: float = Field(default=10.0, ge=1)
     missing_polls_before_unknown: PositiveInt = 3
     submit_unknown_grace_seconds: PositiveFloat = 120.0
-    stale_submitting_seconds: float = Field(default=120.0, ge=0)
-    """A job still ``submitting`` after this long lost its submitter (a crash between sbatch and
-    the database): the reconciler looks for it by its tag. Keep it above the longest sbatch."""
+    """A job no Slurm job carries the tag of this long after its last change (``submit_unknown``,
+    or ``submitting`` with its submitter gone) is given up: ``submit_failed``, key free. Keep it
+    above the longest an sbatch left on the login node may still take (Slurm's MessageTimeout
+    times a few)."""
+    stale_submitting_seconds: float = Field(default=120.0, ge=5)
+    """A job still ``submitting`` (or a queue claim still unsubmitted) this long after it was
+    admitted (claimed) lost its submitter (a crash between sbatch and the database): the
+    reconciler looks for it by its tag. A live submitter gives sbatch only what is left of this
+    window, less 2 s, so that the two never race; keep it above the longest sbatch, or slow
+    submissions are answered 503 (nothing submitted) or 202 (``submit_unknown``)."""
     lease_seconds: PositiveFloat = 30.0
     accounting_lookback_hours: PositiveInt = 48
     drift_check_seconds: PositiveFloat = 600.0

@@ -193,8 +193,10 @@ class SlurmClient:
 
     # -- jobs ------------------------------------------------------------------------------------
 
-    def submit(self, spec: JobSpec) -> str:
+    def submit(self, spec: JobSpec, *, timeout: float | None = None) -> str:
         """Submit ``spec`` with ``sbatch --parsable`` (script on stdin); returns the job id.
+        ``timeout``: at most this long instead of the client's command timeout (a submitter
+        whose job the reconciler may soon look for gives sbatch only the time left before then).
 
         Raises ``ValueError`` for a spec that cannot be submitted safely (before running
         anything), ``CommandFailed`` when Slurm refuses the job, and ``SlurmUnavailable`` when
@@ -224,7 +226,7 @@ class SlurmClient:
                 raise SubmitMisrouted(argv, job_id, cluster)
             return job_id
 
-        job_id = self._command(argv, read, stdin=script, side_effects=True)
+        job_id = self._command(argv, read, stdin=script, side_effects=True, timeout=timeout)
         logger.info("%s: submitted %s as job %s", self.cluster, spec.tag, job_id)
         return job_id
 
@@ -544,6 +546,7 @@ class SlurmClient:
         *,
         stdin: bytes | None = None,
         side_effects: bool = False,
+        timeout: float | None = None,
     ) -> T:
         """Run one command, classify its failure, parse it; count, log and observe it."""
         name = _program(argv)
@@ -551,7 +554,8 @@ class SlurmClient:
         error: BaseException | None = None
         exit_code: int | None = None
         try:
-            result = self.runner.run(argv, stdin=stdin, timeout=self.timeout)
+            limit = self.timeout if timeout is None else min(timeout, self.timeout)
+            result = self.runner.run(argv, stdin=stdin, timeout=limit)
             exit_code = result.exit_code
             verdict: StderrVerdict = classify(result.stderr_text, exit_code=result.exit_code)
             run_as = _run_as_of(argv)

@@ -92,6 +92,14 @@ from quotas import (
 
 log = logging.getLogger(__name__)
 
+SBATCH_MARGIN_SECONDS = 2.0
+"""Kept free between the end of a submitter's sbatch (its timeout at the latest) and the moment
+the reconciler may look for the job by its tag (``poller.stale_submitting_seconds`` after the
+job was admitted or claimed): the answer's way back and the database write that records it."""
+MIN_SBATCH_SECONDS = 1.0
+"""Less time than this left in that window: sbatch is not started (the job stays queued, or the
+client is told to retry), rather than started to be cut off."""
+
 
 @dataclass(frozen=True, slots=True)
 class SubmitOutcome:
@@ -414,7 +422,7 @@ class JobService:
                         job, replayed = self._admit(
                             session, actor, body, idempotency_key, fingerprint
                         )
-                        job_id, cluster_name = job.id, job.cluster
+                        job_id, cluster_name, since = job.id, job.cluster, job.submitted_at
                         spec = _sbatch_spec(job, body.script, dict(body.environment), actor.name)
                         placed = job.placed
                         queued = (
@@ -454,7 +462,9 @@ class JobService:
         if queued is not None:
             log.info("job %s queued: %s", job_id, queued.queue.message if queued.queue else "")
             return SubmitOutcome(queued, created=True)
-        submitted = self._run_sbatch(job_id, cluster_name, spec, body.project, actor.name)
+        submitted = self._run_sbatch(
+            job_id, cluster_name, spec, body.project, actor.name, since=since
+        )
         return SubmitOutcome(submitted, created=True)
 
     def _admit(
@@ -677,21 +687,83 @@ class JobService:
                 log.warning("account %s on %s not created yet: %s", account, cluster_name, exc)
 
     def _run_sbatch(
-        self, job_id: str, cluster_name: str, spec: JobSpec, project: str, user_name: str
+        self,
+        job_id: str,
+        cluster_name: str,
+        spec: JobSpec,
+        project: str,
+        user_name: str,
+        *,
+        since: datetime,
+        claimed: datetime | None = None,
     ) -> JobPublic:
+        """sbatch for a job this process holds: ``submitting`` since ``since`` (a direct
+        submission), or ``queued`` and claimed at ``claimed`` (= ``since``) by a queue pass.
+
+        The reconciler takes over a job whose submitter seems gone once
+        ``poller.stale_submitting_seconds`` have passed since then. A live submitter must be done
+        before that, or the two would race: the reconciler finds no job by the tag while sbatch
+        is still under way, gives the job up (or queues it again), and a second Slurm job follows.
+        So sbatch gets only the time left in that window (``_sbatch_budget``); a submitter that
+        finds its job taken over all the same cancels the Slurm job it made (``_recorded``).
+        """
         try:
             self._identities.ensure_account(cluster_name, spec.account)
             if spec.run_as is not None:
                 self._identities.ensure_association(cluster_name, spec.account, spec.run_as)
-            slurm_job_id = self._clusters.client(cluster_name).submit(spec)
+            budget = self._sbatch_budget(since)
+            if budget is None:
+                raise _TooLate(f"over {self._stale_seconds():g} s since the job was admitted")
+            slurm_job_id = self._clusters.client(cluster_name).submit(spec, timeout=budget)
             failpoints.hit("after_sbatch")
         except AdapterError as exc:
-            return self._after_failed_sbatch(job_id, cluster_name, exc)
+            return self._after_failed_sbatch(job_id, cluster_name, exc, claimed)
         except ValueError as exc:
             self._release(job_id, JobState.SUBMIT_FAILED, f"refused before sbatch: {exc}")
             raise ValidationFailed(str(exc), [{"field": "body", "message": str(exc)}]) from exc
+        public = self._recorded(job_id, slurm_job_id, project, user_name, claimed)
+        if public is None:
+            self._cancel_orphan(job_id, cluster_name, slurm_job_id, spec.run_as)
+            if claimed is None:  # given up by the reconciler, its key free: the client retries
+                raise ClusterUnavailable(
+                    cluster_name,
+                    f"cluster {cluster_name} answered too late; nothing was submitted or reserved",
+                )
+            return self._public(job_id)
+        log.info("job %s submitted to %s as %s", job_id, cluster_name, slurm_job_id)
+        return public
+
+    def _stale_seconds(self) -> float:
+        return self._settings.poller.stale_submitting_seconds
+
+    def _sbatch_budget(self, since: datetime) -> float | None:
+        """Seconds sbatch may take so that it ends before the reconciler may look for the job,
+        or None when too little is left to start it."""
+        elapsed = (utcnow() - since).total_seconds()
+        left = self._stale_seconds() - SBATCH_MARGIN_SECONDS - elapsed
+        return left if left >= MIN_SBATCH_SECONDS else None
+
+    def _recorded(
+        self,
+        job_id: str,
+        slurm_job_id: str,
+        project: str,
+        user_name: str,
+        claimed: datetime | None,
+    ) -> JobPublic | None:
+        """Record sbatch's answer; None if the job is no longer this submitter's (the reconciler
+        gave it up or queued it again meanwhile): the Slurm job just made is then an orphan."""
         with transaction(self._sessions) as session:
             job = session.get_one(JobRecord, job_id)
+            if job.slurm_job_id == slurm_job_id:  # the reconciler attached it by its tag already
+                return job_public(job, project, user_name)
+            ours = job.slurm_job_id is None and (
+                job.state == JobState.SUBMITTING.value
+                if claimed is None
+                else job.state == JobState.QUEUED.value and job.release_claimed_at == claimed
+            )
+            if not ours:
+                return None
             transitions.move(
                 session,
                 job,
@@ -705,9 +777,28 @@ class JobService:
             if self._movable(job):  # it may have to be submitted again elsewhere, once
                 job.queued_script, job.queued_environment = kept
             # The caller's project and name are the job's: no second read to answer.
-            public = job_public(job, project, user_name)
-        log.info("job %s submitted to %s as %s", job_id, cluster_name, slurm_job_id)
-        return public
+            return job_public(job, project, user_name)
+
+    def _cancel_orphan(
+        self, job_id: str, cluster_name: str, slurm_job_id: str, run_as: str | None
+    ) -> None:
+        log.error(
+            "job %s: sbatch on %s answered %s after the job was taken over; cancelling that "
+            "Slurm job so that it is never run twice",
+            job_id,
+            cluster_name,
+            slurm_job_id,
+        )
+        try:
+            self._clusters.client(cluster_name).cancel(slurm_job_id, as_user=run_as)
+        except AdapterError as exc:
+            log.error(
+                "job %s: could not cancel orphan Slurm job %s on %s: %s",
+                job_id,
+                slurm_job_id,
+                cluster_name,
+                exc,
+            )
 
     def submit_released(self, job_id: str) -> JobPublic | None:
         """sbatch for a job the queue released (``broker.service.queue``): the same path as a
@@ -723,9 +814,11 @@ class JobService:
             spec = _sbatch_spec(
                 job, job.queued_script or "", dict(job.queued_environment or {}), user_name
             )
-            cluster_name = job.cluster
+            cluster_name, claimed = job.cluster, job.release_claimed_at
         try:
-            return self._run_sbatch(job_id, cluster_name, spec, project, user_name)
+            return self._run_sbatch(
+                job_id, cluster_name, spec, project, user_name, since=claimed, claimed=claimed
+            )
         except BrokerError as exc:  # refused by Slurm: settled submit_failed, reservation back
             log.warning("queued job %s could not be submitted: %s", job_id, exc)
             return self._public(job_id)
@@ -749,7 +842,7 @@ class JobService:
             spec = _sbatch_spec(
                 job, job.queued_script or "", dict(job.queued_environment or {}), user_name
             )
-            cluster_name = job.cluster
+            cluster_name, claimed = job.cluster, job.release_claimed_at
         if cancelled:  # cancelled between its two Slurm jobs: none is live, none is made
             self._release(job_id, JobState.CANCELLED, "cancelled while moving")
             return None
@@ -757,13 +850,17 @@ class JobService:
             self._identities.ensure_account(cluster_name, spec.account)
             if spec.run_as is not None:
                 self._identities.ensure_association(cluster_name, spec.account, spec.run_as)
-            slurm_job_id = self._clusters.client(cluster_name).submit(spec)
+            # As for a release: sbatch ends before the reconciler may look for the job.
+            budget = None if claimed is None else self._sbatch_budget(claimed)
+            if budget is None:
+                raise _TooLate("too late to submit the move")
+            slurm_job_id = self._clusters.client(cluster_name).submit(spec, timeout=budget)
         except AdapterError as exc:
             if exc.may_have_run:
                 log.warning("job %s: sbatch on %s lost its answer; looking by tag", job_id, exc)
                 return None
             if isinstance(exc, TransportError | SlurmUnavailable) or exc.transient:
-                self._unclaim_moved(job_id)
+                self._unclaim_moved(job_id, claimed)
                 log.warning(
                     "job %s: %s unavailable for its move; next cycle: %s", job_id, cluster_name, exc
                 )
@@ -778,35 +875,48 @@ class JobService:
             return None
         with transaction(self._sessions) as session:
             job = session.get_one(JobRecord, job_id)
-            now = utcnow()
-            session.add(
-                JobEventRecord(
-                    job_id=job_id,
-                    at=now,
-                    from_state=job.state,
-                    to_state=job.state,
-                    reason=f"sbatch on {cluster_name} accepted as {slurm_job_id}",
+            attached = job.slurm_job_id  # the reconciler's, when it found this one by the tag
+            ours = attached is None and job.release_claimed_at == claimed
+            if ours:
+                now = utcnow()
+                session.add(
+                    JobEventRecord(
+                        job_id=job_id,
+                        at=now,
+                        from_state=job.state,
+                        to_state=job.state,
+                        reason=f"sbatch on {cluster_name} accepted as {slurm_job_id}",
+                    )
                 )
-            )
-            job.slurm_job_id = slurm_job_id
-            job.in_slurm_since = now
-            job.release_claimed_at = None
-            job.updated_at = now
+                job.slurm_job_id = slurm_job_id
+                job.in_slurm_since = now
+                job.release_claimed_at = None
+                job.updated_at = now
+        if not ours:
+            if attached != slurm_job_id:
+                self._cancel_orphan(job_id, cluster_name, slurm_job_id, spec.run_as)
+            return None
         self._observer.placement(cluster_name, "moved")
         log.info("job %s moved: submitted to %s as %s", job_id, cluster_name, slurm_job_id)
         return slurm_job_id
 
-    def _unclaim_moved(self, job_id: str) -> None:
+    def _unclaim_moved(self, job_id: str, claimed: datetime | None) -> None:
         with transaction(self._sessions) as session:
             job = session.get_one(JobRecord, job_id)
-            if job.slurm_job_id is None and not is_final(job.state):
+            if (
+                job.slurm_job_id is None
+                and not is_final(job.state)
+                and job.release_claimed_at == claimed
+            ):
                 job.release_claimed_at = None
 
-    def _after_failed_sbatch(self, job_id: str, cluster_name: str, exc: AdapterError) -> JobPublic:
+    def _after_failed_sbatch(
+        self, job_id: str, cluster_name: str, exc: AdapterError, claimed: datetime | None
+    ) -> JobPublic:
         if (
             not exc.may_have_run
             and (isinstance(exc, TransportError | SlurmUnavailable) or exc.transient)
-            and self._unclaim(job_id)
+            and self._unclaim(job_id, claimed)
         ):
             log.warning("queued job %s stays queued: %s unavailable: %s", job_id, cluster_name, exc)
             return self._public(job_id)
@@ -814,29 +924,37 @@ class JobService:
             log.warning("sbatch outcome for job %s unknown (%s); reconciler will look", job_id, exc)
             with transaction(self._sessions) as session:
                 job = session.get_one(JobRecord, job_id)
-                transitions.move(
-                    session, job, JobState.SUBMIT_UNKNOWN, "sbatch answer lost; looking by tag"
-                )
+                if claimed is None or job.release_claimed_at == claimed:
+                    transitions.move(
+                        session, job, JobState.SUBMIT_UNKNOWN, "sbatch answer lost; looking by tag"
+                    )
             return self._public(job_id)
         log.warning("sbatch for job %s failed: %s", job_id, exc)
         if isinstance(exc, TransportError | SlurmUnavailable) or exc.transient:
-            self._release(job_id, JobState.SUBMIT_FAILED, "cluster unavailable")
+            slow = isinstance(exc, _TooLate)
+            self._release(
+                job_id,
+                JobState.SUBMIT_FAILED,
+                "cluster too slow" if slow else "cluster unavailable",
+            )
+            state = "is too slow to answer" if slow else "cannot be reached"
             raise ClusterUnavailable(
                 cluster_name,
-                f"cluster {cluster_name} cannot be reached now; nothing was submitted or reserved",
+                f"cluster {cluster_name} {state} now; nothing was submitted or reserved",
             ) from exc
         reason = _slurm_reason(exc)
         self._release(job_id, JobState.SUBMIT_FAILED, f"sbatch refused: {reason}")
         raise SubmitRejected(f"Slurm refused the job: {reason}", cluster=cluster_name) from exc
 
-    def _unclaim(self, job_id: str) -> bool:
+    def _unclaim(self, job_id: str, claimed: datetime | None) -> bool:
         """Give a released queued job back to the queue (nothing reached Slurm); False if the job
-        is not a queued one."""
+        is not a queued one. A claim the reconciler or another pass holds now is left alone."""
         with transaction(self._sessions) as session:
             job = session.get_one(JobRecord, job_id)
             if job.state != JobState.QUEUED.value:
                 return False
-            job.release_claimed_at = None
+            if job.release_claimed_at == claimed:
+                job.release_claimed_at = None
             return True
 
     def _release(self, job_id: str, final: JobState, reason: str) -> None:
@@ -921,6 +1039,13 @@ _OUTCOMES: dict[type[BrokerError], str] = {
     ClusterUnavailable: "cluster_unavailable",
     SubmitRejected: "slurm_rejected",
 }
+
+
+class _TooLate(AdapterError):
+    """sbatch was not started: too little was left of the time its submitter has before the
+    reconciler may take the job over (``JobService._sbatch_budget``). Nothing reached Slurm."""
+
+    transient = True
 
 
 class _Unprepared(Exception):

@@ -666,7 +666,9 @@ class Poller:
         with self._sessions() as session:
             candidates = list(
                 session.execute(
-                    select(JobRecord.id, JobRecord.tag, JobRecord.submitted_at).where(
+                    select(
+                        JobRecord.id, JobRecord.tag, JobRecord.submitted_at, JobRecord.updated_at
+                    ).where(
                         JobRecord.cluster == cluster,
                         (JobRecord.state == JobState.SUBMIT_UNKNOWN.value)
                         | (
@@ -683,7 +685,7 @@ class Poller:
             )
             accounts = sorted(foreign.managed_accounts(session, cluster)) if candidates else []
         client = self._clusters.client(cluster)
-        for job_id, tag, submitted_at in candidates:
+        for job_id, tag, submitted_at, updated_at in candidates:
             # The job runs as its researcher: look in the projects' accounts, for every user.
             found = client.find_by_tag(
                 tag, since=submitted_at - TAG_LOOKBACK, accounts=accounts or None
@@ -727,7 +729,9 @@ class Poller:
                 if found:
                     self._attach(session, job, found)
                     report.attached += 1
-                elif self._given_up(submitted_at, now):
+                elif self._given_up(max(submitted_at, updated_at), now):
+                    # Counted from its last change: a job that became submit_unknown when its
+                    # submitter stopped waiting may still be in an sbatch on the login node.
                     transitions.settle(
                         session,
                         job,
@@ -738,9 +742,9 @@ class Poller:
                     job.idempotency_key = None
                     report.submit_failed += 1
 
-    def _given_up(self, submitted_at: datetime, now: datetime) -> bool:
+    def _given_up(self, since: datetime, now: datetime) -> bool:
         grace = timedelta(seconds=self._settings.poller.submit_unknown_grace_seconds)
-        return now - submitted_at > grace
+        return now - since > grace
 
     @staticmethod
     def _attach(session: Session, job: JobRecord, found: list[JobStatus]) -> None:

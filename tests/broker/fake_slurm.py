@@ -80,6 +80,10 @@ class FakeSlurm:
     """Jobs sacct still holds under an id that was given again (newest first)."""
     on_statuses: Callable[[], None] | None = None
     """Called as ``statuses`` starts (a test's hook into the middle of a poll cycle)."""
+    on_submit: Callable[[], None] | None = None
+    """Called as ``submit`` starts (a test's hook into an sbatch under way)."""
+    submit_timeouts: list[float | None] = field(default_factory=list)
+    """The ``timeout`` each submit was given."""
     submits: int = 0
     cancels: list[str] = field(default_factory=list)
     accounts: set[tuple[str, str]] = field(default_factory=set)
@@ -103,7 +107,10 @@ class FakeSlurm:
         if self.down is not None:
             raise self.down
 
-    def submit(self, spec: JobSpec) -> str:
+    def submit(self, spec: JobSpec, *, timeout: float | None = None) -> str:
+        self.submit_timeouts.append(timeout)
+        if self.on_submit is not None:
+            self.on_submit()
         self._check_up()
         with self._lock:
             if self.refuse_next_submit is not None:

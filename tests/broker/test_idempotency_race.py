@@ -88,7 +88,7 @@ def test_a_retry_waiting_on_a_submit_that_fails_submits_anew_under_its_key(env: 
     in_sbatch, go_on = threading.Event(), threading.Event()
     real_submit = fake.submit
 
-    def first_sbatch_fails(spec: JobSpec) -> str:
+    def first_sbatch_fails(spec: JobSpec, *, timeout: float | None = None) -> str:
         fake.submit = real_submit  # type: ignore[method-assign]
         in_sbatch.set()
         go_on.wait(10)

@@ -6,6 +6,7 @@ The same behaviours are exercised against the real dev cluster in tests/e2e.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 
@@ -155,13 +156,14 @@ def test_lost_sbatch_answer_is_attached_by_tag_never_resubmitted(env: Env) -> No
 
 
 def test_submitting_row_left_by_a_crash_is_attached_after_the_grace(database_url: str) -> None:
-    env = build_env(database_url, stale_submitting_seconds=0)
+    env = build_env(database_url, stale_submitting_seconds=5)
     try:
         outcome = env.runtime.jobs.submit(env.alice, job(), None)
-        # Simulate the crash: the row never learned its Slurm id.
+        # Simulate the crash: the row never learned its Slurm id, and it was long ago.
         with transaction(env.runtime.sessions) as session:
             row = session.get_one(JobRecord, outcome.job.id)
             row.state, row.slurm_job_id = "submitting", None
+            row.submitted_at -= timedelta(seconds=6)
         env.runtime.poller.poll("alpha")
         attached = env.runtime.jobs.get(env.alice, outcome.job.id)
         assert attached.state == "pending" and attached.slurm_job_id == outcome.job.slurm_job_id

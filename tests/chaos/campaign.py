@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 FAULTS = ("kill-broker", "sshd", "slurmctld", "slurmdbd")
 CHAOS_OVERRIDES: dict[str, Any] = {
-    "poller": {"submit_unknown_grace_seconds": 10, "stale_submitting_seconds": 10},
+    "poller": {"submit_unknown_grace_seconds": 20, "stale_submitting_seconds": 12},
 }
 """On top of the e2e overrides (1 s poll cycle, 5 s lease): lost answers resolved within seconds."""
 RETRYABLE = {500, 502, 503, 504}

@@ -40,7 +40,9 @@ TEST_OVERRIDES: dict[str, Any] = {
         "interval_seconds": 1,
         "lease_seconds": 5,
         "missing_polls_before_unknown": 3,
-        "stale_submitting_seconds": 5,
+        # A submitter gets sbatch this long less 2 s (broker.service.jobs._sbatch_budget):
+        # enough for a loaded CI machine, short enough for the crash tests.
+        "stale_submitting_seconds": 12,
     },
     "limits": {"requests_per_minute": 0},
 }
