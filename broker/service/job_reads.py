@@ -96,6 +96,19 @@ def _query() -> Select[*tuple[Any, ...]]:
 def _public(
     row: Row[Any], tasks: TaskSummaryPublic | None = None, position: int | None = None
 ) -> JobPublic:
+    return job_view(row, row.project, row.user, tasks, position)
+
+
+def job_view(
+    row: Any,
+    project: str,
+    user: str,
+    tasks: TaskSummaryPublic | None = None,
+    position: int | None = None,
+) -> JobPublic:
+    """The API's view of a job, from a row of the jobs table or a ``JobRecord`` (the same
+    attributes): ``tasks``, an array's task summary (else none started yet); ``position``, a
+    queued job's place in its project's queue. The one place a job's public fields are built."""
     # Built without validation (``model_construct``): every value comes typed from the job row,
     # and validating fifty of them was a quarter of a list page's CPU.
     charged = row.charged_gpu_seconds
@@ -119,8 +132,8 @@ def _public(
         )
     return JobPublic.model_construct(
         id=row.id,
-        project=row.project,
-        user=row.user,
+        project=project,
+        user=user,
         name=row.name,
         cluster=row.cluster,
         partition=row.partition,

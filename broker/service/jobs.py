@@ -56,7 +56,6 @@ from broker.errors import (
 )
 from broker.lifecycle import JobState, is_final
 from broker.schemas import (
-    ArrayRequest,
     JobCreate,
     JobEventPublic,
     JobEventsPublic,
@@ -64,22 +63,19 @@ from broker.schemas import (
     JobsPublic,
     ProjectCreate,
     ProjectPublic,
-    QueuePublic,
     TaskPublic,
     TasksPublic,
     TaskSummaryPublic,
-    WaitPublic,
 )
 from broker.service import arrays, ledger, placement, queue, transitions
 from broker.service.cluster_identity import ClusterIdentities
 from broker.service.clusters import ClusterRegistry
 from broker.service.cursors import CursorSigner
 from broker.service.identity import Actor
-from broker.service.job_reads import JobFilter, JobReader
+from broker.service.job_reads import JobFilter, JobReader, job_view
 from broker.service.observer import BrokerObserver, NullObserver
 from broker.service.projects import create_project, visible_project
 from broker.service.queue import Waiting
-from broker.waiting import explain
 from quotas import (
     QUEUEABLE,
     JobRequest,
@@ -152,54 +148,8 @@ def job_public(
     tasks: TaskSummaryPublic | None = None,
     position: int | None = None,
 ) -> JobPublic:
-    """The API's view of a job; ``tasks``: an array's task summary (``arrays.summaries``), else
-    an array is shown with no task started; ``position``: a queued job's place in its queue."""
-    if job.array_size and tasks is None:
-        tasks = arrays.task_summary(job.array_size, job.state, {})
-    return JobPublic(
-        id=job.id,
-        project=project,
-        user=user,
-        name=job.name,
-        cluster=job.cluster,
-        partition=job.partition,
-        gpu_type=job.gpu_type,
-        gpus=job.gpus,
-        nodes=job.nodes,
-        time_limit_minutes=job.time_limit_minutes,
-        state=job.state,
-        state_reason=job.state_reason,
-        slurm_job_id=job.slurm_job_id,
-        exit_code=job.exit_code,
-        submitted_at=job.submitted_at,
-        started_at=job.started_at,
-        ended_at=job.ended_at,
-        reserved_gpu_hours=gpu_hours(job.reserved_gpu_seconds),
-        charged_gpu_hours=(
-            None if job.charged_gpu_seconds is None else gpu_hours(job.charged_gpu_seconds)
-        ),
-        unix_user=job.unix_user,
-        queue=_queue(job, position),
-        wait=_wait(job),
-        array=(
-            ArrayRequest(size=job.array_size, max_parallel=job.array_max_parallel)
-            if job.array_size
-            else None
-        ),
-        tasks=tasks,
-    )
-
-
-def _queue(job: JobRecord, position: int | None) -> QueuePublic | None:
-    if job.state != JobState.QUEUED.value:
-        return None
-    return QueuePublic.model_validate(
-        {
-            "position": position or 1,
-            "reason": job.queue_reason or "concurrent_gpus",
-            "message": job.queue_message or "waiting in the project's queue",
-        }
-    )
+    """The API's view of a job (``job_reads.job_view``, shared with the lean reads)."""
+    return job_view(job, project, user, tasks, position)
 
 
 def _publics(session: Session, rows: Sequence[tuple[JobRecord, str, str]]) -> list[JobPublic]:
@@ -212,13 +162,6 @@ def _publics(session: Session, rows: Sequence[tuple[JobRecord, str, str]]) -> li
         job_public(job, project, user, summaries.get(job.id), places.get(job.id))
         for job, project, user in rows
     ]
-
-
-def _wait(job: JobRecord) -> WaitPublic | None:
-    if job.state != JobState.PENDING:
-        return None
-    why = explain(job.state_reason)
-    return WaitPublic(category=why.category, message=why.message)
 
 
 def _with_names() -> Select[JobRecord, str, str]:
