@@ -172,7 +172,14 @@ def test_fifty_submits_at_a_limit_with_restarts_each_run_once(restart_database: 
         engine.dispose()
     assert len(listed) == 50  # no job was created twice
     since = datetime.now(UTC) - timedelta(hours=1)
-    records = accounting(project, since)
+    expected = {j["slurm_job_id"] for j in listed}
+
+    def all_accounted() -> list[Any] | None:
+        # The broker may settle a job from squeue's view before slurmdbd has its record.
+        records = accounting(project, since)
+        return records if expected <= {r.job_id for r in records} else None
+
+    records = wait_for(all_accounted, timeout=60, interval=2, what="sacct to hold the 50 jobs")
     assert len(records) == 50  # Slurm saw exactly 50 jobs
     assert sorted(r.job_id for r in records) == sorted(j["slurm_job_id"] for j in listed)
     assert 1 <= most_running <= 4  # the limit held in Slurm's own view
