@@ -278,7 +278,8 @@ class PollerSettings(_Section):
     missing_polls_before_unknown: PositiveInt = 3
     submit_unknown_grace_seconds: PositiveFloat = 120.0
     """A job no Slurm job carries the tag of this long after its last change (``submit_unknown``,
-    or ``submitting`` with its submitter gone) is given up: ``submit_failed``, key free. Keep it
+    or ``submitting`` with its submitter gone) is given up: ``submit_failed``, key free; a queue
+    or move claim whose submitter is gone is given back this long after it was taken. Keep it
     above the longest an sbatch left on the login node may still take (Slurm's MessageTimeout
     times a few)."""
     stale_submitting_seconds: float = Field(default=120.0, ge=5)

@@ -709,6 +709,8 @@ class Poller:
                         job.slurm_job_id = first.job_id
                         job.in_slurm_since = now
                         report.attached += 1
+                    elif not self._given_up(job.release_claimed_at, now):
+                        continue  # an sbatch left on the login node may still make it
                     job.release_claimed_at = None  # not found: submitted again (moves)
                     continue
                 if job.state == JobState.QUEUED.value:
@@ -718,6 +720,8 @@ class Poller:
                         self._attach(session, job, found)
                         queue.clear(job)
                         report.attached += 1
+                    elif not self._given_up(job.release_claimed_at, now):
+                        continue  # an sbatch left on the login node may still make it
                     else:  # its sbatch never reached Slurm: back in the queue
                         log.warning(
                             "queued job %s: its release did not reach Slurm; queued again", job.id

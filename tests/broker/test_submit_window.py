@@ -209,3 +209,26 @@ def test_give_up_counts_from_when_the_job_became_submit_unknown(env: Env) -> Non
     env.runtime.poller.poll("alpha")
     given_up = record(env, job.id)
     assert given_up.state == "submit_failed" and given_up.idempotency_key is None
+
+
+def test_a_dead_releasers_claim_goes_back_to_the_queue_only_after_the_grace(
+    database_url: str,
+) -> None:
+    env = build_env(
+        database_url, gpu_hours=1000.0, stale_submitting_seconds=10, submit_unknown_grace_seconds=60
+    )
+    try:
+        _, second = queue_one(env)
+        with env.runtime.sessions() as session:
+            project_id = session.get_one(JobRecord, second.id).project_id
+        assert list(env.runtime.queue._claim(project_id, set(), None)) == [second.id]
+        # Its releaser died before sbatch answered; nothing carries the tag (yet).
+        backdate(env, second.id, 30, "release_claimed_at")
+        env.runtime.poller.poll("alpha")
+        waiting = record(env, second.id)
+        assert waiting.state == "queued" and waiting.release_claimed_at is not None
+        backdate(env, second.id, 90, "release_claimed_at")
+        env.runtime.poller.poll("alpha")
+        assert record(env, second.id).release_claimed_at is None  # queued again
+    finally:
+        env.runtime.close()

@@ -43,6 +43,8 @@ TEST_OVERRIDES: dict[str, Any] = {
         # A submitter gets sbatch this long less 2 s (broker.service.jobs._sbatch_budget):
         # enough for a loaded CI machine, short enough for the crash tests.
         "stale_submitting_seconds": 12,
+        # Also how long a dead releaser's claim waits before its job is queued again.
+        "submit_unknown_grace_seconds": 30,
     },
     "limits": {"requests_per_minute": 0},
 }
