@@ -143,3 +143,24 @@ def _actor(runtime: Runtime, name: str) -> Actor:
     with transaction(runtime.sessions) as session:
         token = identity.issue_token(session, "test", name, "t")
         return identity.authenticate(session, token.token)
+
+
+def set_quota(env: Env, **limits: Any) -> None:
+    """Give project ``climate`` a year's quota of ``gpu_hours`` (default 1,000) with ``limits``
+    (``max_concurrent_gpus`` and the like), h100 at weight 1 and a100 at 0.5."""
+    now = datetime.now(UTC)
+    with transaction(env.runtime.sessions) as session:
+        projects.put_quota(
+            session,
+            env.admin,
+            "climate",
+            QuotaPut.model_validate(
+                {
+                    "period_start": now - timedelta(days=1),
+                    "period_end": now + timedelta(days=365),
+                    "gpu_hours": limits.pop("gpu_hours", 1000.0),
+                    "gpu_type_weights": {"h100": 1.0, "a100": 0.5},
+                    **limits,
+                }
+            ),
+        )

@@ -20,9 +20,9 @@ from adapters.slurm.types import JobSpec
 from broker.db.engine import transaction
 from broker.db.models import JobRecord
 from broker.errors import QuotaExceeded
-from broker.schemas import JobCreate, JobPublic, QueuePut, QuotaPut
+from broker.schemas import JobCreate, JobPublic, QueuePut
 from broker.service import ledger, projects
-from tests.broker.harness import Env, build_env
+from tests.broker.harness import Env, build_env, set_quota
 from tests.metrics.seed import Scrape
 
 SCRIPT = "#!/bin/bash\nsrun python train.py\n"
@@ -33,25 +33,6 @@ def env(database_url: str) -> Iterator[Env]:
     environment = build_env(database_url, gpu_hours=1000.0, queue={"starvation_seconds": 600})
     yield environment
     environment.runtime.close()
-
-
-def limit(env: Env, **limits: Any) -> None:
-    now = datetime.now(UTC)
-    with transaction(env.runtime.sessions) as session:
-        projects.put_quota(
-            session,
-            env.admin,
-            "climate",
-            QuotaPut.model_validate(
-                {
-                    "period_start": now - timedelta(days=1),
-                    "period_end": now + timedelta(days=365),
-                    "gpu_hours": limits.pop("gpu_hours", 1000.0),
-                    "gpu_type_weights": {"h100": 1.0, "a100": 0.5},
-                    **limits,
-                }
-            ),
-        )
 
 
 def submit(env: Env, gpus: int = 8, **fields: Any) -> JobPublic:
@@ -87,7 +68,7 @@ def backdate(env: Env, job: JobPublic, seconds: float) -> None:
 
 
 def test_five_jobs_at_a_limit_of_one_run_one_after_the_other_in_order(env: Env) -> None:
-    limit(env, max_concurrent_gpus=8)
+    set_quota(env, max_concurrent_gpus=8)
     jobs = [submit(env) for _ in range(5)]
     assert jobs[0].state == "pending" and jobs[0].slurm_job_id
     assert [j.state for j in jobs[1:]] == ["queued"] * 4
@@ -130,7 +111,7 @@ def test_five_jobs_at_a_limit_of_one_run_one_after_the_other_in_order(env: Env) 
 
 
 def test_a_smaller_job_passes_a_blocked_larger_one_until_that_one_starves(env: Env) -> None:
-    limit(env, max_concurrent_gpus=16)
+    set_quota(env, max_concurrent_gpus=16)
     running = submit(env, gpus=8)
     big = submit(env, gpus=16)  # needs 16 free
     small = submit(env, gpus=8)
@@ -177,7 +158,7 @@ def test_a_held_project_keeps_its_jobs_queued_until_released(env: Env) -> None:
 def test_cancelling_a_queued_job_gives_its_reservation_back_and_reaches_no_slurm(
     env: Env,
 ) -> None:
-    limit(env, max_pending_jobs=1)
+    set_quota(env, max_pending_jobs=1)
     first = submit(env)
     queued = submit(env)
     assert queued.state == "queued"
@@ -195,7 +176,7 @@ def test_cancelling_a_queued_job_gives_its_reservation_back_and_reaches_no_slurm
 
 
 def test_the_budget_is_still_refused_at_once(env: Env) -> None:
-    limit(env, gpu_hours=20, max_concurrent_gpus=8)
+    set_quota(env, gpu_hours=20, max_concurrent_gpus=8)
     submit(env)  # 8 GPU-hours reserved
     assert submit(env).state == "queued"  # 16 of 20 reserved
     with pytest.raises(QuotaExceeded) as refused:
@@ -207,7 +188,7 @@ def test_the_budget_is_still_refused_at_once(env: Env) -> None:
 def test_without_the_queue_a_full_limit_is_refused(database_url: str) -> None:
     env = build_env(database_url, queue={"enabled": False})
     try:
-        limit(env, max_concurrent_gpus=8)
+        set_quota(env, max_concurrent_gpus=8)
         submit(env)
         with pytest.raises(QuotaExceeded) as refused:
             submit(env)
@@ -217,7 +198,7 @@ def test_without_the_queue_a_full_limit_is_refused(database_url: str) -> None:
 
 
 def test_a_cluster_that_cannot_be_reached_keeps_released_jobs_queued(env: Env) -> None:
-    limit(env, max_concurrent_gpus=8)
+    set_quota(env, max_concurrent_gpus=8)
     first = submit(env)
     second = submit(env)
     slurm_id = first.slurm_job_id
@@ -236,7 +217,7 @@ def test_a_cluster_that_cannot_be_reached_keeps_released_jobs_queued(env: Env) -
 
 
 def test_a_release_whose_process_died_is_found_by_its_tag_or_queued_again(env: Env) -> None:
-    limit(env, max_concurrent_gpus=8)
+    set_quota(env, max_concurrent_gpus=8)
     first = submit(env)
     lost_answer, never_sent = submit(env), submit(env)
     stale = datetime.now(UTC) - timedelta(minutes=10)
@@ -271,7 +252,7 @@ def test_a_release_whose_process_died_is_found_by_its_tag_or_queued_again(env: E
 
 
 def test_a_job_claimed_by_an_earlier_pass_counts_against_the_limit(env: Env) -> None:
-    limit(env, max_pending_jobs=1)
+    set_quota(env, max_pending_jobs=1)
     first = submit(env)
     waiting = [submit(env), submit(env)]
     slurm_id = first.slurm_job_id

@@ -22,10 +22,10 @@ from adapters.errors import CommandTimedOut
 from broker.db.engine import transaction
 from broker.db.models import JobRecord
 from broker.errors import ClusterUnavailable
-from broker.schemas import JobCreate, JobPublic, QuotaPut
-from broker.service import ledger, projects
+from broker.schemas import JobCreate, JobPublic
+from broker.service import ledger
 from broker.service.jobs import SBATCH_MARGIN_SECONDS
-from tests.broker.harness import Env, build_env
+from tests.broker.harness import Env, build_env, set_quota
 
 SCRIPT = "#!/bin/bash\nsrun python train.py\n"
 STALE_S = 30.0
@@ -117,28 +117,9 @@ def test_a_submitter_overtaken_by_the_reconciler_cancels_its_slurm_job(env: Env)
         assert ledger.check(session) == []
 
 
-def limit_to_one_job(env: Env) -> None:
-    now = datetime.now(UTC)
-    with transaction(env.runtime.sessions) as session:
-        projects.put_quota(
-            session,
-            env.admin,
-            "climate",
-            QuotaPut.model_validate(
-                {
-                    "period_start": now - timedelta(days=1),
-                    "period_end": now + timedelta(days=365),
-                    "gpu_hours": 1000.0,
-                    "gpu_type_weights": {"h100": 1.0},
-                    "max_concurrent_gpus": 8,
-                }
-            ),
-        )
-
-
 def queue_one(env: Env) -> tuple[JobPublic, JobPublic]:
     """A running job at the project's limit and one queued behind it; the first then ends."""
-    limit_to_one_job(env)
+    set_quota(env, max_concurrent_gpus=8)  # room for one 8-GPU job
     first = env.runtime.jobs.submit(env.alice, body(), None).job
     second = env.runtime.jobs.submit(env.alice, body(), None).job
     assert second.state == "queued"
