@@ -29,6 +29,7 @@ from adapters.runner import CommandResult, CommandRunner
 from adapters.slurm import commands
 from adapters.slurm.parse import (
     ParseError,
+    SqueueMemo,
     decode,
     newest_first,
     parse_sacct,
@@ -187,6 +188,8 @@ class SlurmClient:
         self.timeout = timeout
         self.cluster_tz = cluster_tz
         self._observer = observer
+        self._squeue_memo = SqueueMemo()
+        """The last squeue output's statuses by line: an unchanged line is not parsed again."""
         self._count_lock = threading.Lock()
         self.commands_run = 0
         """Commands run by this client so far (for metrics and benchmarks)."""
@@ -491,7 +494,7 @@ class SlurmClient:
             ):
                 return []  # squeue asked slurmctld for that one job, which it does not know
             self._require_success(result)
-            return parse_squeue(decode(result.stdout), self.cluster_tz)
+            return parse_squeue(decode(result.stdout), self.cluster_tz, self._squeue_memo)
 
         return self._command(argv, read)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from functools import lru_cache
@@ -46,12 +46,28 @@ def records(text: str, fields: Sequence[str], *, trailing: bool) -> Iterator[dic
     opposed to sacct's ``--parsable2``, which only puts it between fields. A record with fewer
     fields than expected is joined with the next line: a job name or comment may hold a newline.
     """
+    for _, rec in _records(text, fields, trailing=trailing, known=_NOTHING_KNOWN):
+        if rec is not None:
+            yield rec
+
+
+_NOTHING_KNOWN: Container[str] = frozenset()
+
+
+def _records(
+    text: str, fields: Sequence[str], *, trailing: bool, known: Container[str]
+) -> Iterator[tuple[str, dict[str, str] | None]]:
+    """``records``, with each record's text; a one-line record whose text is in ``known`` is
+    yielded as ``(line, None)``, unsplit (the caller already has its answer)."""
     expected = len(fields) + (1 if trailing else 0)
     pending: list[str] = []
     for line in text.split("\n"):
         if pending:
             pending.append(line)
             joined = "\n".join(pending)
+        elif line in known:
+            yield line, None
+            continue
         else:  # the common case: a record on one line
             joined = line
         parts = joined.split(FIELD_SEPARATOR)
@@ -62,7 +78,7 @@ def records(text: str, fields: Sequence[str], *, trailing: bool) -> Iterator[dic
         pending = []
         if len(parts) > expected or (trailing and parts[-1].strip()):
             raise ParseError(f"expected {len(fields)} fields, got {len(parts)}: {joined[:200]!r}")
-        yield dict(zip(fields, parts, strict=False))
+        yield joined, dict(zip(fields, parts, strict=False))
     leftover = "\n".join(pending).strip()
     if leftover:
         raise ParseError(f"incomplete record at end of output: {leftover[:200]!r}")
@@ -265,34 +281,66 @@ def parse_sbatch(text: str) -> tuple[str, str | None]:
     return job_id, cluster or None
 
 
-def parse_squeue(text: str, cluster_tz: tzinfo = UTC) -> list[JobStatus]:
+def parse_squeue(
+    text: str, cluster_tz: tzinfo = UTC, memo: SqueueMemo | None = None
+) -> list[JobStatus]:
+    """One status per job squeue printed.
+
+    ``memo``: the statuses of an earlier output by line (``SqueueMemo``). A line printed the same
+    as then is not parsed again: a poll of a queue where little changed costs a dictionary look-up
+    per job, not a parse. Which lines change: a running job's ``TimeUsed`` every second, a state or
+    a reason when they change; a waiting job's line stays the same.
+    """
+    known: Mapping[str, JobStatus] = memo.statuses if memo is not None else {}
     statuses = []
-    for rec in records(text, SQUEUE_FIELDS, trailing=True):
-        state = slurm_code(rec["State"])
-        # A waiting job's StartTime is slurmctld's estimate (or a year ahead): not a start.
-        started = None if is_waiting(state) else parse_time(rec["StartTime"], cluster_tz)
-        array = array_part_of_squeue(rec["ArrayJobID"], rec["ArrayTaskID"])
-        statuses.append(
-            JobStatus(
-                job_id=rec["JobID"].strip(),
-                state=state,
-                reason=value(rec["Reason"]),
-                name=value(rec["Name"]),
-                comment=value(rec["Comment"]),
-                account=value(rec["Account"]),
-                user=value(rec["UserName"]),
-                partition=value(rec["Partition"]),
-                alloc_gpus=parse_tres_gpus(value(rec["tres-alloc"])).count,
-                elapsed_s=parse_duration(rec["TimeUsed"]),
-                submit_time=parse_time(rec["SubmitTime"], cluster_tz),
-                start_time=started,
-                source="squeue",
-                array_job_id=array.array_job_id,
-                array_task=array.task,
-                array_pending=array.pending,
-            )
-        )
+    lines: dict[str, JobStatus] = {}
+    for line, rec in _records(text, SQUEUE_FIELDS, trailing=True, known=known):
+        status = known[line] if rec is None else _squeue_status(rec, cluster_tz)
+        statuses.append(status)
+        if "\n" not in line:
+            lines[line] = status
+    if memo is not None:
+        memo.statuses = lines  # this output's lines only: the memo never outgrows one output
     return statuses
+
+
+class SqueueMemo:
+    """The statuses of the last squeue output parsed with it, by line (see ``parse_squeue``).
+
+    A status is a pure function of its line and the cluster's time zone, and is immutable, so
+    reusing one is exact. The mapping is replaced whole by each parse, never changed in place:
+    threads parsing at once each read one complete mapping (the last one written wins).
+    """
+
+    __slots__ = ("statuses",)
+
+    def __init__(self) -> None:
+        self.statuses: Mapping[str, JobStatus] = {}
+
+
+def _squeue_status(rec: dict[str, str], cluster_tz: tzinfo) -> JobStatus:
+    state = slurm_code(rec["State"])
+    # A waiting job's StartTime is slurmctld's estimate (or a year ahead): not a start.
+    started = None if is_waiting(state) else parse_time(rec["StartTime"], cluster_tz)
+    array = array_part_of_squeue(rec["ArrayJobID"], rec["ArrayTaskID"])
+    return JobStatus(
+        job_id=rec["JobID"].strip(),
+        state=state,
+        reason=value(rec["Reason"]),
+        name=value(rec["Name"]),
+        comment=value(rec["Comment"]),
+        account=value(rec["Account"]),
+        user=value(rec["UserName"]),
+        partition=value(rec["Partition"]),
+        alloc_gpus=parse_tres_gpus(value(rec["tres-alloc"])).count,
+        elapsed_s=parse_duration(rec["TimeUsed"]),
+        submit_time=parse_time(rec["SubmitTime"], cluster_tz),
+        start_time=started,
+        source="squeue",
+        array_job_id=array.array_job_id,
+        array_task=array.task,
+        array_pending=array.pending,
+    )
 
 
 def parse_sacct(text: str, cluster_tz: tzinfo = UTC) -> list[AccountingRecord]:

@@ -238,6 +238,22 @@ def _applied(status: JobStatus) -> Applied:
     return state, status.reason, status.start_time if state == JobState.RUNNING else None
 
 
+@dataclass(frozen=True, slots=True)
+class _Applied:
+    """What was last applied to a job and committed, and the status it came from."""
+
+    applied: Applied
+    status: JobStatus | None
+    """The status object itself where it is the one under the job's Slurm id and carries its tag:
+    squeue printing the same line again gives the same object back (``SqueueMemo``), and
+    ``JobIdentity.status`` would pick it at once, so the job is unchanged without a comparison
+    (never for an array, whose tasks change under one status)."""
+
+    @classmethod
+    def of(cls, found: JobStatus, identity: JobIdentity) -> _Applied:
+        return cls(_applied(found), found if found.tag == identity.tag else None)
+
+
 def _may_settle(job: JobRecord, status: JobStatus | None, threshold: int) -> bool:
     if status is None:
         return job.missing_polls + 1 >= threshold
@@ -258,7 +274,7 @@ class Poller:
         self._settings = settings
         self._observer: BrokerObserver = observer or NullObserver()
         self._drift_checked: dict[str, float] = {}
-        self._applied: dict[str, dict[str, Applied]] = {}
+        self._applied: dict[str, dict[str, _Applied]] = {}
         """Per cluster: job id -> what of Slurm's status was last applied to it and committed."""
         self._identities: dict[str, dict[str, JobIdentity]] = {}
         """Per cluster: job id -> the columns ``own_status`` matches on (fixed once the job has a
@@ -406,14 +422,26 @@ class Poller:
             del applied[job_id]
         seen: dict[str, JobStatus | None] = {}
         for job_id, slurm_job_id in followed.items():
-            found = identities[job_id].status(slurm_job_id, status)
-            unchanged = (
+            last = applied.get(job_id)
+            current = status.found.get(slurm_job_id)
+            if (
+                last is not None
+                and current is not None
+                and current is last.status
+                and job_id not in array_ids
+            ):
+                continue  # the very status applied (squeue printed the job's line unchanged)
+            identity = identities[job_id]
+            found = identity.status(slurm_job_id, status)
+            if (
                 found is not None
+                and last is not None
                 and job_id not in array_ids
                 and not from_slurm(found.state).is_final
-                and applied.get(job_id) == _applied(found)
-            )
-            if not unchanged:
+                and last.applied == _applied(found)
+            ):
+                applied[job_id] = _Applied.of(found, identity)
+            else:
                 seen[job_id] = found
         if not seen:
             return
@@ -421,7 +449,7 @@ class Poller:
             # Whatever happens to it now (a missing poll counted, a rollback), the row may no
             # longer show what was last applied: it is compared again only once re-applied.
             applied.pop(job_id, None)
-        done: dict[str, Applied] = {}
+        done: dict[str, _Applied] = {}
         with self._write(fence) as session:
             jobs = list(
                 session.scalars(
@@ -464,7 +492,7 @@ class Poller:
                     continue
                 report.add(part)
                 if found is not None and not is_final(job.state):
-                    done[job.id] = _applied(found)
+                    done[job.id] = _Applied.of(found, identities[job.id])
         # Committed: these jobs now show what was applied (a rollback leaves them to be re-read).
         applied.update(done)
 

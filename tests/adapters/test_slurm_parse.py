@@ -21,6 +21,7 @@ from adapters.slurm.parse import (
     parse_sacct,
     parse_sbatch,
     parse_sinfo,
+    SqueueMemo,
     parse_squeue,
     parse_time,
     parse_tres_gpus,
@@ -229,6 +230,45 @@ def test_non_utf8_names_do_not_break_parsing() -> None:
     (status,) = parse_squeue(decode(raw))
     assert status.name == "r\ufffdsum\ufffd"
     assert status.comment == "brk-1"
+
+
+def test_a_memo_gives_the_answers_of_a_fresh_parse_and_reparses_only_changed_lines() -> None:
+    capture = fixture("client-squeue.txt")
+    memo = SqueueMemo()
+    assert parse_squeue(capture, memo=memo) == parse_squeue(capture)
+    first = {s.job_id: s for s in parse_squeue(capture, memo=memo)}
+
+    waiting = squeue_line(JobID="50", State="PENDING", Reason="Resources", Comment="brk-50")
+    running = squeue_line(JobID="51", State="RUNNING", TimeUsed="0:05", tres_alloc="gres/gpu=2")
+    named = squeue_line(JobID="52", State="PENDING", Name="two\nlines", Comment="brk-52")
+    parse_squeue(capture + waiting + running + named, memo=memo)
+    again = parse_squeue(
+        capture + waiting + running.replace("0:05", "0:06") + named, memo=memo
+    )
+    jobs = {s.job_id: s for s in again}
+
+    assert jobs["1"] is first["1"]  # an unchanged line: the earlier answer, not a new parse
+    assert jobs["50"].reason == "Resources"
+    assert jobs["51"].elapsed_s == 6  # the changed line was parsed again
+    assert jobs["52"].name == "two\nlines"  # a record over two lines is parsed every time
+    assert again == parse_squeue(capture + waiting + running.replace("0:05", "0:06") + named)
+    # Only the last output's lines are remembered: ended jobs do not pile up.
+    parse_squeue(waiting, memo=memo)
+    assert list(memo.statuses) == [waiting.rstrip("\n")]
+
+
+def test_a_memo_line_does_not_end_a_record_that_spans_lines() -> None:
+    """A line that matches a remembered one is still read as the continuation of an open
+    record, as without the memo."""
+    memo = SqueueMemo()
+    tail = squeue_line(JobID="61", State="PENDING")
+    parse_squeue(tail, memo=memo)
+    text = "60\n" + tail  # a first field with a newline in it, then job 61's line word for word
+
+    (status,) = parse_squeue(text, memo=memo)
+
+    assert status == parse_squeue(text)[0]
+    assert status.job_id == "60\n61"
 
 
 def test_a_newline_inside_a_name_joins_the_next_line() -> None:

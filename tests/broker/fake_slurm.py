@@ -77,6 +77,7 @@ class FakeSlurm:
     lose_next_submit_answer: bool = False
     jobs: dict[str, FakeJob] = field(default_factory=dict)
     earlier: dict[str, list[FakeJob]] = field(default_factory=dict)
+    _last_status: dict[str, JobStatus] = field(default_factory=dict)
     """Jobs sacct still holds under an id that was given again (newest first)."""
     on_statuses: Callable[[], None] | None = None
     """Called as ``statuses`` starts (a test's hook into the middle of a poll cycle)."""
@@ -169,6 +170,16 @@ class FakeSlurm:
         )
 
     def _status(self, job: FakeJob) -> JobStatus:
+        """As the real client (``SqueueMemo``): a job squeue shows as it did in the last answer
+        is the very same status object again, so the poller's shortcut for that is exercised."""
+        status = self._new_status(job)
+        last = self._last_status.get(job.job_id)
+        if status.source == "squeue" and status == last:
+            return last
+        self._last_status[job.job_id] = status
+        return status
+
+    def _new_status(self, job: FakeJob) -> JobStatus:
         ended = is_ended(job.state)
         return JobStatus(
             job_id=job.job_id,
