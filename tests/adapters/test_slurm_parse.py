@@ -11,6 +11,7 @@ from adapters.slurm.commands import SACCT_FIELDS, SQUEUE_FIELDS
 from adapters.slurm.parse import (
     GpuTres,
     ParseError,
+    SqueueMemo,
     decode,
     newest_first,
     node_unavailable,
@@ -21,7 +22,6 @@ from adapters.slurm.parse import (
     parse_sacct,
     parse_sbatch,
     parse_sinfo,
-    SqueueMemo,
     parse_squeue,
     parse_time,
     parse_tres_gpus,
@@ -242,9 +242,7 @@ def test_a_memo_gives_the_answers_of_a_fresh_parse_and_reparses_only_changed_lin
     running = squeue_line(JobID="51", State="RUNNING", TimeUsed="0:05", tres_alloc="gres/gpu=2")
     named = squeue_line(JobID="52", State="PENDING", Name="two\nlines", Comment="brk-52")
     parse_squeue(capture + waiting + running + named, memo=memo)
-    again = parse_squeue(
-        capture + waiting + running.replace("0:05", "0:06") + named, memo=memo
-    )
+    again = parse_squeue(capture + waiting + running.replace("0:05", "0:06") + named, memo=memo)
     jobs = {s.job_id: s for s in again}
 
     assert jobs["1"] is first["1"]  # an unchanged line: the earlier answer, not a new parse
