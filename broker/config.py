@@ -119,6 +119,9 @@ class ServerSettings(_Section):
     """Base URL users reach the broker at, for printed links; empty when unknown."""
     workers: PositiveInt = 1
     """API processes ``broker serve`` starts on this host (more than 1 needs PostgreSQL)."""
+    read_threads: PositiveInt = 2
+    """Threads per API process for the hot reads (a job, a page of jobs, ``/v1/me``, a token
+    look-up): about one per core; more only when the database is far (``broker.api.threads``)."""
 
     @model_validator(mode="after")
     def _check_public_url(self) -> Self:

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from broker.api import problems
 from broker.api.guards import BodySizeLimit, RateLimiter
 from broker.api.routes import jobs, projects, system, users
+from broker.api.threads import ReadThreads
 from broker.runtime import Runtime
 from broker.service.ratelimit import SharedBudget
 from broker.ui import install as install_pages
@@ -38,6 +39,7 @@ def create_app(runtime: Runtime, *, run_poller: bool = False) -> FastAPI:
         title="AI Factory GPU broker", version="1", description=API_DESCRIPTION, lifespan=lifespan
     )
     app.state.runtime = runtime
+    app.state.read_threads = ReadThreads(runtime.settings.server.read_threads)
     limits = runtime.settings.limits
     shared = None
     if runtime.engine.dialect.name == "postgresql" and limits.requests_per_minute > 0:

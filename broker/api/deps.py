@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from broker.api.guards import RateLimiter
+from broker.api.threads import ReadThreads
 from broker.db.engine import transaction
 from broker.errors import Unauthenticated
 from broker.runtime import Runtime
@@ -24,12 +25,23 @@ from broker.service.identity import Actor, authenticate, hash_token
 from broker.service.oidc import looks_like_jwt
 
 
-def get_runtime(request: Request) -> Runtime:
+# Dependencies that only look something up are ``async``: FastAPI runs a plain ``def`` dependency
+# in a worker thread, a hop per request for nothing.
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+async def get_read_threads(request: Request) -> ReadThreads:
+    threads: ReadThreads = request.app.state.read_threads
+    return threads
+
+
+ReadThreadsDep = Annotated[ReadThreads, Depends(get_read_threads)]
+"""Where a route's hot database read runs (``broker.api.threads``)."""
 
 
 def get_session(runtime: RuntimeDep) -> Iterator[Session]:
@@ -78,7 +90,8 @@ async def get_actor(request: Request, runtime: RuntimeDep) -> Actor:
             limiter.require_room(_failures(request))
         generation = cache.generation
         try:
-            actor = await run_in_threadpool(_look_up, runtime, token)
+            reads: ReadThreads = request.app.state.read_threads
+            actor = await reads.run(_look_up, runtime, token)
         except Unauthenticated:
             limiter.forget(token_hash)
             limiter.check(_failures(request))

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response
-from starlette.concurrency import run_in_threadpool
 
-from broker.api.deps import CurrentActor, RuntimeDep
+from broker.api.deps import CurrentActor, ReadThreadsDep, RuntimeDep
 from broker.api.problems import COMMON, responses
 from broker.lifecycle import JobState
 from broker.schemas import (
@@ -50,6 +49,7 @@ def submit_job(
 async def list_jobs(
     actor: CurrentActor,
     runtime: RuntimeDep,
+    reads: ReadThreadsDep,
     project: str | None = None,
     state: str | None = None,
     cluster: str | None = None,
@@ -61,14 +61,16 @@ async def list_jobs(
     limits = runtime.settings.limits
     page = min(limit or limits.default_list_limit, limits.max_list_limit)
     where = JobFilter(project=project, state=state, cluster=cluster, user=user)
-    return await run_in_threadpool(runtime.job_reads.list, actor, where, page, cursor)
+    return await reads.run(runtime.job_reads.list, actor, where, page, cursor)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-async def get_job(job_id: str, actor: CurrentActor, runtime: RuntimeDep) -> JobPublic:
+async def get_job(
+    job_id: str, actor: CurrentActor, runtime: RuntimeDep, reads: ReadThreadsDep
+) -> JobPublic:
     # async with one worker-thread hop for the query: a sync route would take two (the route,
     # then FastAPI's check of its answer), each a context switch under load.
-    return await run_in_threadpool(runtime.job_reads.get, actor, job_id)
+    return await reads.run(runtime.job_reads.get, actor, job_id)
 
 
 @router.delete("/{job_id}", status_code=202, response_model=JobPublic)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, BackgroundTasks, Response
-from starlette.concurrency import run_in_threadpool
 
-from broker.api.deps import CurrentActor, RuntimeDep, SessionDep, TransactionDep
+from broker.api.deps import (
+    CurrentActor,
+    ReadThreadsDep,
+    RuntimeDep,
+    SessionDep,
+    TransactionDep,
+)
 from broker.api.problems import COMMON, responses
 from broker.runtime import Runtime
 from broker.schemas import (
@@ -25,10 +30,10 @@ router = APIRouter(tags=["users"], responses=responses(*COMMON, 409))
 
 
 @router.get("/v1/me", response_model=MePublic)
-async def whoami(actor: CurrentActor, runtime: RuntimeDep) -> MePublic:
+async def whoami(actor: CurrentActor, runtime: RuntimeDep, reads: ReadThreadsDep) -> MePublic:
     if actor.project_names is not None:  # resolved with the token: nothing to read
         return MePublic(name=actor.name, role=actor.role, projects=sorted(actor.project_names))
-    return await run_in_threadpool(_me, runtime, actor)
+    return await reads.run(_me, runtime, actor)
 
 
 def _me(runtime: Runtime, actor: Actor) -> MePublic:
