@@ -243,9 +243,11 @@ def run_polling(plan: Plan, cluster: Cluster, workdir: Path, say: Say) -> dict[s
     """Grow the queue through ``plan.poll_sizes`` and measure poll cycles at each size."""
     largest = max(plan.poll_sizes)
     # Above SQUEUE_MAX_IDS ids the broker reads every job of its account that slurmctld still
-    # holds: start once the ended jobs of earlier runs are gone, so that only this step's count.
+    # holds (whoever submitted it: another benchmark's researcher too, which the poller then
+    # reports as foreign): start once the ended jobs of earlier runs are gone, so that only this
+    # step's count.
     own = wait_for_quiet(
-        cluster, plan.quiet_own_jobs, timeout=plan.room_wait_s, user=cluster.user, say=say
+        cluster, plan.quiet_own_jobs, timeout=plan.room_wait_s, account=BENCH_ACCOUNT, say=say
     )
     held = wait_for_room(
         cluster, largest, keep_free=plan.keep_free_jobs, timeout=plan.room_wait_s, say=say

@@ -339,10 +339,12 @@ def cancel_all(cluster: Cluster, timeout: float = 120) -> None:
         time.sleep(0.5)
 
 
-def controller_job_records(cluster: Cluster, user: str | None = None) -> int:
-    """Jobs slurmctld holds in memory, of all users or of ``user``, finished ones included
-    (until ``MinJobAge``)."""
-    who = ["--user", user] if user else []
+def controller_job_records(
+    cluster: Cluster, user: str | None = None, account: str | None = None
+) -> int:
+    """Jobs slurmctld holds in memory, of all users or of ``user`` (and of ``account``), finished
+    ones included (until ``MinJobAge``)."""
+    who = (["--user", user] if user else []) + (["--account", account] if account else [])
     out = cluster.admin_ok("squeue", "-h", "--all", "--states=all", *who, "-o", "%i")
     return len(out.split())
 
@@ -393,21 +395,23 @@ def wait_for_quiet(
     *,
     timeout: float,
     user: str | None = None,
+    account: str | None = None,
     say: Callable[[str], None] = print,
 ) -> int:
-    """Wait (at most ``timeout`` s) until slurmctld holds at most ``at_most`` jobs (of ``user``,
-    if given), so that a step starts on a controller not still carrying the jobs of the step
-    before (it keeps them for ``MinJobAge``; submitting gets slower the more it holds, and
-    ``squeue --me`` lists them). Returns the jobs held when the wait ended; never fails: others
-    on the cluster may keep it busier than that."""
+    """Wait (at most ``timeout`` s) until slurmctld holds at most ``at_most`` jobs (of ``user``
+    and ``account``, if given), so that a step starts on a controller not still carrying the jobs
+    of the step before (it keeps them for ``MinJobAge``; submitting gets slower the more it holds,
+    and ``squeue --me`` lists them). Returns the jobs held when the wait ended; never fails:
+    others on the cluster may keep it busier than that."""
     deadline = time.monotonic() + timeout
-    held = controller_job_records(cluster, user)
+    held = controller_job_records(cluster, user, account)
     if held > at_most:
         whose = f" of {user}" if user else ""
+        whose += f" in account {account}" if account else ""
         say(f"  waiting for slurmctld to purge ended jobs{whose}: {held} held, for {at_most}")
     while held > at_most and time.monotonic() < deadline:
         time.sleep(5)
-        held = controller_job_records(cluster, user)
+        held = controller_job_records(cluster, user, account)
     return held
 
 
