@@ -90,8 +90,11 @@ async def get_actor(request: Request, runtime: RuntimeDep) -> Actor:
             limiter.require_room(_failures(request))
         generation = cache.generation
         try:
-            reads: ReadThreads = request.app.state.read_threads
-            actor = await reads.run(_look_up, runtime, token)
+            if jwt:  # may fetch the provider's keys over the network: not on the read threads
+                actor = await run_in_threadpool(_look_up, runtime, token)
+            else:
+                reads: ReadThreads = request.app.state.read_threads
+                actor = await reads.run(_look_up, runtime, token)
         except Unauthenticated:
             limiter.forget(token_hash)
             limiter.check(_failures(request))

@@ -4,10 +4,11 @@ A read route awaits its query in a thread (the database driver blocks). Starlett
 lets 40 threads at once per process; under a burst of reads they all wait for the one GIL, and the
 event loop that reads and writes every connection waits behind them: at 32 clients a few requests
 took seconds while the median was a few milliseconds (docs/performance.md). Reads of a job, a
-page of jobs, ``/v1/me`` and a token look-up therefore go through their own small limiter
+page of jobs, ``/v1/me`` and an API token's look-up therefore go through their own small limiter
 (``[server] read_threads``, a thread or two per core), where a request waits its turn in order
-instead. Writes (submit, cancel) keep the default pool: they spend most of their time waiting for
-sbatch or scancel over SSH, not holding the GIL.
+instead. Whatever may wait on something slower than the database keeps the default pool: writes
+(submit and cancel wait for sbatch or scancel over SSH) and a JWT's check (it may fetch the
+provider's keys), so that a slow cluster or provider never holds up the reads.
 """
 
 from __future__ import annotations
