@@ -26,6 +26,7 @@ from sqlalchemy import (
     UniqueConstraint,
     false,
 )
+from sqlalchemy import text as sql_text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -174,6 +175,14 @@ class JobRecord(Base):
         Index("ix_jobs_project_state_submitted", "project_id", "state", "submitted_at", "id"),
         Index("ix_jobs_tag", "tag", unique=True),
         Index("ix_jobs_state", "state"),
+        # Job arrays only (few): /metrics reads the live ones at every scrape, which through
+        # ix_jobs_state alone meant visiting every live job's row to find them.
+        Index(
+            "ix_jobs_arrays_state",
+            "state",
+            postgresql_where=sql_text("array_size IS NOT NULL"),
+            sqlite_where=sql_text("array_size IS NOT NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)

@@ -55,27 +55,30 @@ class DatabaseCollector:
 
     def state(self) -> DatabaseState:
         """The cached state, read again when older than ``max_age``; raises on database errors."""
+        return self._read()[0]
+
+    def _read(self) -> tuple[DatabaseState, QueueState]:
+        """The state and the queue and array series' state, read together and cached together
+        (one read per scrape, even with ``max_age`` 0)."""
         with self._lock:
             now = time.monotonic()
-            if self._cached is None or now - self._cached_at >= self._max_age:
+            if (
+                self._cached is None
+                or self._queue_cached is None
+                or now - self._cached_at >= self._max_age
+            ):
                 with self._sessions() as session:
                     self._cached = read_state(session)
                     self._queue_cached = read_queue_state(session)
                 self._cached_at = now
-            return self._cached
-
-    def _queue_state(self) -> QueueState:
-        """The queue and array series' read, made with (and cached like) ``state``'s."""
-        self.state()
-        assert self._queue_cached is not None
-        return self._queue_cached
+            return self._cached, self._queue_cached
 
     def collect(self) -> Iterator[Metric]:
         database_up = GaugeMetricFamily(
             "broker_database_up", "1 if the last scrape-time read of the database succeeded"
         )
         try:
-            state = self.state()
+            state, queue = self._read()
         except SQLAlchemyError as exc:
             log.warning("metrics: cannot read the database: %s", exc)
             database_up.add_metric([], 0)
@@ -92,9 +95,7 @@ class DatabaseCollector:
         yield from self._project_families(state)
         yield from self._job_families(state)
         yield from self._cluster_families(state)
-        yield from queue_families(
-            self._queue_state(), sorted(state.ledgers), self._cluster_names(state)
-        )
+        yield from queue_families(queue, sorted(state.ledgers), self._cluster_names(state))
 
     # -- zero-filled label sets -----------------------------------------------------------------
 
