@@ -159,8 +159,12 @@ def test_a_placed_job_moves_once_when_its_cluster_fills_and_a_pinned_one_never(
         records = slurm("beta").accounting(since, accounts=[project])
         return [r for r in records if r.job_id == first_slurm_id and r.end_time is not None]
 
+    def on_alpha_records() -> list[Any]:  # the broker may settle from squeue's view first
+        records = slurm("alpha").accounting(since, accounts=[project])
+        return records if records and all(r.end_time is not None for r in records) else []
+
     (on_beta,) = wait_for(on_beta_record, timeout=30, what="the first job's sacct record")
-    (on_alpha,) = slurm("alpha").accounting(since, accounts=[project])
+    (on_alpha,) = wait_for(on_alpha_records, timeout=30, what="the second job's sacct record")
     assert on_beta.state == "CANCELLED" and on_beta.start_time is None  # never ran
     assert on_beta.end_time is not None and on_alpha.submit_time is not None
     assert on_beta.end_time <= on_alpha.submit_time  # gone before the second sbatch
