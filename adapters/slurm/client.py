@@ -49,6 +49,9 @@ from adapters.slurm.types import (
 
 logger = logging.getLogger(__name__)
 
+_SACCTMGR_UNSPECIFIED = "unspecified error"
+"""sacctmgr's "Problem adding users: Unspecified error": slurmdbd did not do it, said not why."""
+
 T = TypeVar("T")
 
 CommandObserver = Callable[[str, float, BaseException | None], None]
@@ -530,9 +533,12 @@ class SlurmClient:
         if "nothing new added" in result.stdout_text.lower() and not result.stderr_text.strip():
             return
         text = result.stderr_text or result.stdout_text
-        raise CommandFailed(
-            result.argv, result.exit_code, text, reason=classify(text, exit_code=1).reason
-        )
+        reason = classify(text, exit_code=1).reason
+        if _SACCTMGR_UNSPECIFIED in text.lower():
+            # slurmdbd's answer to an add it could not do now (seen with several adds at once):
+            # nothing was refused, and an add is safe to repeat.
+            raise SlurmUnavailable(result.argv, result.exit_code, text, reason=reason)
+        raise CommandFailed(result.argv, result.exit_code, text, reason=reason)
 
     @staticmethod
     def _require_success(result: CommandResult) -> None:

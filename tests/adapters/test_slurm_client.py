@@ -355,6 +355,15 @@ def test_ensure_account_reports_real_errors() -> None:
         client_for(runner).ensure_account("proj1", "svc")
 
 
+def test_an_unspecified_sacctmgr_error_is_a_reason_to_try_again() -> None:
+    """slurmdbd answered an association add under load with this; a submission that needs the
+    association is then 503 (try again), not 422 (the job is wrong)."""
+    stderr = " Problem adding users: Unspecified error\n"
+    runner = ScriptedRunner({"sacctmgr": (1, "", stderr)})
+    with pytest.raises(SlurmUnavailable):
+        client_for(runner).ensure_association("proj1", "alice")
+
+
 def test_ping() -> None:
     up = ScriptedRunner({"scontrol": (0, "Slurmctld(primary) at vm is UP\n", "")})
     client_for(up).ping()

@@ -77,8 +77,9 @@ class FakeSlurm:
     lose_next_submit_answer: bool = False
     jobs: dict[str, FakeJob] = field(default_factory=dict)
     earlier: dict[str, list[FakeJob]] = field(default_factory=dict)
-    _last_status: dict[str, JobStatus] = field(default_factory=dict)
     """Jobs sacct still holds under an id that was given again (newest first)."""
+    _last_status: dict[str, JobStatus] = field(default_factory=dict, init=False, repr=False)
+    """The status last answered for each job id (see ``_status``)."""
     on_statuses: Callable[[], None] | None = None
     """Called as ``statuses`` starts (a test's hook into the middle of a poll cycle)."""
     on_submit: Callable[[], None] | None = None
