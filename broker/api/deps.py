@@ -60,7 +60,7 @@ TransactionDep = Annotated[Session, Depends(get_transaction, scope="function")]
 """A session in a transaction, committed before the response is sent (rolled back on error)."""
 
 
-async def get_actor(request: Request, runtime: RuntimeDep) -> Actor:
+async def get_actor(request: Request, runtime: RuntimeDep, reads: ReadThreadsDep) -> Actor:
     """The caller, rate-limited BEFORE authentication so floods of bad tokens cost nothing.
 
     A token this process resolved recently comes from the token cache (``broker.service.tokens``:
@@ -93,7 +93,6 @@ async def get_actor(request: Request, runtime: RuntimeDep) -> Actor:
             if jwt:  # may fetch the provider's keys over the network: not on the read threads
                 actor = await run_in_threadpool(_look_up, runtime, token)
             else:
-                reads: ReadThreads = request.app.state.read_threads
                 actor = await reads.run(_look_up, runtime, token)
         except Unauthenticated:
             limiter.forget(token_hash)
