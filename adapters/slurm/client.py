@@ -50,6 +50,17 @@ from adapters.slurm.types import (
 logger = logging.getLogger(__name__)
 
 _SACCTMGR_UNSPECIFIED = "unspecified error"
+SACCTMGR_ADD_ATTEMPTS = 4
+"""How often an add slurmdbd could not do now is tried (``SlurmClient._sacctmgr_add``)."""
+SACCTMGR_ADD_BACKOFF_SECONDS = 0.25
+"""Wait before the next try: this times the number of tries so far (0.25, 0.5, 0.75 s)."""
+
+
+class _AddNotDoneNow(SlurmUnavailable):
+    """``sacctmgr add`` answered "Unspecified error": nothing was refused, and the add is safe
+    to repeat; callers see a ``SlurmUnavailable`` once the tries are spent."""
+
+
 """sacctmgr's "Problem adding users: Unspecified error": slurmdbd did not do it, said not why."""
 
 T = TypeVar("T")
@@ -440,14 +451,29 @@ class SlurmClient:
                 )
             )
         for argv in argvs:
-            self._command(argv, self._read_sacctmgr_add, side_effects=True)
+            self._sacctmgr_add(argv)
 
     def ensure_association(self, account: str, user: str) -> None:
         """Let ``user`` submit to ``account`` on this cluster; idempotent."""
         argv = commands.sacctmgr_add_user(
             self.bin_dir, cluster=self.cluster, account=account, user=user
         )
-        self._command(argv, self._read_sacctmgr_add, side_effects=True)
+        self._sacctmgr_add(argv)
+
+    def _sacctmgr_add(self, argv: list[str]) -> None:
+        """An idempotent ``sacctmgr add``, tried again a few times when slurmdbd could not do it
+        now. Two adds of the same association at once (a membership's background add and a
+        submission's) make one of them fail with "Unspecified error"; tried again a moment
+        later it finds the association there ("Nothing new added")."""
+        for attempt in range(1, SACCTMGR_ADD_ATTEMPTS + 1):
+            try:
+                self._command(argv, self._read_sacctmgr_add, side_effects=True)
+                return
+            except _AddNotDoneNow:
+                if attempt == SACCTMGR_ADD_ATTEMPTS:
+                    raise
+                logger.info("%s: slurmdbd could not add now; trying again", self.cluster)
+                time.sleep(SACCTMGR_ADD_BACKOFF_SECONDS * attempt)
 
     def remove_association(self, account: str, user: str) -> None:
         """Take ``account`` away from ``user`` on this cluster; idempotent."""
@@ -537,7 +563,7 @@ class SlurmClient:
         if _SACCTMGR_UNSPECIFIED in text.lower():
             # slurmdbd's answer to an add it could not do now (seen with several adds at once):
             # nothing was refused, and an add is safe to repeat.
-            raise SlurmUnavailable(result.argv, result.exit_code, text, reason=reason)
+            raise _AddNotDoneNow(result.argv, result.exit_code, text, reason=reason)
         raise CommandFailed(result.argv, result.exit_code, text, reason=reason)
 
     @staticmethod

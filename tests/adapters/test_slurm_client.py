@@ -19,7 +19,8 @@ from adapters.errors import (
     SubmitMisrouted,
 )
 from adapters.runner import CommandResult, CommandRunner
-from adapters.slurm.client import SlurmClient
+from adapters.slurm import client as client_module
+from adapters.slurm.client import SACCTMGR_ADD_ATTEMPTS, SlurmClient
 from adapters.slurm.commands import SACCT_FIELDS, SQUEUE_FIELDS, SQUEUE_MAX_IDS
 from adapters.slurm.types import JobSpec
 
@@ -355,13 +356,34 @@ def test_ensure_account_reports_real_errors() -> None:
         client_for(runner).ensure_account("proj1", "svc")
 
 
-def test_an_unspecified_sacctmgr_error_is_a_reason_to_try_again() -> None:
-    """slurmdbd answered an association add under load with this; a submission that needs the
-    association is then 503 (try again), not 422 (the job is wrong)."""
+def test_an_unspecified_sacctmgr_error_is_a_reason_to_try_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """slurmdbd answered an association add under load with this; tried again and still so, a
+    submission that needs the association is then 503 (try again), not 422 (the job is wrong)."""
+    monkeypatch.setattr(client_module, "SACCTMGR_ADD_BACKOFF_SECONDS", 0.0)
     stderr = " Problem adding users: Unspecified error\n"
     runner = ScriptedRunner({"sacctmgr": (1, "", stderr)})
     with pytest.raises(SlurmUnavailable):
         client_for(runner).ensure_association("proj1", "alice")
+    assert runner.programs() == ["sacctmgr"] * SACCTMGR_ADD_ATTEMPTS
+
+
+def test_an_add_that_slurmdbd_could_not_do_now_is_tried_again_and_found_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two adds of one association at once: one fails with "Unspecified error", and tried again
+    it finds the association added by the other ("Nothing new added"): no error then."""
+    replies = iter(
+        [
+            (1, " Adding User(s)\n  alice\n", " Problem adding users: Unspecified error\n"),
+            (1, " Nothing new added.\n", ""),
+        ]
+    )
+    monkeypatch.setattr(client_module, "SACCTMGR_ADD_BACKOFF_SECONDS", 0.0)
+    runner = ScriptedRunner({"sacctmgr": lambda argv: next(replies)})
+    client_for(runner).ensure_association("proj1", "alice")
+    assert runner.programs() == ["sacctmgr", "sacctmgr"]
 
 
 def test_ping() -> None:
