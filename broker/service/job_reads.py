@@ -56,11 +56,9 @@ _STATES = frozenset(state.value for state in JobState)
 _PENDING = JobState.PENDING.value
 _QUEUED = JobState.QUEUED.value
 
-_COLUMNS = (
+JOB_VIEW_COLUMNS = (
     JobRecord.id,
     JobRecord.project_id,
-    ProjectRecord.name.label("project"),
-    UserRecord.name.label("user"),
     JobRecord.name,
     JobRecord.cluster,
     JobRecord.partition,
@@ -82,6 +80,13 @@ _COLUMNS = (
     JobRecord.queue_message,
     JobRecord.array_size,
     JobRecord.array_max_parallel,
+)
+"""The job's columns ``job_view`` reads."""
+
+_COLUMNS = (
+    *JOB_VIEW_COLUMNS,
+    ProjectRecord.name.label("project"),
+    UserRecord.name.label("user"),
 )
 
 

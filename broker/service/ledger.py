@@ -32,6 +32,7 @@ from sqlalchemy import (
     SQLColumnExpression,
     Table,
     and_,
+    bindparam,
     case,
     delete,
     false,
@@ -70,11 +71,17 @@ def lock_project(session: Session, project_id: int) -> None:
     UPDATE) and the database write lock on SQLite, so concurrent admissions queue here instead of
     each reading a ledger the other is about to change.
     """
-    session.execute(
-        update(ProjectRecord)
-        .where(ProjectRecord.id == project_id)
-        .values(ledger_version=ProjectRecord.ledger_version + 1)
-    )
+    session.execute(_LOCK, {"project_id": project_id})
+
+
+_LOCK = (
+    update(ProjectRecord)
+    .where(ProjectRecord.id == bindparam("project_id"))
+    .values(ledger_version=ProjectRecord.ledger_version + 1)
+    # Nothing in the session reads the counter: no evaluation of it on loaded projects.
+    .execution_options(synchronize_session=False)
+)
+"""Built once: ``lock_project`` runs in every admission."""
 
 
 def policy_of(quota: QuotaRecord) -> QuotaPolicy:
@@ -195,43 +202,41 @@ def snapshot(session: Session, project_id: int, quota: QuotaRecord | None) -> Le
     A handful of total rows, plus a count of the project's jobs not started yet (an index range
     over its live jobs, which ``max_pending_jobs`` bounds).
     """
-    used = 0
-    if quota is not None:
-        used = int(
-            session.scalar(
-                select(func.coalesce(func.sum(LedgerUsedRecord.used_gpu_seconds), 0)).where(
-                    LedgerUsedRecord.project_id == project_id
-                )
-            )
-            or 0
-        )
+    used, pending = session.execute(_USED_AND_PENDING, {"project_id": project_id}).one()
+    if quota is None:
+        used = 0
     by_cluster: dict[str, int] = {}
     reserved = 0
-    for cluster, held, gpus in session.execute(
-        select(
-            LedgerLiveRecord.cluster,
-            LedgerLiveRecord.reserved_gpu_seconds,
-            LedgerLiveRecord.live_gpus,
-        ).where(LedgerLiveRecord.project_id == project_id)
-    ):
+    for cluster, held, gpus in session.execute(_LIVE_ROWS, {"project_id": project_id}):
         reserved += int(held)
         if gpus:
             by_cluster[cluster] = int(gpus)
-    pending = int(
-        session.scalar(
-            select(func.count()).where(
-                JobRecord.project_id == project_id, JobRecord.state.in_(NOT_STARTED_STATES)
-            )
-        )
-        or 0
-    )
     return LedgerSnapshot(
-        used_gpu_seconds=used,
+        used_gpu_seconds=int(used or 0),
         reserved_gpu_seconds=reserved,
         live_gpus=sum(by_cluster.values()),
         live_gpus_by_cluster=by_cluster,
-        pending_jobs=pending,
+        pending_jobs=int(pending or 0),
     )
+
+
+_USED_AND_PENDING = select(
+    select(func.coalesce(func.sum(LedgerUsedRecord.used_gpu_seconds), 0))
+    .where(LedgerUsedRecord.project_id == bindparam("project_id"))
+    .scalar_subquery(),
+    select(func.count())
+    .select_from(JobRecord)
+    .where(
+        JobRecord.project_id == bindparam("project_id"),
+        JobRecord.state.in_(NOT_STARTED_STATES),
+    )
+    .scalar_subquery(),
+)
+"""The period's use and the count of jobs not started yet, in one round trip."""
+
+_LIVE_ROWS = select(
+    LedgerLiveRecord.cluster, LedgerLiveRecord.reserved_gpu_seconds, LedgerLiveRecord.live_gpus
+).where(LedgerLiveRecord.project_id == bindparam("project_id"))
 
 
 def used_breakdown(
@@ -303,16 +308,30 @@ def _add(session: Session, table: Table, key: dict[str, Any], **deltas: int) -> 
     if not any(deltas.values()):
         return
     dialect = session.get_bind().dialect.name
-    values = {**key, **deltas}
-    update_set = {name: table.c[name] + delta for name, delta in deltas.items()}
+    shape = (dialect, table.name, tuple(key), tuple(deltas))
+    statement = _UPSERTS.get(shape)
+    if statement is None:
+        statement = _upsert(dialect, table, tuple(key), tuple(deltas))
+        _UPSERTS[shape] = statement
+    session.execute(statement, {**key, **deltas})
+
+
+_UPSERTS: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], Any] = {}
+"""The upserts of ``_add`` by dialect, table and the names they set, built once each."""
+
+
+def _upsert(dialect: str, table: Table, key: tuple[str, ...], deltas: tuple[str, ...]) -> Any:
+    """INSERT the row at ``key`` with ``deltas``, or add them to the row already there."""
+    values: dict[str, Any] = {name: bindparam(name) for name in (*key, *deltas)}
     if dialect == "postgresql":
         pg = postgresql.insert(table).values(values)
-        session.execute(pg.on_conflict_do_update(index_elements=list(key), set_=update_set))
-    elif dialect == "sqlite":
+        update_set = {name: table.c[name] + pg.excluded[name] for name in deltas}
+        return pg.on_conflict_do_update(index_elements=list(key), set_=update_set)
+    if dialect == "sqlite":
         lite = sqlite.insert(table).values(values)
-        session.execute(lite.on_conflict_do_update(index_elements=list(key), set_=update_set))
-    else:  # pragma: no cover - the broker supports the two above
-        raise NotImplementedError(dialect)
+        update_set = {name: table.c[name] + lite.excluded[name] for name in deltas}
+        return lite.on_conflict_do_update(index_elements=list(key), set_=update_set)
+    raise NotImplementedError(dialect)  # pragma: no cover - the broker supports the two above
 
 
 _USED = cast(Table, LedgerUsedRecord.__table__)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -29,10 +29,14 @@ from quotas import budget_gpu_seconds, gpu_hours
 
 def visible_project(session: Session, actor: Actor, name: str) -> ProjectRecord:
     """The project if the caller may see it; otherwise ``NotFound``, as if it did not exist."""
-    project = session.scalar(select(ProjectRecord).where(ProjectRecord.name == name))
+    project = session.scalar(_BY_NAME, {"name": name})
     if project is None or not (actor.reads_everything or project.id in actor.project_ids):
         raise NotFound(f"project {name} does not exist")
     return project
+
+
+_BY_NAME = select(ProjectRecord).where(ProjectRecord.name == bindparam("name"))
+"""Built once: every submission reads its project by name."""
 
 
 def _quota_public(quota: QuotaRecord | None) -> QuotaPublic | None:

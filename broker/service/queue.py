@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, bindparam, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.clock import utcnow
@@ -91,6 +91,17 @@ def _queued(project_id: int) -> Select[JobRecord]:
     )
 
 
+_WAITING = (
+    select(func.count())
+    .select_from(JobRecord)
+    .where(
+        JobRecord.project_id == bindparam("project_id"),
+        JobRecord.state == JobState.QUEUED.value,
+    )
+)
+"""How many of a project's jobs wait in its queue (built once: every admission asks)."""
+
+
 def admission_wait(
     session: Session,
     project: ProjectRecord,
@@ -102,14 +113,7 @@ def admission_wait(
     the static limits waits in the queue, and why; None when it goes to Slurm now."""
     if decision.violations and not waits_in_queue(decision):
         return None  # the budget or a static limit refuses it: no waiting helps
-    waiting = (
-        session.scalar(
-            select(func.count())
-            .select_from(JobRecord)
-            .where(JobRecord.project_id == project.id, JobRecord.state == JobState.QUEUED.value)
-        )
-        or 0
-    )
+    waiting = session.scalar(_WAITING, {"project_id": project.id}) or 0
     if project.queue_held:
         return Waiting(HELD, f"the project's queue is held by an admin; {_ahead(waiting)}")
     if decision.violations:

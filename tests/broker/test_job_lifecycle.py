@@ -9,8 +9,11 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import select
 
 from adapters.errors import SlurmUnavailable
+from adapters.slurm.types import JobSpec
+from broker.clock import utcnow
 from broker.db.engine import transaction
 from broker.db.models import JobRecord
 from broker.errors import (
@@ -24,7 +27,7 @@ from broker.errors import (
 )
 from broker.lifecycle import JobState
 from broker.schemas import JobCreate
-from broker.service import projects, transitions
+from broker.service import ledger, projects, transitions
 from broker.service.job_reads import JobFilter
 from tests.broker.harness import Env, build_env
 
@@ -78,6 +81,51 @@ def test_submit_reserves_and_completion_charges_what_sacct_says(env: Env) -> Non
     assert usage(env) == pytest.approx((2.0, 0.0))
     events = [e.to_state for e in env.runtime.jobs.events(env.alice, submitted.id).data]
     assert events == ["submitting", "pending", "running", "completed"]
+
+
+def test_the_answer_to_a_submission_is_the_job_as_read_back_with_its_events(env: Env) -> None:
+    """Recording sbatch's answer (two statements, no ORM) leaves the row, the event and the
+    ledger as the general path would, and answers what a later read shows."""
+    before = utcnow()
+    answer = env.runtime.jobs.submit(env.alice, job(name="rec"), None).job
+    assert answer == env.runtime.jobs.get(env.alice, answer.id)
+    assert answer.state == "pending" and answer.slurm_job_id in env.slurm["alpha"].jobs
+    events = env.runtime.jobs.events(env.alice, answer.id).data
+    assert [(e.from_state, e.to_state) for e in events] == [
+        (None, "submitting"),
+        ("submitting", "pending"),
+    ]
+    assert events[1].reason == f"sbatch accepted as {answer.slurm_job_id}"
+    with env.runtime.sessions() as session:
+        row = session.get_one(JobRecord, answer.id)
+        assert row.in_slurm_since is not None and row.in_slurm_since >= before
+        assert ledger.check(session) == []
+
+
+def test_a_job_the_reconciler_attached_first_is_answered_not_recorded_twice(env: Env) -> None:
+    """sbatch answered after the reconciler found the job by its tag: the submitter answers the
+    job as it is (one pending event, the same Slurm id), and cancels nothing."""
+    slurm = env.slurm["alpha"]
+    sbatch = slurm.submit
+    attached: list[str] = []
+
+    def reconciled_meanwhile(spec: JobSpec, *, timeout: float | None = None) -> str:
+        slurm_job_id = sbatch(spec, timeout=timeout)
+        with transaction(env.runtime.sessions) as session:
+            row = session.scalars(select(JobRecord).where(JobRecord.tag == spec.tag)).one()
+            transitions.move(
+                session, row, JobState.PENDING, "found by tag", slurm_job_id=slurm_job_id
+            )
+        attached.append(slurm_job_id)
+        return slurm_job_id
+
+    slurm.submit = reconciled_meanwhile  # type: ignore[method-assign]
+    answer = env.runtime.jobs.submit(env.alice, job(), None).job
+    assert attached == [answer.slurm_job_id] and answer.state == "pending"
+    events = env.runtime.jobs.events(env.alice, answer.id).data
+    assert [e.to_state for e in events] == ["submitting", "pending"]
+    assert events[1].reason == "found by tag"
+    assert slurm.cancels == []
 
 
 def test_weight_of_the_gpu_type_applies_to_reservation_and_charge(env: Env) -> None:

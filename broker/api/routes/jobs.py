@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response
+from starlette.concurrency import run_in_threadpool
 
 from broker.api.deps import CurrentActor, ReadThreadsDep, RuntimeDep
 from broker.api.problems import COMMON, responses
@@ -23,7 +24,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(*COMMON
 
 
 @router.post("", status_code=201, response_model=JobPublic)
-def submit_job(
+async def submit_job(
     body: JobCreate,
     actor: CurrentActor,
     runtime: RuntimeDep,
@@ -37,7 +38,9 @@ def submit_job(
     for a job ``queued`` in the broker: it fits the budget (reserved) and waits for a concurrency
     or pending-job limit; ``queue`` says where it stands.
     """
-    outcome = runtime.jobs.submit(actor, body, idempotency_key)
+    # One worker-thread hop for the service, which waits on sbatch (Starlette's pool, not the
+    # read threads); a sync route would take a second one for FastAPI's check of its answer.
+    outcome = await run_in_threadpool(runtime.jobs.submit, actor, body, idempotency_key)
     if outcome.job.state in (JobState.SUBMIT_UNKNOWN.value, JobState.QUEUED.value):
         response.status_code = 202
     if not outcome.created:
