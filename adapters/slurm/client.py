@@ -50,6 +50,7 @@ from adapters.slurm.types import (
 logger = logging.getLogger(__name__)
 
 _SACCTMGR_UNSPECIFIED = "unspecified error"
+"""sacctmgr's "Problem adding users: Unspecified error": slurmdbd did not do it, said not why."""
 SACCTMGR_ADD_ATTEMPTS = 4
 """How often an add slurmdbd could not do now is tried (``SlurmClient._sacctmgr_add``)."""
 SACCTMGR_ADD_BACKOFF_SECONDS = 0.25
@@ -60,8 +61,6 @@ class _AddNotDoneNow(SlurmUnavailable):
     """``sacctmgr add`` answered "Unspecified error": nothing was refused, and the add is safe
     to repeat; callers see a ``SlurmUnavailable`` once the tries are spent."""
 
-
-"""sacctmgr's "Problem adding users: Unspecified error": slurmdbd did not do it, said not why."""
 
 T = TypeVar("T")
 
