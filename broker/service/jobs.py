@@ -526,16 +526,7 @@ class JobService:
         # flush): ``job`` stays a plain, transient object this request reads from.
         session.execute(_INSERT_JOB, _row_of(job))
         ledger.admitted(session, job)
-        session.execute(
-            _RECORD_EVENT,
-            {
-                "job_id": job_id,
-                "at": now,
-                "from_state": None,
-                "to_state": job.state,
-                "reason": reason,
-            },
-        )
+        session.execute(_RECORD_EVENT, _event(job_id, now, None, job.state, reason))
         return job, False
 
     def _movable(self, job: JobRecord) -> bool:
@@ -757,13 +748,13 @@ class JobService:
                 return None
             connection.execute(
                 _RECORD_EVENT,
-                {
-                    "job_id": job_id,
-                    "at": now,
-                    "from_state": JobState.SUBMITTING.value,
-                    "to_state": JobState.PENDING.value,
-                    "reason": f"sbatch accepted as {slurm_job_id}",
-                },
+                _event(
+                    job_id,
+                    now,
+                    JobState.SUBMITTING.value,
+                    JobState.PENDING.value,
+                    f"sbatch accepted as {slurm_job_id}",
+                ),
             )
         return job_view(row, project, user_name)
 
@@ -1052,13 +1043,21 @@ _RECORD_PENDING = (
 columns the answer shows come back with it. A job whose script is kept (one that may move) is
 left to the general path, which keeps it."""
 
-_RECORD_EVENT = insert(JobEventRecord).values(
-    job_id=bindparam("job_id"),
-    at=bindparam("at"),
-    from_state=bindparam("from_state"),
-    to_state=bindparam("to_state"),
-    reason=bindparam("reason"),
-)
+_RECORD_EVENT = insert(JobEventRecord)
+"""A job's event, written without the unit of work; its values come from ``_event``."""
+
+
+def _event(
+    job_id: str, at: datetime, from_state: str | None, to_state: str, reason: str
+) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "at": at,
+        "from_state": from_state,
+        "to_state": to_state,
+        "reason": reason,
+    }
+
 
 _OUTCOMES: dict[type[BrokerError], str] = {
     QuotaExceeded: "rejected_quota",

@@ -322,16 +322,16 @@ _UPSERTS: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], Any] = {}
 
 def _upsert(dialect: str, table: Table, key: tuple[str, ...], deltas: tuple[str, ...]) -> Any:
     """INSERT the row at ``key`` with ``deltas``, or add them to the row already there."""
-    values: dict[str, Any] = {name: bindparam(name) for name in (*key, *deltas)}
-    if dialect == "postgresql":
-        pg = postgresql.insert(table).values(values)
-        update_set = {name: table.c[name] + pg.excluded[name] for name in deltas}
-        return pg.on_conflict_do_update(index_elements=list(key), set_=update_set)
-    if dialect == "sqlite":
-        lite = sqlite.insert(table).values(values)
-        update_set = {name: table.c[name] + lite.excluded[name] for name in deltas}
-        return lite.on_conflict_do_update(index_elements=list(key), set_=update_set)
-    raise NotImplementedError(dialect)  # pragma: no cover - the broker supports the two above
+    dialect_insert = _DIALECT_INSERTS.get(dialect)
+    if dialect_insert is None:  # pragma: no cover - the broker supports the two below
+        raise NotImplementedError(dialect)
+    statement = dialect_insert(table).values({name: bindparam(name) for name in (*key, *deltas)})
+    update_set = {name: table.c[name] + statement.excluded[name] for name in deltas}
+    return statement.on_conflict_do_update(index_elements=list(key), set_=update_set)
+
+
+_DIALECT_INSERTS: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+"""The INSERT with ON CONFLICT of each database the broker supports."""
 
 
 _USED = cast(Table, LedgerUsedRecord.__table__)
