@@ -347,7 +347,11 @@ def parse_sacct(text: str, cluster_tz: tzinfo = UTC) -> list[AccountingRecord]:
     """One record per allocation, in sacct's order. A job id may appear more than once (ids
     restart when a cluster's state is wiped, while its accounting database stays): every record
     is kept, and the caller tells the jobs apart (by submit time, by tag). An ``End`` of
-    ``Unknown`` (a job whose end slurmdbd has not been told yet) is ``None``."""
+    ``Unknown`` (a job whose end slurmdbd has not been told yet) is ``None``.
+
+    A job that never had an allocation (no ``AllocTRES``) has no ``start_time``: slurmctld sets
+    the start of a job cancelled while pending to its end, and slurmdbd shows that ``Start`` a
+    moment after the cancel (``None`` before), so ``Start`` alone cannot tell whether it ran."""
     out: list[AccountingRecord] = []
     for rec in records(text, SACCT_FIELDS, trailing=False):
         alloc_tres = value(rec["AllocTRES"])
@@ -365,7 +369,7 @@ def parse_sacct(text: str, cluster_tz: tzinfo = UTC) -> list[AccountingRecord]:
             alloc_tres=alloc_tres,
             elapsed_s=parse_int(rec["ElapsedRaw"]) or 0,
             submit_time=parse_time(rec["Submit"], cluster_tz),
-            start_time=parse_time(rec["Start"], cluster_tz),
+            start_time=parse_time(rec["Start"], cluster_tz) if alloc_tres else None,
             end_time=parse_time(rec["End"], cluster_tz),
             comment=value(rec["Comment"]),
             reason=value(rec["Reason"]),

@@ -85,6 +85,21 @@ def apply(
             )
         ).all()
     )
+    # A job moved to another cluster leaves its first Slurm job here, cancelled before it ran
+    # (``broker.service.moves``), in squeue for a while: that one is the broker's too.
+    moved_away = set(
+        session.scalars(
+            select(JobRecord.tag).where(
+                JobRecord.cluster != name, JobRecord.moves > 0, JobRecord.tag.in_(tags)
+            )
+        )
+    )
+
+    def is_ours(job: JobStatus) -> bool:
+        if job.tag in ours and ours[job.tag] in (None, job.job_id):
+            return True
+        return job.tag in moved_away and job.ended and not job.elapsed_s
+
     known = {
         row.slurm_job_id: row
         for row in session.scalars(
@@ -97,15 +112,13 @@ def apply(
     unknown = [
         job.job_id
         for job in status.others
-        if job.account in accounts
-        and not (job.tag in ours and ours[job.tag] in (None, job.job_id))
-        and job.job_id not in known
+        if job.account in accounts and not is_ours(job) and job.job_id not in known
     ]
     closed = _closed(session, name, unknown)
     for job in status.others:
         if job.account not in accounts:
             continue
-        if job.tag in ours and ours[job.tag] in (None, job.job_id):
+        if is_ours(job):
             continue
         row = known.get(job.job_id)
         if row is None:

@@ -11,8 +11,9 @@ one broker job:
    the job re-priced at the target's GPU-type weight; the reservation is re-priced now and the
    target recorded (``move_target``). No target, or no money: the job stays where it is.
 2. **cancel** the first Slurm job with ``scancel --state=PENDING`` (slurmctld leaves a job that
-   has just started alone), then read its state: gone without having run, go on; started, the
-   move is given up (price restored); still pending, try again next cycle.
+   has just started alone), then read its state: gone without ever having had an allocation, by
+   its sacct record, go on; started, the move is given up (price restored); still pending, or
+   ended with no sacct record yet, try again next cycle.
 3. **switch** (one transaction): the job now belongs to the target cluster, with no Slurm job,
    claimed for submission; an event says from where, to where and why.
 4. **submit** on the target through ``JobService.submit_moved`` (same tag). A lost answer is
@@ -193,8 +194,12 @@ class Mover:
         state = from_slurm(status.state)
         if state == JobState.PENDING:
             return None  # the cancel has not landed yet
+        if state.is_final and status.source != "sacct":
+            # squeue gives a job cancelled while pending a start (its end): only its sacct
+            # record says whether it ever had an allocation. Look again next cycle.
+            return None
         if state == JobState.CANCELLED and status.start_time is None:
-            return target
+            return target  # gone without an allocation (``parse_sacct``)
         self._give_up(job_id, f"it started on {cluster} before it could move", fence)
         return None
 

@@ -213,6 +213,31 @@ def test_array_task_ids_and_cancelled_by_a_user() -> None:
     assert record.reason is None
 
 
+def test_a_job_cancelled_while_pending_has_no_start_whatever_sacct_prints() -> None:
+    # As slurmdbd shows such a job a moment after the cancel (captured on the dev cluster):
+    # Start equals End, ElapsedRaw 0, and no AllocTRES, because it never had an allocation.
+    never_ran = sacct_line(
+        JobIDRaw="18",
+        JobID="18",
+        State="CANCELLED by 0",
+        ExitCode="0:0",
+        AllocTRES="",
+        ElapsedRaw="0",
+        Submit="2026-11-27T06:58:42",
+        Start="2026-11-27T06:58:45",
+        End="2026-11-27T06:58:45",
+    )
+    # Cancelled in the second it started: the same Start and End, but an allocation.
+    ran = never_ran.replace("18", "19").replace(
+        US + US + "0" + US, US + "cpu=1,gres/gpu=4,node=1" + US + "0" + US
+    )
+    first, second = parse_sacct(never_ran + ran)
+    assert (first.job_id, first.start_time, first.alloc_gpus) == ("18", None, 0)
+    assert first.end_time is not None
+    assert second.job_id == "19" and second.alloc_gpus == 4
+    assert second.start_time is not None and second.start_time == second.end_time
+
+
 def test_squeue_array_task_id_is_kept_as_printed() -> None:
     text = squeue_line(JobID="123_4", State="RUNNING", tres_alloc="gres/gpu=1", TimeUsed="1:00")
     (status,) = parse_squeue(text)

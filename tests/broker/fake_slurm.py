@@ -87,6 +87,9 @@ class FakeSlurm:
     submit_timeouts: list[float | None] = field(default_factory=list)
     """The ``timeout`` each submit was given."""
     submits: int = 0
+    sacct_behind: set[str] = field(default_factory=set)
+    """Ids of ended jobs slurmdbd has not recorded yet: shown as squeue shows them (the real
+    client's fallback), where a job cancelled while pending has its cancel as its start."""
     cancels: list[str] = field(default_factory=list)
     accounts: set[tuple[str, str]] = field(default_factory=set)
     """(account, user) associations."""
@@ -182,6 +185,22 @@ class FakeSlurm:
 
     def _new_status(self, job: FakeJob) -> JobStatus:
         ended = is_ended(job.state)
+        if ended and job.job_id in self.sacct_behind:
+            return JobStatus(
+                job_id=job.job_id,
+                state=job.state,
+                reason=job.reason,
+                name=job.spec.name,
+                comment=job.comment,
+                alloc_gpus=job.alloc_gpus or job.spec.gpus,
+                elapsed_s=job.elapsed_s or 0,
+                start_time=job.started or job.ended,
+                source="squeue",
+                account=job.spec.account,
+                user=job.spec.run_as,
+                submit_time=job.submitted,
+                partition=job.spec.partition,
+            )
         return JobStatus(
             job_id=job.job_id,
             state=job.state,

@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from broker.db.engine import transaction
-from broker.db.models import JobRecord
+from broker.db.models import ForeignJobRecord, JobRecord
 from broker.schemas import JobCreate, JobPublic
 from broker.service import ledger
 from tests.broker.harness import Env, build_env
@@ -133,6 +133,34 @@ def test_a_placed_job_waiting_for_resources_moves_once_at_the_new_price(env: Env
         assert ledger.check(session) == []  # the move re-priced and re-homed its totals
     env.runtime.poller.poll("beta")  # the cancelled first job changes nothing
     assert env.runtime.jobs.get(env.alice, job.id).state == "completed"
+    with env.runtime.sessions() as session:  # nor is it taken for a job of the researcher's
+        assert session.scalars(select(ForeignJobRecord)).all() == []
+
+
+def test_a_move_waits_for_sacct_to_say_the_first_job_never_ran(env: Env) -> None:
+    """squeue shows a job cancelled while pending with its cancel as its start: that is not a
+    start. Until sacct has the record the move waits; the job is never given up or cancelled."""
+    snapshot(env, alpha_idle=4, beta_idle=8)
+    job = submit(env)
+    first_id = str(job.slurm_job_id)
+    wait_long(env, job)
+    snapshot(env, alpha_idle=8, beta_idle=0)
+    beta = env.slurm["beta"]
+    beta.sacct_behind.add(first_id)
+    assert env.runtime.mover.consider("beta") == 0
+    assert beta.jobs[first_id].state == "CANCELLED"  # the cancel landed
+    env.runtime.poller.poll("beta")  # the poller leaves a job being moved to the mover
+    waiting = env.runtime.jobs.get(env.alice, job.id)
+    assert (waiting.cluster, waiting.state) == ("beta", "pending")
+    assert list(env.slurm["alpha"].jobs) == []
+
+    beta.sacct_behind.clear()  # slurmdbd caught up: no allocation, so it never ran
+    assert env.runtime.mover.consider("beta") == 1
+    moved = env.runtime.jobs.get(env.alice, job.id)
+    assert (moved.cluster, moved.state) == ("alpha", "pending")
+    assert list(env.slurm["alpha"].jobs) == [moved.slurm_job_id]
+    with env.runtime.sessions() as session:
+        assert ledger.check(session) == []
 
 
 def test_pinned_jobs_and_jobs_waiting_on_limits_never_move(env: Env) -> None:

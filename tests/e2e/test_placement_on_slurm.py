@@ -100,6 +100,10 @@ def events(client: Client, job_id: str) -> list[dict[str, Any]]:
     return data
 
 
+def at(timestamp: str) -> datetime:
+    return datetime.fromisoformat(timestamp)
+
+
 def body(project: str, gpus: int, seconds: int, **fields: Any) -> dict[str, Any]:
     return {
         "project": project,
@@ -147,11 +151,22 @@ def test_a_placed_job_moves_once_when_its_cluster_fills_and_a_pinned_one_never(
     first_slurm_id = placed["slurm_job_id"]
 
     done = alice.wait_state(placed["id"], {"completed", "failed", "cancelled"}, timeout=120)
-    assert done["state"] == "completed" and done["cluster"] == "alpha", done
-    assert done["gpu_type"] == "h100" and done["slurm_job_id"] != first_slurm_id
-    reasons = [e["reason"] or "" for e in events(alice, placed["id"])]
-    moved = [r for r in reasons if r.startswith("moved from beta/gpu")]
-    assert len(moved) == 1 and "Resources" in moved[0], reasons
+    history = events(alice, placed["id"])
+    assert done["state"] == "completed" and done["cluster"] == "alpha", (done, history)
+    assert done["gpu_type"] == "h100"  # a new Slurm job; its id may equal the first's
+    moved = [e for e in history if (e["reason"] or "").startswith("moved from beta/gpu")]
+    assert len(moved) == 1 and "Resources" in moved[0]["reason"], history
+
+    # The first Slurm job, cancelled on beta before it ran, is the broker's, not a foreign job,
+    # in the beta cycles after the move.
+    def beta_polled_since_the_move() -> bool:
+        (beta,) = [c for c in alice.http.get("/v1/clusters").json()["data"] if c["name"] == "beta"]
+        polled = beta["last_poll_at"]
+        return polled is not None and at(polled) > at(moved[0]["at"])
+
+    wait_for(beta_polled_since_the_move, timeout=30, what="a poll of beta after the move")
+    audit = admin.http.get("/v1/audit", params={"limit": 100}).json()["data"]
+    assert f"beta/{first_slurm_id}" not in {e["target"] for e in audit}, audit
 
     since = datetime.now(UTC) - timedelta(hours=1)
 
@@ -168,7 +183,7 @@ def test_a_placed_job_moves_once_when_its_cluster_fills_and_a_pinned_one_never(
     assert on_beta.state == "CANCELLED" and on_beta.start_time is None  # never ran
     assert on_beta.end_time is not None and on_alpha.submit_time is not None
     assert on_beta.end_time <= on_alpha.submit_time  # gone before the second sbatch
-    assert on_alpha.state == "COMPLETED"
+    assert on_alpha.state == "COMPLETED" and on_alpha.job_id == done["slurm_job_id"]
     assert done["charged_gpu_hours"] == pytest.approx(
         on_alpha.alloc_gpus * on_alpha.elapsed_s / 3600, abs=1e-3
     )  # charged at h100's weight, where it ran
