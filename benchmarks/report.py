@@ -964,7 +964,8 @@ def _background_note(results: dict[str, Any]) -> str:
     return text
 
 
-def render(results: dict[str, Any], plots: dict[str, str]) -> str:
+def render(results: dict[str, Any], plots: dict[str, str], extra: str = "") -> str:
+    """The document; ``extra`` is a section of its own (the sweeps') put after the six."""
     machine = results["machine"]
     sections = results["sections"]
     lines = ["# Performance", ""]
@@ -976,8 +977,9 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
         ]
     lines += [
         "Does the broker add next to nothing to Slurm, and does it load the controller no more "
-        "as the queue grows? Six measurements, run side by side in one run against the Slurm "
-        "dev cluster (`deploy/dev-cluster`), answer it. Rerun them all with "
+        "as the queue grows? Six measurements (and a seventh, sweeps, measured on its own), "
+        "run side by side in one run against the Slurm dev cluster (`deploy/dev-cluster`), "
+        "answer it. Rerun them all with "
         "`bash benchmarks/run.sh` (as root, dev cluster up; about "
         f"{results.get('elapsed_s', 0) / 60:.0f} minutes); `benchmarks/README.md` has the options.",
         "",
@@ -1005,6 +1007,8 @@ def render(results: dict[str, Any], plots: dict[str, str]) -> str:
         "",
     ]
     lines += _sections(sections, plots)
+    if extra:
+        lines += [extra.strip(), ""]
     lines += [
         "## Method",
         "",
@@ -1066,9 +1070,6 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         if name in sections:
             plotter(sections[name], out / PLOTS[name])
     document = out / "performance.md"
-    text = render(results, PLOTS)
-    sweeps = RESULTS_DIR / "sweeps.md"
-    if sweeps.is_file():  # issue 10's section, measured by python -m benchmarks.sweeps
-        text = text.rstrip("\n") + "\n\n" + sweeps.read_text()
-    document.write_text(text)
+    sweeps = RESULTS_DIR / "sweeps.md"  # issue 10's section, by python -m benchmarks.sweeps
+    document.write_text(render(results, PLOTS, sweeps.read_text() if sweeps.is_file() else ""))
     return document

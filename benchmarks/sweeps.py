@@ -319,7 +319,7 @@ class _Db:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        "## 5. Sweeps and the admission queue",
+        "## 7. Sweeps and the admission queue",
         "",
         f"Measured {result['date']} on this machine (the dev cluster, PostgreSQL, the broker and "
         "the load on the same 2 cores), with `python -m benchmarks.sweeps`.",

@@ -41,4 +41,4 @@ def test_quick_run_measures_every_variant_and_the_release_latency(tmp_path: Path
     assert queue["queued"] == 5 and queue["releases"] == 2
     assert 0 < queue["settle_to_sbatch_ms_p50"] <= queue["scancel_to_sbatch_ms_p50"]
     text = (tmp_path / "sweeps.md").read_text()
-    assert "## 5. Sweeps and the admission queue" in text and "| 5 | 2 |" in text
+    assert "## 7. Sweeps and the admission queue" in text and "| 5 | 2 |" in text
