@@ -1,7 +1,7 @@
 """The broker's state as the scrape-time series need it, read from the database in a few queries
-whose cost does not grow with the number of finished jobs: the ledger's totals, the finished jobs'
-totals (both kept by ``broker.service.ledger``), the live jobs (by the state index), and cluster
-snapshots."""
+whose cost does not grow with the number of jobs: the ledger's totals and the jobs' totals by
+group (both kept by ``broker.service.ledger``), the live job arrays' charges so far (by their
+partial index), and cluster snapshots."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from broker.db.models import (
     ClusterStatusRecord,
+    JobRecord,
     JobTotalRecord,
     LeaseRecord,
     ProjectRecord,
@@ -102,20 +103,25 @@ def read_state(session: Session) -> DatabaseState:
         ledgers[name] = ProjectLedger(budget, used, reserved, start, end)
 
     groups: dict[tuple[str, str, str, str], JobGroup] = {}
-    # Finished jobs from their kept totals; live ones (a bounded few) from their rows.
+    # Every job, live or finished, from the kept totals (``ledger.regrouped``, ``ledger.settled``).
     for row in session.scalars(select(JobTotalRecord).where(JobTotalRecord.jobs != 0)):
         name = projects.get(row.project_id)
         if name is not None:
             groups[(name, row.cluster, row.gpu_type, row.state)] = JobGroup(
                 int(row.jobs), int(row.gpus), int(row.charged_gpu_seconds), int(row.gpu_seconds)
             )
-    for project_id, cluster, gpu_type, state, jobs, gpus, charged, gpu_seconds in session.execute(
-        ledger.job_groups(ledger.LIVE_STATES)
+    # What live job arrays (a few: ``ix_jobs_arrays_state``) were charged for ended tasks so far.
+    for project_id, cluster, gpu_type, job_state, charged, gpu_seconds in session.execute(
+        _LIVE_ARRAY_CHARGES
     ):
         name = projects.get(project_id)
-        if name is not None:
-            groups[(name, cluster, gpu_type, state)] = JobGroup(
-                int(jobs), int(gpus or 0), int(charged or 0), int(gpu_seconds or 0)
+        group = groups.get((name or "", cluster, gpu_type, job_state))
+        if group is not None and (charged or gpu_seconds):
+            groups[(name or "", cluster, gpu_type, job_state)] = JobGroup(
+                group.jobs,
+                group.gpus,
+                group.charged_gpu_seconds + int(charged or 0),
+                group.gpu_seconds + int(gpu_seconds or 0),
             )
 
     clusters = {
@@ -139,3 +145,19 @@ def read_state(session: Session) -> DatabaseState:
         lease_expires_at=lease_expires_at,
         read_seconds=time.perf_counter() - started,
     )
+
+
+_LIVE_ARRAY_CHARGES = (
+    select(
+        JobRecord.project_id,
+        JobRecord.cluster,
+        JobRecord.gpu_type,
+        JobRecord.state,
+        func.sum(JobRecord.charged_gpu_seconds),
+        func.sum(JobRecord.alloc_gpus * JobRecord.elapsed_s),
+    )
+    .where(JobRecord.array_size.is_not(None), JobRecord.state.in_(ledger.LIVE_STATES))
+    .group_by(JobRecord.project_id, JobRecord.cluster, JobRecord.gpu_type, JobRecord.state)
+)
+"""Live arrays' charges so far, by group: the part of the live groups ``job_totals`` does not
+keep (it counts a live job's jobs and GPUs only)."""

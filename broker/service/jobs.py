@@ -746,6 +746,12 @@ class JobService:
             ).first()
             if row is None:
                 return None
+            ledger.regrouped(
+                connection,
+                row.gpus,
+                ledger.Group(row.project_id, row.cluster, row.gpu_type, JobState.SUBMITTING.value),
+                ledger.Group(row.project_id, row.cluster, row.gpu_type, row.state),
+            )
             connection.execute(
                 _RECORD_EVENT,
                 _event(

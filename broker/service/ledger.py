@@ -11,17 +11,21 @@ The job rows (``reserved_gpu_seconds``, ``charged_gpu_seconds``, ``started_at``,
 foreign job rows define the ledger. Reading it from them costs a pass over every job that ended in
 the period, so it is also kept as totals (``ledger_used`` for the quota's current period by
 cluster, GPU type and user; ``ledger_live`` for reservations and GPUs held, by cluster;
-``job_totals`` for finished jobs by state, which /metrics reads). Every change to those columns
-calls one of the functions here in the same transaction, under ``lock_project``: ``admitted``,
-``settled``, ``charge_corrected``, ``foreign_charged``, and ``period_changed`` when a quota gets a
-new period (which rebuilds that period's totals from the rows). ``recompute`` derives the totals
-from the rows again, the same exact arithmetic everywhere; ``check`` compares the two.
+``job_totals`` for jobs by project, cluster, GPU type and state, which /metrics reads). Every
+change to those columns calls one of the functions here in the same transaction, under
+``lock_project``: ``admitted``, ``settled``, ``charge_corrected``, ``foreign_charged``, and
+``period_changed`` when a quota gets a new period (which rebuilds that period's totals from the
+rows). A live job's move from one state, cluster or GPU type to another calls ``regrouped``, which
+needs no lock: it touches its two ``job_totals`` rows in a fixed order, and the poller's
+transaction of one cluster touches no other cluster's rows. ``recompute`` derives the totals from
+the rows again, the same exact arithmetic everywhere; ``check`` compares the two.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeAlias, cast
@@ -45,6 +49,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from broker import lifecycle
@@ -303,17 +308,20 @@ def current_periods(session: Session) -> dict[int, tuple[int, int]]:
 # --- keeping the totals ------------------------------------------------------------------------
 
 
-def _add(session: Session, table: Table, key: dict[str, Any], **deltas: int) -> None:
+def _add(executor: Session | Connection, table: Table, key: dict[str, Any], **deltas: int) -> None:
     """Add ``deltas`` to the total row at ``key``, creating it (from zero) if it is missing."""
     if not any(deltas.values()):
         return
-    dialect = session.get_bind().dialect.name
+    if isinstance(executor, Connection):
+        dialect = executor.dialect.name
+    else:
+        dialect = executor.get_bind().dialect.name
     shape = (dialect, table.name, tuple(key), tuple(deltas))
     statement = _UPSERTS.get(shape)
     if statement is None:
         statement = _upsert(dialect, table, tuple(key), tuple(deltas))
         _UPSERTS[shape] = statement
-    session.execute(statement, {**key, **deltas})
+    executor.execute(statement, {**key, **deltas})
 
 
 _UPSERTS: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], Any] = {}
@@ -336,7 +344,46 @@ _DIALECT_INSERTS: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": s
 
 _USED = cast(Table, LedgerUsedRecord.__table__)
 _LIVE = cast(Table, LedgerLiveRecord.__table__)
-_FINISHED = cast(Table, JobTotalRecord.__table__)
+_GROUPS = cast(Table, JobTotalRecord.__table__)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Group:
+    """Where a job is counted in ``job_totals``."""
+
+    project_id: int
+    cluster: str
+    gpu_type: str
+    state: str
+
+    @classmethod
+    def of(cls, job: JobRecord) -> Group:
+        return cls(job.project_id, job.cluster, job.gpu_type, job.state)
+
+    def key(self) -> dict[str, Any]:
+        return {
+            "project_id": self.project_id,
+            "cluster": self.cluster,
+            "gpu_type": self.gpu_type,
+            "state": self.state,
+        }
+
+
+def regrouped(
+    executor: Session | Connection, gpus: int, before: Group | None, after: Group | None
+) -> None:
+    """A job of ``gpus`` GPUs left the live group ``before`` for ``after`` (``None``: it was not
+    counted, or is not any more: a new job, a settled one; a final group's count is ``settled``'s).
+    The two rows are touched in one fixed order (``Group``'s), so that two such changes in
+    concurrent transactions cannot each hold the row the other waits for."""
+    if before == after:
+        return
+    changes = [(group, 1 if group is after else -1) for group in (before, after) if group]
+    # Not a reason to flush the job's row: the caller may change it further, in one UPDATE.
+    with executor.no_autoflush if isinstance(executor, Session) else nullcontext():
+        for group, sign in sorted(changes):
+            if group.state in LIVE_STATES:
+                _add(executor, _GROUPS, group.key(), jobs=sign, gpus=sign * gpus)
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,7 +422,13 @@ def held_gpus(job: JobRecord) -> int:
 
 
 def admitted(session: Session, job: JobRecord) -> None:
-    """A new live job holds its reservation and GPUs. Under ``lock_project``."""
+    """A new live job holds its reservation and GPUs, and is counted in its group. Under
+    ``lock_project``."""
+    _hold(session, job)
+    regrouped(session, job.gpus, None, Group.of(job))
+
+
+def _hold(session: Session, job: JobRecord) -> None:
     _add(
         session,
         _LIVE,
@@ -407,15 +460,22 @@ def held_changed(
         reserved_gpu_seconds=-reserved,
         live_gpus=-gpus,
     )
-    admitted(session, job)
+    _hold(session, job)
 
 
 def settled(
-    session: Session, job: JobRecord, released: int, before: Charge, held: int | None = None
+    session: Session,
+    job: JobRecord,
+    released: int,
+    before: Charge,
+    held: int | None = None,
+    *,
+    was: Group,
 ) -> None:
     """``job`` has just become final, giving back ``released`` GPU-seconds of reservation and
     the ``held`` GPUs it counted while live (``held_gpus`` before it ended), its charge columns
-    changed from ``before``. Under ``lock_project``."""
+    changed from ``before``; it leaves its live group ``was``. Under ``lock_project``."""
+    regrouped(session, job.gpus, was, None)
     _add(
         session,
         _LIVE,
@@ -431,7 +491,7 @@ def settled(
     )
     _add(
         session,
-        _FINISHED,
+        _GROUPS,
         {
             "project_id": job.project_id,
             "cluster": job.cluster,
@@ -450,7 +510,7 @@ def charge_corrected(session: Session, job: JobRecord, before: Charge) -> None:
     _charge_changed(session, job, before)
     _add(
         session,
-        _FINISHED,
+        _GROUPS,
         {
             "project_id": job.project_id,
             "cluster": job.cluster,
@@ -556,7 +616,9 @@ class Totals:
 
     used: dict[tuple[int, str, str, int], int]
     live: dict[tuple[int, str], tuple[int, int]]
-    finished: dict[tuple[int, str, str, str], tuple[int, int, int, int]]
+    groups: dict[tuple[int, str, str, str], tuple[int, int, int, int]]
+    """``job_totals``: jobs, GPUs, charged and allocated GPU-seconds; for a live group the jobs
+    and GPUs only (what a live array has been charged so far is read from its row)."""
 
 
 def job_groups(states: Sequence[str]) -> Select[*tuple[Any, ...]]:
@@ -601,17 +663,18 @@ def recompute(session: Session) -> Totals:
     ):
         if held or gpus:
             live[(int(project_id), str(cluster))] = (int(held or 0), int(gpus or 0))
-    finished: dict[tuple[int, str, str, str], tuple[int, int, int, int]] = {}
+    groups: dict[tuple[int, str, str, str], tuple[int, int, int, int]] = {}
     for project_id, cluster, gpu_type, state, jobs, gpus, charged, gpu_seconds in session.execute(
-        job_groups(FINAL_STATES)
+        job_groups((*FINAL_STATES, *LIVE_STATES))
     ):
-        finished[(int(project_id), str(cluster), str(gpu_type), str(state))] = (
+        final = state in FINAL_STATES
+        groups[(int(project_id), str(cluster), str(gpu_type), str(state))] = (
             int(jobs),
             int(gpus or 0),
-            int(charged or 0),
-            int(gpu_seconds or 0),
+            int(charged or 0) if final else 0,
+            int(gpu_seconds or 0) if final else 0,
         )
-    return Totals(used, live, finished)
+    return Totals(used, live, groups)
 
 
 def stored(session: Session) -> Totals:
@@ -626,7 +689,7 @@ def stored(session: Session) -> Totals:
         for r in session.scalars(select(LedgerLiveRecord))
         if r.reserved_gpu_seconds or r.live_gpus
     }
-    finished = {
+    groups = {
         (r.project_id, r.cluster, r.gpu_type, r.state): (
             int(r.jobs),
             int(r.gpus),
@@ -636,14 +699,14 @@ def stored(session: Session) -> Totals:
         for r in session.scalars(select(JobTotalRecord))
         if r.jobs
     }
-    return Totals(used, live, finished)
+    return Totals(used, live, groups)
 
 
 def check(session: Session) -> list[str]:
     """Where the kept totals differ from the rows' (empty when they agree), one line each."""
     kept, truth = stored(session), recompute(session)
     problems: list[str] = []
-    for name in ("used", "live", "finished"):
+    for name in ("used", "live", "groups"):
         have: dict[Any, Any] = getattr(kept, name)
         want: dict[Any, Any] = getattr(truth, name)
         for key in sorted(set(have) | set(want), key=repr):
@@ -681,7 +744,7 @@ def rebuild(session: Session) -> None:
                 for (p, c), (r, g) in truth.live.items()
             ],
         )
-    if truth.finished:
+    if truth.groups:
         session.execute(
             insert(JobTotalRecord),
             [
@@ -695,6 +758,6 @@ def rebuild(session: Session) -> None:
                     "charged_gpu_seconds": ch,
                     "gpu_seconds": gs,
                 }
-                for (p, c, g, st), (j, n, ch, gs) in truth.finished.items()
+                for (p, c, g, st), (j, n, ch, gs) in truth.groups.items()
             ],
         )

@@ -254,6 +254,7 @@ class Mover:
                 )
                 return False
             before = (job.cluster, job.reserved_gpu_seconds, ledger.held_gpus(job))
+            was = ledger.Group.of(job)
             project = session.get_one(ProjectRecord, job.project_id)
             account = project.slurm_accounts.get(cluster_name)
             if directory is None or account is None:
@@ -295,6 +296,7 @@ class Mover:
             job.release_claimed_at = now  # sbatch under way
             job.updated_at = now
             ledger.held_changed(session, job, cluster=before[0], reserved=before[1], gpus=before[2])
+            ledger.regrouped(session, job.gpus, was, ledger.Group.of(job))
             return True
 
     # --- 4. submit on the target -----------------------------------------------------------------

@@ -37,6 +37,7 @@ def move(
         )
     )
     left_queue = job.state == JobState.QUEUED.value
+    was = ledger.Group.of(job)
     job.state = target.value
     if left_queue:  # its GPUs count against the concurrency limits from now on
         ledger.held_changed(
@@ -47,6 +48,7 @@ def move(
         _forget_script(job)
     for key, value in fields.items():
         setattr(job, key, value)
+    ledger.regrouped(session, job.gpus, was, ledger.Group.of(job))
     return True
 
 
@@ -97,6 +99,7 @@ def settle(
         job.reserved_gpu_seconds,
     )
     released, before, held = job.reserved_gpu_seconds, ledger.Charge.of(job), ledger.held_gpus(job)
+    was = ledger.Group.of(job)
     job.state = final.value
     job.state_reason = reason
     job.reserved_gpu_seconds = 0
@@ -110,5 +113,5 @@ def settle(
         fields.pop("ended_at", None)
     for key, value in fields.items():
         setattr(job, key, value)
-    ledger.settled(session, job, released, before, held)
+    ledger.settled(session, job, released, before, held, was=was)
     return True

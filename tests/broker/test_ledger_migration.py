@@ -157,7 +157,11 @@ def test_the_backfill_gives_what_the_rows_give(database_url: str) -> None:
     assert kept.used == {(1, "alpha", "h100", 1): 3600 + part, (1, "alpha", "", 0): 100}
     # alpha: the running job (2 GPUs), the array (2 x 3 at once), the queued job (none yet)
     assert kept.live == {(1, "alpha"): (72000 + 9000 + 57600, 2 + 6), (1, "beta"): (36000, 2)}
-    assert kept.finished[(1, "alpha", "h100", "completed")] == (2, 4, 4100, 4100)
+    assert kept.groups[(1, "alpha", "h100", "completed")] == (2, 4, 4100, 4100)
+    # Live jobs are counted by group too (jobs and GPUs; their charges are read from the rows).
+    assert kept.groups[(1, "alpha", "h100", "running")] == (2, 4, 0, 0)
+    assert kept.groups[(1, "beta", "a100", "pending")] == (1, 2, 0, 0)
+    assert kept.groups[(1, "alpha", "h100", "queued")] == (1, 2, 0, 0)
     assert snap.used_gpu_seconds == 3600 + part + 100
     assert snap.reserved_gpu_seconds == 108000 + 9000 + 57600
     assert snap.live_gpus_by_cluster == {"alpha": 8, "beta": 2}

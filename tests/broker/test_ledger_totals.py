@@ -162,6 +162,11 @@ def _check(env: Env) -> None:
         # What the readers show is what the rows give.
         truth = ledger.recompute(session)
         metrics = read_state(session)
+        names = dict(session.execute(select(ProjectRecord.id, ProjectRecord.name)).all())
+        # /metrics's job counts and GPUs by group, live ones included, are the rows'.
+        counted = {(names[p], c, g, st): jobs[:2] for (p, c, g, st), jobs in truth.groups.items()}
+        shown = {key: (group.jobs, group.gpus) for key, group in metrics.groups.items()}
+        assert shown == counted
         for name in PROJECTS:
             pid = session.scalars(select(ProjectRecord.id).where(ProjectRecord.name == name)).one()
             quota = session.get_one(QuotaRecord, pid)
