@@ -349,12 +349,14 @@ def parse_sacct(text: str, cluster_tz: tzinfo = UTC) -> list[AccountingRecord]:
     is kept, and the caller tells the jobs apart (by submit time, by tag). An ``End`` of
     ``Unknown`` (a job whose end slurmdbd has not been told yet) is ``None``.
 
-    A job that never had an allocation (no ``AllocTRES``) has no ``start_time``: slurmctld sets
-    the start of a job cancelled while pending to its end, and slurmdbd shows that ``Start`` a
-    moment after the cancel (``None`` before), so ``Start`` alone cannot tell whether it ran."""
+    A job that never had an allocation (no ``AllocTRES``, no time run) has no ``start_time``:
+    slurmctld sets the start of a job cancelled while pending to its end, and slurmdbd shows that
+    ``Start`` a moment after the cancel (``None`` before), so ``Start`` alone cannot tell whether
+    it ran."""
     out: list[AccountingRecord] = []
     for rec in records(text, SACCT_FIELDS, trailing=False):
         alloc_tres = value(rec["AllocTRES"])
+        elapsed = parse_int(rec["ElapsedRaw"]) or 0
         gpus = parse_tres_gpus(alloc_tres)
         array = array_part_of_sacct(rec["JobID"])
         record = AccountingRecord(
@@ -367,9 +369,9 @@ def parse_sacct(text: str, cluster_tz: tzinfo = UTC) -> list[AccountingRecord]:
             alloc_gpus=gpus.count,
             gpu_type=gpus.gpu_type,
             alloc_tres=alloc_tres,
-            elapsed_s=parse_int(rec["ElapsedRaw"]) or 0,
+            elapsed_s=elapsed,
             submit_time=parse_time(rec["Submit"], cluster_tz),
-            start_time=parse_time(rec["Start"], cluster_tz) if alloc_tres else None,
+            start_time=parse_time(rec["Start"], cluster_tz) if alloc_tres or elapsed else None,
             end_time=parse_time(rec["End"], cluster_tz),
             comment=value(rec["Comment"]),
             reason=value(rec["Reason"]),
