@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from adapters.errors import AdapterError, CommandFailed, HostUnreachable, RunAsRefused
@@ -184,23 +184,21 @@ class FakeSlurm:
         return status
 
     def _new_status(self, job: FakeJob) -> JobStatus:
+        status = self._accounted_status(job)
+        if not (is_ended(job.state) and job.job_id in self.sacct_behind):
+            return status
+        return replace(
+            status,
+            alloc_gpus=job.alloc_gpus or job.spec.gpus,
+            elapsed_s=job.elapsed_s or 0,
+            start_time=job.started or job.ended,
+            end_time=None,
+            exit_code=None,
+            source="squeue",
+        )
+
+    def _accounted_status(self, job: FakeJob) -> JobStatus:
         ended = is_ended(job.state)
-        if ended and job.job_id in self.sacct_behind:
-            return JobStatus(
-                job_id=job.job_id,
-                state=job.state,
-                reason=job.reason,
-                name=job.spec.name,
-                comment=job.comment,
-                alloc_gpus=job.alloc_gpus or job.spec.gpus,
-                elapsed_s=job.elapsed_s or 0,
-                start_time=job.started or job.ended,
-                source="squeue",
-                account=job.spec.account,
-                user=job.spec.run_as,
-                submit_time=job.submitted,
-                partition=job.spec.partition,
-            )
         return JobStatus(
             job_id=job.job_id,
             state=job.state,
