@@ -101,6 +101,12 @@ def accounted_elapsed(status: JobStatus) -> int | None:
     """
     if status.source != "sacct" or status.end_time is None:
         return None
+    if status.alloc_gpus == 0 and (
+        status.elapsed_s or from_slurm(status.state) != JobState.CANCELLED
+    ):
+        # It ran (it ended other than cancelled, or took time) but the record holds no GPUs:
+        # slurmdbd has its end and not yet its allocation (slurmctld resends it after an outage).
+        return None
     if status.start_time is None:
         return 0  # never started: nothing to charge
     if status.elapsed_s is not None:
@@ -618,7 +624,7 @@ class Poller:
                 elapsed = _seconds_since(status.start_time or job.started_at)
             reason = f"{reason}; sacct had no final record, charged the run time known"
             log.warning("job %s: no final accounting record; charging %d s", job.id, elapsed)
-        alloc = status.alloc_gpus if status.alloc_gpus is not None else job.gpus
+        alloc = status.alloc_gpus or job.gpus  # a record without its allocation: the request
         charge, reason = self._capped(job, alloc, elapsed, reason)
         transitions.settle(
             session,

@@ -385,6 +385,24 @@ def test_ended_job_waits_for_its_accounting_and_is_never_charged_zero(env: Env) 
     assert "sacct had no final record" in (events[-1].reason or "")
 
 
+def test_an_end_recorded_before_its_allocation_is_not_charged_zero(env: Env) -> None:
+    """After a slurmdbd outage sacct may hold a job's end before its allocation (no GPUs in the
+    record): that is not its account; the job waits for the full record and is charged from it."""
+    submitted = env.runtime.jobs.submit(env.alice, job(), None).job
+    slurm_id = submitted.slurm_job_id or ""
+    fake = env.slurm["alpha"]
+    fake.start(slurm_id)
+    env.runtime.poller.poll("alpha")
+    fake.finish(slurm_id, "COMPLETED", elapsed_s=1, alloc_gpus=0)
+    env.runtime.poller.poll("alpha")
+    assert env.runtime.jobs.get(env.alice, submitted.id).state == "running"
+    fake.jobs[slurm_id].alloc_gpus = 8  # slurmctld resent the allocation
+    env.runtime.poller.poll("alpha")
+    settled = env.runtime.jobs.get(env.alice, submitted.id)
+    assert settled.state == "completed"
+    assert settled.charged_gpu_hours == pytest.approx(8 / 3600)
+
+
 def test_transitions_refuse_to_move_a_job_back(env: Env) -> None:
     submitted = env.runtime.jobs.submit(env.alice, job(), None).job
     with transaction(env.runtime.sessions) as session:
