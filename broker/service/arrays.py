@@ -26,6 +26,7 @@ from adapters.slurm.types import JobStatus
 from broker.db.models import JobRecord, JobTaskRecord
 from broker.lifecycle import JobState, from_slurm, is_final
 from broker.schemas import TaskPublic, TaskSummaryPublic
+from broker.service.accounting import accounted_elapsed
 from quotas import charge_gpu_seconds, gpu_hours
 
 # Which state an array ends in when its tasks did not all complete: the first one present.
@@ -145,17 +146,6 @@ class ArrayProgress:
     changed: bool = False
 
 
-def task_accounted_elapsed(status: JobStatus) -> int | None:
-    """Seconds a task ran by its own sacct record with an end time; None until there is one."""
-    if status.source != "sacct" or status.end_time is None:
-        return None
-    if status.start_time is None:
-        return 0
-    if status.elapsed_s is not None:
-        return status.elapsed_s
-    return max(0, int((status.end_time - status.start_time).total_seconds()))
-
-
 def follow(
     session: Session,
     job: JobRecord,
@@ -165,10 +155,11 @@ def follow(
 ) -> ArrayProgress:
     """Bring ``job_tasks`` up to date with Slurm's view of the tasks and say where the array is.
 
-    A task is final when Slurm says it ended AND its own sacct record knows when (what it is
-    charged from); with ``give_up_waiting`` (no such record after the poller's patience), an
-    ended task is charged the run time Slurm reported. Each task's charge is capped at a task's
-    reservation: the array's at the sum.
+    A task is final when Slurm says it ended AND its own sacct record is an account
+    (``accounting.accounted_elapsed``: it knows the end, and the GPUs of a task that ran); with
+    ``give_up_waiting`` (no such record after the poller's patience), an ended task is charged
+    the run time Slurm reported. Each task's charge is capped at a task's reservation: the
+    array's at the sum.
     """
     rows = {
         row.index: row
@@ -192,13 +183,15 @@ def follow(
         if not state.is_final:
             row.state = state.value
         else:
-            elapsed = task_accounted_elapsed(status)
+            elapsed = accounted_elapsed(status)
             if elapsed is None and give_up_waiting:
                 elapsed = status.elapsed_s or 0
             if elapsed is None:
                 row.state = JobState.RUNNING.value if row.started_at else row.state
             else:
                 alloc = status.alloc_gpus if status.alloc_gpus is not None else job.gpus
+                if alloc == 0 and elapsed:
+                    alloc = job.gpus  # given up waiting for the allocation: what it asked for
                 charge = min(charge_gpu_seconds(alloc, elapsed, job.weight), per_task_cap)
                 row.state = state.value
                 row.ended_at = status.end_time

@@ -38,6 +38,7 @@ from broker.config import Settings
 from broker.db.models import ClusterStatusRecord, JobEventRecord, JobRecord, ProjectRecord
 from broker.lifecycle import FOLLOWED, JobState, from_slurm, is_final, values
 from broker.service import arrays, foreign, ledger, queue, transitions
+from broker.service.accounting import accounted_elapsed
 from broker.service.clusters import ClusterRegistry
 from broker.service.lease import Fence, LeaseLost, fenced
 from broker.service.observer import BrokerObserver, NullObserver
@@ -91,27 +92,6 @@ def charge_of(alloc_gpus: int, elapsed_s: int, weight: float, cap: int) -> tuple
     ``cap``, the job's reservation (allocated GPUs x time limit x weight)."""
     raw = charge_gpu_seconds(alloc_gpus, elapsed_s, weight)
     return min(raw, cap), raw
-
-
-def accounted_elapsed(status: JobStatus) -> int | None:
-    """Seconds an ended job ran by a sacct record that knows its end; None until there is one.
-
-    squeue's view of an ended job and a sacct record with ``End=Unknown`` (slurmdbd restarted and
-    not yet told the end; its ``ElapsedRaw`` keeps counting) are not final accounts.
-    """
-    if status.source != "sacct" or status.end_time is None:
-        return None
-    if status.alloc_gpus == 0 and (
-        status.elapsed_s or from_slurm(status.state) != JobState.CANCELLED
-    ):
-        # It ran (it ended other than cancelled, or took time) but the record holds no GPUs:
-        # slurmdbd has its end and not yet its allocation (slurmctld resends it after an outage).
-        return None
-    if status.start_time is None:
-        return 0  # never started: nothing to charge
-    if status.elapsed_s is not None:
-        return status.elapsed_s
-    return max(0, int((status.end_time - status.start_time).total_seconds()))
 
 
 def _seconds_since(moment: datetime | None) -> int:
@@ -198,7 +178,7 @@ def _array_drift(row: Any, status: StatusReport) -> int:
         return int(row.charged_gpu_seconds or 0)  # sacct no longer knows it
     slurm_side = 0
     for task in own.values():
-        elapsed = arrays.task_accounted_elapsed(task)
+        elapsed = accounted_elapsed(task)
         if elapsed is None:
             return 0  # not comparable yet
         alloc = task.alloc_gpus if task.alloc_gpus is not None else row.gpus
