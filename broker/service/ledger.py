@@ -69,7 +69,7 @@ FINAL_STATES = lifecycle.values(lifecycle.FINAL)
 NOT_STARTED_STATES = lifecycle.values(lifecycle.NOT_STARTED)
 
 
-def lock_project(session: Session, project_id: int) -> None:
+def lock_project(session: Executor, project_id: int) -> None:
     """Take the project's ledger lock for the rest of the transaction.
 
     An UPDATE as the transaction's first write takes a row lock on PostgreSQL (like SELECT ... FOR
@@ -194,6 +194,10 @@ def foreign_within(session: Session, project_id: int, start: datetime, end: date
     return int(total or 0)
 
 
+Executor: TypeAlias = Session | Connection
+"""Where a statement runs: a session, or its connection where nothing in the session is unflushed
+(the admission path: a statement through the session costs about twice its CPU)."""
+
 FOREIGN_USER = 0
 """``ledger_used.user_id`` of foreign jobs' charges (user ids start at 1)."""
 
@@ -201,11 +205,12 @@ FOREIGN_USER = 0
 # --- reading the totals ------------------------------------------------------------------------
 
 
-def snapshot(session: Session, project_id: int, quota: QuotaRecord | None) -> LedgerSnapshot:
+def snapshot(session: Executor, project_id: int, quota: QuotaRecord | None) -> LedgerSnapshot:
     """The project's ledger now. Call under ``lock_project`` when the result decides a change.
 
     A handful of total rows, plus a count of the project's jobs not started yet (an index range
-    over its live jobs, which ``max_pending_jobs`` bounds).
+    over its live jobs, which ``max_pending_jobs`` bounds). Through a connection, that count sees
+    only what the session has flushed.
     """
     used, pending = session.execute(_USED_AND_PENDING, {"project_id": project_id}).one()
     if quota is None:
@@ -308,7 +313,7 @@ def current_periods(session: Session) -> dict[int, tuple[int, int]]:
 # --- keeping the totals ------------------------------------------------------------------------
 
 
-def _add(executor: Session | Connection, table: Table, key: dict[str, Any], **deltas: int) -> None:
+def _add(executor: Executor, table: Table, key: dict[str, Any], **deltas: int) -> None:
     """Add ``deltas`` to the total row at ``key``, creating it (from zero) if it is missing."""
     if not any(deltas.values()):
         return
@@ -369,9 +374,7 @@ class Group:
         }
 
 
-def regrouped(
-    executor: Session | Connection, gpus: int, before: Group | None, after: Group | None
-) -> None:
+def regrouped(executor: Executor, gpus: int, before: Group | None, after: Group | None) -> None:
     """A job of ``gpus`` GPUs left the live group ``before`` for ``after`` (``None``: it was not
     counted, or is not any more: a new job, a settled one; a final group's count is ``settled``'s).
     The two rows are touched in one fixed order (``Group``'s), so that two such changes in
@@ -421,14 +424,14 @@ def held_gpus(job: JobRecord) -> int:
     return job.gpus * (job.array_max_parallel or job.array_size or 1)
 
 
-def admitted(session: Session, job: JobRecord) -> None:
+def admitted(session: Executor, job: JobRecord) -> None:
     """A new live job holds its reservation and GPUs, and is counted in its group. Under
     ``lock_project``."""
     _hold(session, job)
     regrouped(session, job.gpus, None, Group.of(job))
 
 
-def _hold(session: Session, job: JobRecord) -> None:
+def _hold(session: Executor, job: JobRecord) -> None:
     _add(
         session,
         _LIVE,

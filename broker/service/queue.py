@@ -113,7 +113,9 @@ def admission_wait(
     the static limits waits in the queue, and why; None when it goes to Slurm now."""
     if decision.violations and not waits_in_queue(decision):
         return None  # the budget or a static limit refuses it: no waiting helps
-    waiting = session.scalar(_WAITING, {"project_id": project.id}) or 0
+    # On the connection (admission has written nothing through the session): a count of rows
+    # as committed and as this transaction wrote them, without the ORM's cost per statement.
+    waiting = session.connection().scalar(_WAITING, {"project_id": project.id}) or 0
     if project.queue_held:
         return Waiting(HELD, f"the project's queue is held by an admin; {_ahead(waiting)}")
     if decision.violations:
