@@ -41,6 +41,8 @@ class LedgerSnapshot:
     live_gpus_by_cluster: Mapping[str, int] = field(default_factory=dict)
     pending_jobs: int = 0
     """Jobs not yet running (submitting, submit_unknown, pending)."""
+    queued_jobs: int = 0
+    """Jobs waiting in the broker's own queue (``queued``); not counted in ``pending_jobs``."""
 
 
 @dataclass(frozen=True, slots=True)

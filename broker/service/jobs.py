@@ -466,7 +466,9 @@ class JobService:
         waits: Waiting | None = None
         reservation = decision.reserve_gpu_seconds
         if self._settings.queue.enabled:
-            waits = queue.admission_wait(session, project, decision, now, self._settings.queue)
+            waits = queue.admission_wait(
+                session, project, snapshot, decision, now, self._settings.queue
+            )
         if not decision.admitted and waits is None:
             violations = decision.violations
             if self._settings.queue.enabled:
@@ -1052,7 +1054,7 @@ _RECORD_PENDING = (
 columns the answer shows come back with it. A job whose script is kept (one that may move) is
 left to the general path, which keeps it."""
 
-_RECORD_EVENT = insert(JobEventRecord)
+_RECORD_EVENT = insert(JobEventRecord).inline()  # no RETURNING of the new id: nothing reads it
 """A job's event, written without the unit of work; its values come from ``_event``."""
 
 

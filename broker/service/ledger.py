@@ -212,7 +212,7 @@ def snapshot(session: Executor, project_id: int, quota: QuotaRecord | None) -> L
     over its live jobs, which ``max_pending_jobs`` bounds). Through a connection, that count sees
     only what the session has flushed.
     """
-    used, pending = session.execute(_USED_AND_PENDING, {"project_id": project_id}).one()
+    used, pending, queued = session.execute(_USED_AND_PENDING, {"project_id": project_id}).one()
     if quota is None:
         used = 0
     by_cluster: dict[str, int] = {}
@@ -227,6 +227,7 @@ def snapshot(session: Executor, project_id: int, quota: QuotaRecord | None) -> L
         live_gpus=sum(by_cluster.values()),
         live_gpus_by_cluster=by_cluster,
         pending_jobs=int(pending or 0),
+        queued_jobs=int(queued or 0),
     )
 
 
@@ -241,8 +242,16 @@ _USED_AND_PENDING = select(
         JobRecord.state.in_(NOT_STARTED_STATES),
     )
     .scalar_subquery(),
+    select(func.count())
+    .select_from(JobRecord)
+    .where(
+        JobRecord.project_id == bindparam("project_id"),
+        JobRecord.state == lifecycle.JobState.QUEUED.value,
+    )
+    .scalar_subquery(),
 )
-"""The period's use and the count of jobs not started yet, in one round trip."""
+"""The period's use, the count of jobs not started yet and of those in the broker's queue, in one
+round trip (two index ranges over the project's live jobs)."""
 
 _LIVE_ROWS = select(
     LedgerLiveRecord.cluster, LedgerLiveRecord.reserved_gpu_seconds, LedgerLiveRecord.live_gpus

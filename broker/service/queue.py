@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Select, bindparam, func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.clock import utcnow
@@ -91,31 +91,20 @@ def _queued(project_id: int) -> Select[JobRecord]:
     )
 
 
-_WAITING = (
-    select(func.count())
-    .select_from(JobRecord)
-    .where(
-        JobRecord.project_id == bindparam("project_id"),
-        JobRecord.state == JobState.QUEUED.value,
-    )
-)
-"""How many of a project's jobs wait in its queue (built once: every admission asks)."""
-
-
 def admission_wait(
     session: Session,
     project: ProjectRecord,
+    snapshot: LedgerSnapshot,
     decision: Decision,
     now: datetime,
     settings: QueueSettings,
 ) -> Waiting | None:
-    """At admission (under the project's ledger lock): whether a job that passed the budget and
-    the static limits waits in the queue, and why; None when it goes to Slurm now."""
+    """At admission (under the project's ledger lock, ``snapshot`` read under it): whether a job
+    that passed the budget and the static limits waits in the queue, and why; None when it goes
+    to Slurm now."""
     if decision.violations and not waits_in_queue(decision):
         return None  # the budget or a static limit refuses it: no waiting helps
-    # On the connection (admission has written nothing through the session): a count of rows
-    # as committed and as this transaction wrote them, without the ORM's cost per statement.
-    waiting = session.connection().scalar(_WAITING, {"project_id": project.id}) or 0
+    waiting = snapshot.queued_jobs
     if project.queue_held:
         return Waiting(HELD, f"the project's queue is held by an admin; {_ahead(waiting)}")
     if decision.violations:
