@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -36,7 +37,41 @@ def visible_project(session: Session, actor: Actor, name: str) -> ProjectRecord:
 
 
 _BY_NAME = select(ProjectRecord).where(ProjectRecord.name == bindparam("name"))
-"""Built once: every submission reads its project by name."""
+"""Built once: a project by name."""
+
+
+def locked_for_admission(
+    connection: Connection, actor: Actor, name: str
+) -> tuple[ProjectRecord, QuotaRecord | None]:
+    """Take the project's ledger lock (``ledger.lock_project``) by its name, then read it and its
+    quota as they are under the lock: two statements, no ORM load. The records returned are
+    plain transient objects to read from, not in any session. ``NotFound`` as
+    ``visible_project`` (the lock is then dropped with the caller's rollback)."""
+    connection.execute(_LOCK_BY_NAME, {"project": name})
+    row = connection.execute(_WITH_QUOTA, {"project": name}).first()
+    if row is None or not (actor.reads_everything or row.id in actor.project_ids):
+        raise NotFound(f"project {name} does not exist")
+    values = row._mapping
+    project = ProjectRecord(**{key: values[key] for key in _PROJECT_KEYS})
+    if values["project_id"] is None:
+        return project, None
+    return project, QuotaRecord(**{key: values[key] for key in _QUOTA_KEYS})
+
+
+_PROJECTS, _QUOTAS = ProjectRecord.__table__, QuotaRecord.__table__
+_PROJECT_KEYS = tuple(column.key for column in _PROJECTS.columns)
+_QUOTA_KEYS = tuple(column.key for column in _QUOTAS.columns)
+_LOCK_BY_NAME = (
+    update(ProjectRecord)
+    .where(ProjectRecord.name == bindparam("project"))
+    .values(ledger_version=ProjectRecord.ledger_version + 1)
+)
+_WITH_QUOTA = (
+    select(_PROJECTS, _QUOTAS)
+    .outerjoin(_QUOTAS, _QUOTAS.c.project_id == _PROJECTS.c.id)
+    .where(_PROJECTS.c.name == bindparam("project"))
+)
+"""Built once: every submission reads its project and quota so."""
 
 
 def _quota_public(quota: QuotaRecord | None) -> QuotaPublic | None:
