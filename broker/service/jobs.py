@@ -429,7 +429,9 @@ class JobService:
         connection = session.connection()
         project, quota = locked_for_admission(connection, actor, body.project)
         self._require_submitter(actor, project)
-        cluster_name, partition, gpu_type, placed_why = self._placement(session, project, body)
+        cluster_name, partition, gpu_type, placed_why = self._placement(
+            session, project, quota, body
+        )
         directory = self._identities.prepared(cluster_name, actor.unix_user)
         if directory is None:
             raise _Unprepared(cluster_name)
@@ -548,14 +550,19 @@ class JobService:
             raise Forbidden(f"{actor.role}s cannot submit jobs")
 
     def _placement(
-        self, session: Session, project: ProjectRecord, body: JobCreate
+        self, session: Session, project: ProjectRecord, quota: QuotaRecord | None, body: JobCreate
     ) -> tuple[str, str, str, str | None]:
         """Cluster, partition and GPU type of a request, with the defaults filled in, and why the
         broker chose the cluster when the request named none (``broker.service.placement``)."""
         cluster_name = body.cluster
         if cluster_name is None:
             chosen = placement.choose(
-                session, self._settings, project, partition=body.partition, gpu_type=body.gpu_type
+                session,
+                self._settings,
+                project,
+                quota,
+                partition=body.partition,
+                gpu_type=body.gpu_type,
             )
             if chosen is not None:
                 return chosen.cluster, chosen.partition, chosen.gpu_type, chosen.why

@@ -122,12 +122,13 @@ def choose(
     session: Session,
     settings: Settings,
     project: ProjectRecord,
+    quota: QuotaRecord | None,
     *,
     partition: str | None,
     gpu_type: str | None,
 ) -> Placement | None:
-    """The best place for a job that names no cluster; None when no cluster offers it."""
-    quota = session.get(QuotaRecord, project.id)
+    """The best place for a job that names no cluster, under ``quota`` (the project's, as read
+    under its ledger lock); None when no cluster offers it."""
     ranked = options(session, settings, project, quota, partition=partition, gpu_type=gpu_type)
     if not ranked:
         return None
