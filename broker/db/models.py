@@ -244,6 +244,10 @@ class JobRecord(Base):
     """While a move is under way: ``cluster/partition`` it goes to (broker.service.moves)."""
     in_slurm_since: Mapped[datetime | None]
     """When sbatch accepted the job (on its current cluster)."""
+    moved_from_cluster: Mapped[str | None] = mapped_column(String(64))
+    moved_from_slurm_job_id: Mapped[str | None] = mapped_column(String(32))
+    """After a move: the cluster and id of the Slurm job it left there (cancelled before it ran),
+    the broker's own and not a foreign job while squeue still shows it."""
 
 
 class JobTaskRecord(Base):

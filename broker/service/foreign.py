@@ -85,20 +85,22 @@ def apply(
             )
         ).all()
     )
-    # A job moved to another cluster leaves its first Slurm job here, cancelled before it ran
-    # (``broker.service.moves``), in squeue for a while: that one is the broker's too.
-    moved_away = set(
-        session.scalars(
-            select(JobRecord.tag).where(
-                JobRecord.cluster != name, JobRecord.moves > 0, JobRecord.tag.in_(tags)
+    # A moved job leaves its first Slurm job here, cancelled before it ran
+    # (``broker.service.moves``), in squeue for a while: that one, by its exact id, is the
+    # broker's too, whether the job went elsewhere or came back here.
+    left_here: dict[str, str | None] = dict(
+        session.execute(
+            select(JobRecord.tag, JobRecord.moved_from_slurm_job_id).where(
+                JobRecord.moved_from_cluster == name, JobRecord.tag.in_(tags)
             )
-        )
+        ).all()
     )
 
     def is_ours(job: JobStatus) -> bool:
         if job.tag in ours and ours[job.tag] in (None, job.job_id):
             return True
-        return job.tag in moved_away and job.ended and not job.elapsed_s
+        # Ended without running, as the mover saw it: one that ran is foreign, whatever its id.
+        return left_here.get(job.tag or "") == job.job_id and job.ended and not job.elapsed_s
 
     known = {
         row.slurm_job_id: row

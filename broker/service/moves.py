@@ -288,6 +288,7 @@ class Mover:
             job.account = account
             job.stdout_path = f"{directory}/{job.id}.out"
             job.stderr_path = f"{directory}/{job.id}.err"
+            job.moved_from_cluster, job.moved_from_slurm_job_id = old_cluster, old_id
             job.slurm_job_id = None
             job.state_reason = None
             job.move_target = None

@@ -137,6 +137,33 @@ def test_a_placed_job_waiting_for_resources_moves_once_at_the_new_price(env: Env
         assert session.scalars(select(ForeignJobRecord)).all() == []
 
 
+def test_only_the_slurm_job_a_move_left_behind_is_exempt_from_the_foreign_rule(env: Env) -> None:
+    """The job records which Slurm job it left on the old cluster. That one, cancelled before it
+    ran, is the broker's; a researcher's own job carrying a copy of the tag is foreign even when
+    it too ended without running, and one that runs is cancelled as any foreign job."""
+    snapshot(env, alpha_idle=4, beta_idle=8)
+    job = submit(env)
+    first_id = str(job.slurm_job_id)
+    wait_long(env, job)
+    snapshot(env, alpha_idle=8, beta_idle=0)
+    assert env.runtime.mover.consider("beta") == 1
+    with env.runtime.sessions() as session:
+        row = session.get_one(JobRecord, job.id)
+        assert (row.moved_from_cluster, row.moved_from_slurm_job_id) == ("beta", first_id)
+        tag = row.tag
+    beta = env.slurm["beta"]
+    copied = beta.sbatch_from_a_job("climate", "alice", gpus=8, comment=tag)
+    beta.finish(copied, "CANCELLED", elapsed_s=0, alloc_gpus=0)
+    running = beta.sbatch_from_a_job("climate", "alice", gpus=8, comment=tag)
+    beta.start(running)
+    env.runtime.poller.poll("beta")
+    with env.runtime.sessions() as session:
+        foreign = {r.slurm_job_id for r in session.scalars(select(ForeignJobRecord))}
+    assert foreign == {copied, running}  # not first_id
+    action = env.runtime.settings.identity.foreign_jobs
+    assert (beta.jobs[running].state == "CANCELLED") is (action == "cancel")
+
+
 def test_a_move_waits_for_sacct_to_say_the_first_job_never_ran(env: Env) -> None:
     """squeue shows a job cancelled while pending with its cancel as its start: that is not a
     start. Until sacct has the record the move waits; the job is never given up or cancelled."""
