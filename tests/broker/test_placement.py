@@ -164,6 +164,25 @@ def test_only_the_slurm_job_a_move_left_behind_is_exempt_from_the_foreign_rule(e
     assert (beta.jobs[running].state == "CANCELLED") is (action == "cancel")
 
 
+def test_a_move_that_falls_back_to_its_own_cluster_raises_no_foreign_alarm(env: Env) -> None:
+    """When the target cannot take the job after all (here: the researcher's directory cannot be
+    made there), the job is submitted again where it was. The Slurm job it left there is still
+    the broker's, not a job of the researcher's own."""
+    snapshot(env, alpha_idle=4, beta_idle=8)
+    job = submit(env)
+    first_id = str(job.slurm_job_id)
+    wait_long(env, job)
+    snapshot(env, alpha_idle=8, beta_idle=0)
+    env.slurm["alpha"].unreachable()
+    env.runtime.mover.consider("beta")
+    back = env.runtime.jobs.get(env.alice, job.id)
+    assert back.cluster == "beta" and back.slurm_job_id not in (None, first_id)
+    env.runtime.poller.poll("beta")
+    with env.runtime.sessions() as session:
+        assert session.scalars(select(ForeignJobRecord)).all() == []
+        assert ledger.check(session) == []
+
+
 def test_a_move_waits_for_sacct_to_say_the_first_job_never_ran(env: Env) -> None:
     """squeue shows a job cancelled while pending with its cancel as its start: that is not a
     start. Until sacct has the record the move waits; the job is never given up or cancelled."""
