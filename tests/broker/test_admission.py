@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -12,7 +13,7 @@ from broker.db.engine import transaction
 from broker.db.models import ProjectRecord, QuotaRecord
 from broker.errors import NotFound, QuotaExceeded
 from broker.schemas import JobCreate, QuotaPut
-from broker.service import projects
+from broker.service import ledger, projects
 from tests.broker.harness import Env, build_env
 
 
@@ -78,7 +79,9 @@ def test_a_quota_lowered_while_a_submission_waits_for_the_lock_refuses_it(env: E
     assert len(outcome) == 1 and isinstance(outcome[0], QuotaExceeded), outcome
 
 
-def test_a_project_the_caller_cannot_see_is_404_and_its_lock_is_not_kept(env: Env) -> None:
+def test_a_project_the_caller_cannot_see_is_404_and_is_never_locked(
+    env: Env, database_url: str
+) -> None:
     def version() -> int:
         with env.runtime.sessions() as session:
             return int(
@@ -93,6 +96,31 @@ def test_a_project_the_caller_cannot_see_is_404_and_its_lock_is_not_kept(env: En
         env.runtime.jobs.submit(env.alice, eight_gpu_hours("other"), None)
     with pytest.raises(NotFound, match="project nowhere does not exist"):
         env.runtime.jobs.submit(env.alice, eight_gpu_hours("nowhere"), None)
-    assert version() == before  # the lock taken by name was rolled back with the refusal
+    assert version() == before
     # and bob, whose project it is, submits at once (nothing holds its lock)
     assert env.runtime.jobs.submit(env.bob, eight_gpu_hours("other"), None).job.state == "pending"
+
+    if not database_url.startswith("postgresql"):
+        return  # SQLite has one write lock for the whole database: every admission queues on it
+    # While bob's admission holds the project's lock, alice's request for it is refused at once:
+    # it does not queue behind (nor ever hold) the lock of a project she cannot see.
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with transaction(env.runtime.sessions) as session:
+            project = session.scalars(select(ProjectRecord).where(ProjectRecord.name == "other"))
+            ledger.lock_project(session, project.one().id)
+            locked.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        started = time.monotonic()
+        with pytest.raises(NotFound):
+            env.runtime.jobs.submit(env.alice, eight_gpu_hours("other"), None)
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()
+        holder.join(10)
