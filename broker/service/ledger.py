@@ -24,7 +24,7 @@ the rows again, the same exact arithmetic everywhere; ``check`` compares the two
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
@@ -79,14 +79,26 @@ def lock_project(session: Executor, project_id: int) -> None:
     session.execute(_LOCK, {"project_id": project_id})
 
 
-_LOCK = (
+def lock_project_named(executor: Executor, name: str, visible: Collection[int] | None) -> None:
+    """``lock_project`` by the project's name, before its id is known; only if its id is in
+    ``visible`` (None: any project), so that a caller never takes, nor waits for, the lock of a
+    project it cannot see. Locks nothing when no such project exists."""
+    if visible is None:
+        executor.execute(_LOCK_NAMED, {"project": name})
+    else:
+        executor.execute(_LOCK_NAMED_VISIBLE, {"project": name, "visible": sorted(visible)})
+
+
+_BUMP = (
     update(ProjectRecord)
-    .where(ProjectRecord.id == bindparam("project_id"))
     .values(ledger_version=ProjectRecord.ledger_version + 1)
     # Nothing in the session reads the counter: no evaluation of it on loaded projects.
     .execution_options(synchronize_session=False)
 )
-"""Built once: ``lock_project`` runs in every admission."""
+_LOCK = _BUMP.where(ProjectRecord.id == bindparam("project_id"))
+_LOCK_NAMED = _BUMP.where(ProjectRecord.name == bindparam("project"))
+_LOCK_NAMED_VISIBLE = _LOCK_NAMED.where(ProjectRecord.id.in_(bindparam("visible", expanding=True)))
+"""Built once: one of them runs in every admission."""
 
 
 def policy_of(quota: QuotaRecord) -> QuotaPolicy:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -43,14 +43,14 @@ _BY_NAME = select(ProjectRecord).where(ProjectRecord.name == bindparam("name"))
 def locked_for_admission(
     connection: Connection, actor: Actor, name: str
 ) -> tuple[ProjectRecord, QuotaRecord | None]:
-    """Take the project's ledger lock (``ledger.lock_project``) by its name, if the caller may
-    see it, then read it and its quota as they are under the lock: two statements, no ORM load.
-    The records returned are plain transient objects to read from, not in any session.
-    ``NotFound`` as ``visible_project``: a project the caller cannot see is never locked."""
-    if actor.reads_everything:
-        connection.execute(_LOCK_BY_NAME, {"project": name})
-    else:  # never the lock of a project the caller cannot see
-        connection.execute(_LOCK_VISIBLE, {"project": name, "visible": sorted(actor.project_ids)})
+    """Take the project's ledger lock by its name if the caller may see it
+    (``ledger.lock_project_named``), then read the project and its quota as they are under the
+    lock: two statements, no ORM load. The records returned are plain transient objects to read
+    from, not in any session. ``NotFound`` as ``visible_project``; a project the caller cannot
+    see is never locked."""
+    ledger.lock_project_named(
+        connection, name, None if actor.reads_everything else actor.project_ids
+    )
     row = connection.execute(_WITH_QUOTA, {"project": name}).first()
     if row is None or not (actor.reads_everything or row.id in actor.project_ids):
         raise NotFound(f"project {name} does not exist")
@@ -64,12 +64,6 @@ def locked_for_admission(
 _PROJECTS, _QUOTAS = ProjectRecord.__table__, QuotaRecord.__table__
 _PROJECT_KEYS = tuple(column.key for column in _PROJECTS.columns)
 _QUOTA_KEYS = tuple(column.key for column in _QUOTAS.columns)
-_LOCK_BY_NAME = (
-    update(ProjectRecord)
-    .where(ProjectRecord.name == bindparam("project"))
-    .values(ledger_version=ProjectRecord.ledger_version + 1)
-)
-_LOCK_VISIBLE = _LOCK_BY_NAME.where(ProjectRecord.id.in_(bindparam("visible", expanding=True)))
 _WITH_QUOTA = (
     select(_PROJECTS, _QUOTAS)
     .outerjoin(_QUOTAS, _QUOTAS.c.project_id == _PROJECTS.c.id)
