@@ -529,7 +529,7 @@ class SSHRunner:
             raise
         finally:
             alarm.cancel()
-            channel.close()
+            _close_quietly(channel)
         if alarm.fired.is_set():  # the alarm closed the channel: what we read may be partial
             raise CommandTimedOut(argv, limit, host=self._label)
         return CommandResult(
@@ -570,3 +570,13 @@ class SSHRunner:
             raise EOFError("connection closed before the exit status arrived")
         # -1 on a live transport: the command was killed by a signal (exit-signal, no status).
         return channel.exit_status
+
+
+def _close_quietly(channel: paramiko.Channel) -> None:
+    """Close a channel whose command is over or failed. On a connection that just died, paramiko
+    raises from the close itself (EOFError, OSError): that must not hide the error being raised,
+    which says whether the command may have run."""
+    try:
+        channel.close()
+    except (EOFError, OSError, paramiko.SSHException) as exc:
+        logger.debug("closing a channel of a dead connection: %r", exc)

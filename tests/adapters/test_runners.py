@@ -334,3 +334,40 @@ def test_deadlines_close_in_order_on_one_thread_and_cancelled_ones_never() -> No
     assert late.at - started >= 0.4
     assert cancelled.at is None
     assert [a.fired.is_set() for a in alarms] == [True, True, False]
+
+
+class _DeadChannel:
+    """A channel of a connection that died mid-command: every send fails, closing too."""
+
+    def exec_command(self, command: str) -> None:
+        raise EOFError()
+
+    def close(self) -> None:
+        raise EOFError()
+
+
+class _DeadTransport:
+    def open_session(self, timeout: float | None = None) -> _DeadChannel:
+        return _DeadChannel()
+
+
+def test_a_connection_dying_mid_command_says_it_may_have_run(
+    client_key: Path, tmp_path: Path
+) -> None:
+    """What the caller must know (the command may have run: sbatch's job may exist) is not
+    hidden by paramiko failing again while the dead channel is closed."""
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    runner = SSHRunner(host="127.0.0.1", user="x", private_key=client_key, known_hosts=known_hosts)
+    now = time.monotonic()
+    with pytest.raises(ConnectionLost) as lost:
+        runner._exec(
+            _DeadTransport(),  # type: ignore[arg-type]
+            ["sbatch"],
+            "sbatch",
+            b"#!/bin/sh\n",
+            now + 10,
+            10.0,
+            now,
+        )
+    assert lost.value.may_have_run
