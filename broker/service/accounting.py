@@ -1,7 +1,8 @@
 """When a Slurm record is a job's final account, and how long that account says it ran.
 
 One rule for a whole job (the poller) and for an array's task (``arrays.follow``) alike: only a
-sacct record that knows the end, and, for a job that ran, knows its GPUs, is charged from.
+sacct record that knows the end, and, for a job that ran, knows its GPUs, is charged from; and one
+rule for the GPU count that account is charged at, for settling and for the drift check alike.
 """
 
 from __future__ import annotations
@@ -30,3 +31,17 @@ def accounted_elapsed(status: JobStatus) -> int | None:
     if status.elapsed_s is not None:
         return status.elapsed_s
     return max(0, int((status.end_time - status.start_time).total_seconds()))
+
+
+def charged_gpus(alloc_gpus: int | None, asked: int, elapsed_s: int) -> int:
+    """The GPU count an ended job (or task) is charged at, for ``elapsed_s`` seconds of run.
+
+    The record's allocation when it has one. A record without it (squeue's view, or an old
+    sacct) stands for what the job asked for, and so does an allocation of 0 for a job that ran:
+    that is a record whose allocation never arrived, charged only once the broker gave up
+    waiting for it (``accounted_elapsed`` does not accept it as final). A job that never ran
+    held no GPUs.
+    """
+    if alloc_gpus is None or (alloc_gpus == 0 and elapsed_s > 0):
+        return asked
+    return alloc_gpus

@@ -26,7 +26,7 @@ from adapters.slurm.types import JobStatus
 from broker.db.models import JobRecord, JobTaskRecord
 from broker.lifecycle import JobState, from_slurm, is_final
 from broker.schemas import TaskPublic, TaskSummaryPublic
-from broker.service.accounting import accounted_elapsed
+from broker.service.accounting import accounted_elapsed, charged_gpus
 from quotas import charge_gpu_seconds, gpu_hours
 
 # Which state an array ends in when its tasks did not all complete: the first one present.
@@ -189,9 +189,7 @@ def follow(
             if elapsed is None:
                 row.state = JobState.RUNNING.value if row.started_at else row.state
             else:
-                alloc = status.alloc_gpus if status.alloc_gpus is not None else job.gpus
-                if alloc == 0 and elapsed:
-                    alloc = job.gpus  # given up waiting for the allocation: what it asked for
+                alloc = charged_gpus(status.alloc_gpus, job.gpus, elapsed)
                 charge = min(charge_gpu_seconds(alloc, elapsed, job.weight), per_task_cap)
                 row.state = state.value
                 row.ended_at = status.end_time

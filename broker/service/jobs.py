@@ -467,9 +467,7 @@ class JobService:
         waits: Waiting | None = None
         reservation = decision.reserve_gpu_seconds
         if self._settings.queue.enabled:
-            waits = queue.admission_wait(
-                session, project, snapshot, decision, now, self._settings.queue
-            )
+            waits = queue.admission_wait(session, project, snapshot, decision)
         if not decision.admitted and waits is None:
             violations = decision.violations
             if self._settings.queue.enabled:

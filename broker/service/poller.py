@@ -38,7 +38,7 @@ from broker.config import Settings
 from broker.db.models import ClusterStatusRecord, JobEventRecord, JobRecord, ProjectRecord
 from broker.lifecycle import FOLLOWED, JobState, from_slurm, is_final, values
 from broker.service import arrays, foreign, ledger, queue, transitions
-from broker.service.accounting import accounted_elapsed
+from broker.service.accounting import accounted_elapsed, charged_gpus
 from broker.service.clusters import ClusterRegistry
 from broker.service.lease import Fence, LeaseLost, fenced
 from broker.service.observer import BrokerObserver, NullObserver
@@ -181,7 +181,7 @@ def _array_drift(row: Any, status: StatusReport) -> int:
         elapsed = accounted_elapsed(task)
         if elapsed is None:
             return 0  # not comparable yet
-        alloc = task.alloc_gpus if task.alloc_gpus is not None else row.gpus
+        alloc = charged_gpus(task.alloc_gpus, row.gpus, elapsed)
         slurm_side += charge_of(alloc, elapsed, row.weight, per_task_cap)[0]
     return int(row.charged_gpu_seconds or 0) - slurm_side
 
@@ -604,7 +604,7 @@ class Poller:
                 elapsed = _seconds_since(status.start_time or job.started_at)
             reason = f"{reason}; sacct had no final record, charged the run time known"
             log.warning("job %s: no final accounting record; charging %d s", job.id, elapsed)
-        alloc = status.alloc_gpus or job.gpus  # a record without its allocation: the request
+        alloc = charged_gpus(status.alloc_gpus, job.gpus, elapsed)
         charge, reason = self._capped(job, alloc, elapsed, reason)
         transitions.settle(
             session,
@@ -870,7 +870,7 @@ class Poller:
             elapsed = accounted_elapsed(found)
             if elapsed is None:
                 continue  # no final record yet: not comparable, checked again next time
-            alloc = found.alloc_gpus if found.alloc_gpus is not None else row.gpus
+            alloc = charged_gpus(found.alloc_gpus, row.gpus, elapsed)
             slurm_side = charge_of(alloc, elapsed, row.weight, row.reservation_gpu_seconds)[0]
             if slurm_side != charged:
                 corrections[row.id] = (row.project_id, charged, slurm_side)

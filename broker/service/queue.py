@@ -23,14 +23,14 @@ import logging
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.clock import utcnow
-from broker.config import QueueSettings, Settings
+from broker.config import Settings
 from broker.db.models import ClusterStatusRecord, JobRecord, ProjectRecord, QuotaRecord
 from broker.lifecycle import JobState
 from broker.service import ledger
@@ -96,8 +96,6 @@ def admission_wait(
     project: ProjectRecord,
     snapshot: LedgerSnapshot,
     decision: Decision,
-    now: datetime,
-    settings: QueueSettings,
 ) -> Waiting | None:
     """At admission (under the project's ledger lock, ``snapshot`` read under it): whether a job
     that passed the budget and the static limits waits in the queue, and why; None when it goes

@@ -13,7 +13,7 @@ from broker.db.engine import transaction
 from broker.db.models import JobRecord
 from broker.schemas import JobCreate
 from broker.service import arrays
-from broker.service.accounting import accounted_elapsed
+from broker.service.accounting import accounted_elapsed, charged_gpus
 from tests.broker.harness import Env, build_env
 
 END = utcnow()
@@ -54,6 +54,22 @@ def test_a_record_is_an_account_only_when_it_knows_the_end_and_the_gpus(
     assert accounted_elapsed(status) == expected
 
 
+@pytest.mark.parametrize(
+    ("alloc", "elapsed", "expected"),
+    [
+        (4, 30, 4),  # the record's allocation, even below the request
+        (None, 30, 8),  # a record without an allocation stands for the request
+        (0, 30, 8),  # it ran and the allocation never arrived: the broker gave up waiting
+        (0, 0, 0),  # it never ran: it held no GPUs
+        (None, 0, 8),
+    ],
+)
+def test_the_gpus_charged_are_the_allocation_or_what_was_asked(
+    alloc: int | None, elapsed: int, expected: int
+) -> None:
+    assert charged_gpus(alloc, 8, elapsed) == expected
+
+
 @pytest.fixture
 def env(database_url: str) -> Iterator[Env]:
     environment = build_env(database_url, gpu_hours=100.0)
@@ -85,3 +101,23 @@ def test_an_array_task_waits_for_the_gpus_in_its_record_too(env: Env) -> None:
         full = arrays.follow(session, row, {0: task()})
         assert full.final is not None and full.final.value == "completed"
         assert full.charge_gpu_seconds == 2 * 30 * row.weight
+
+
+def test_a_job_cancelled_before_it_ran_is_recorded_with_no_gpus(env: Env) -> None:
+    """The job's account (what usage and the ledger totals are built from) says what Slurm
+    says: a job cancelled while it waited held no GPUs and is charged nothing."""
+    body = {
+        "project": "climate",
+        "script": "#!/bin/bash\nsleep 60\n",
+        "gpus": 2,
+        "time_limit_minutes": 60,
+        "cluster": "alpha",
+    }
+    submitted = env.runtime.jobs.submit(env.alice, JobCreate.model_validate(body), None).job
+    slurm_id = submitted.slurm_job_id or ""
+    env.slurm["alpha"].finish(slurm_id, "CANCELLED", elapsed_s=0, alloc_gpus=0)
+    env.runtime.poller.poll("alpha")
+    assert env.runtime.jobs.get(env.alice, submitted.id).state == "cancelled"
+    with transaction(env.runtime.sessions) as session:
+        row = session.get_one(JobRecord, submitted.id)
+        assert (row.alloc_gpus, row.elapsed_s, row.charged_gpu_seconds) == (0, 0, 0)
