@@ -295,6 +295,8 @@ class SSHRunner:
         self._last_unreachable: tuple[float, str] = (float("-inf"), "")  # under _connect_lock
         self._connections_opened = 0
         self._sessions_in_use = 0
+        # The connection the server last sent something on, and when (one tuple, replaced whole).
+        self._last_heard: tuple[paramiko.Transport | None, float] = (None, float("-inf"))
 
     # -- metrics -------------------------------------------------------------------------------
 
@@ -373,6 +375,7 @@ class SSHRunner:
         started: float,
     ) -> CommandResult:
         transport = self._transport(deadline)
+        attempt = time.monotonic()
         try:
             return self._exec(transport, argv, command, stdin, deadline, limit, started)
         except ConnectionLost as exc:
@@ -380,10 +383,22 @@ class SSHRunner:
                 if not transport.is_active():
                     self._discard(transport)
                 raise
-            # Nothing was sent. The channel did not open, so the connection is presumed dead even
-            # if paramiko has not noticed yet (a half-open TCP link): replace it and retry once.
-            logger.info("%s: channel could not be opened (%s); reconnecting", self.name, exc.reason)
-            self._discard(transport)
+            # Nothing was sent: the channel did not open. If the server answered anything on
+            # this connection meanwhile (another command's output, a refusal), the link is alive
+            # and only slow: closing it would cut the other commands in flight on it, so the
+            # open is retried on it. If it said nothing, it is presumed dead even if paramiko
+            # has not noticed yet (a half-open TCP link): it is replaced and the open retried.
+            if self._heard_since(transport, attempt):
+                logger.info(
+                    "%s: channel could not be opened (%s) on a live connection; retrying",
+                    self.name,
+                    exc.reason,
+                )
+            else:
+                logger.info(
+                    "%s: channel could not be opened (%s); reconnecting", self.name, exc.reason
+                )
+                self._discard(transport)
         transport = self._transport(deadline)
         return self._exec(transport, argv, command, stdin, deadline, limit, started)
 
@@ -429,6 +444,14 @@ class SSHRunner:
         if transport is not None and transport.is_active():
             return transport
         return None
+
+    def _heard_from(self, transport: paramiko.Transport) -> None:
+        """The server sent something on ``transport``: it was alive at this moment."""
+        self._last_heard = (transport, time.monotonic())
+
+    def _heard_since(self, transport: paramiko.Transport, since: float) -> bool:
+        heard_on, at = self._last_heard
+        return heard_on is transport and at >= since
 
     def _discard(self, transport: paramiko.Transport) -> None:
         """Drop the connection if it is still the one that failed."""
@@ -509,11 +532,16 @@ class SSHRunner:
         open_timeout = min(remaining, max(remaining / 2, 2.0))
         try:
             with map_ssh_errors(self._label, user=self._user, stage="open"):
-                channel = transport.open_session(timeout=open_timeout)
+                try:
+                    channel = transport.open_session(timeout=open_timeout)
+                except paramiko.ChannelException:
+                    self._heard_from(transport)  # a refusal is an answer: the link is alive
+                    raise
         except ConnectionLost as exc:
             if time.monotonic() >= deadline:
                 raise CommandTimedOut(argv, limit, host=self._label, may_have_run=False) from exc
             raise
+        self._heard_from(transport)
         alarm = _Alarm(deadline - time.monotonic(), channel)
         try:
             with map_ssh_errors(self._label, user=self._user, stage="exec"):
@@ -521,7 +549,7 @@ class SSHRunner:
                 if stdin:
                     channel.sendall(stdin)
                 channel.shutdown_write()
-                stdout, stderr = self._read_until_eof(channel, deadline)
+                stdout, stderr = self._read_until_eof(channel, transport, deadline)
                 exit_code = self._exit_status(channel, transport, deadline)
         except ConnectionLost as exc:
             if alarm.fired.is_set() or time.monotonic() >= deadline:
@@ -540,17 +568,21 @@ class SSHRunner:
             duration_s=time.monotonic() - started,
         )
 
-    @staticmethod
-    def _read_until_eof(channel: paramiko.Channel, deadline: float) -> tuple[bytes, bytes]:
+    def _read_until_eof(
+        self, channel: paramiko.Channel, transport: paramiko.Transport, deadline: float
+    ) -> tuple[bytes, bytes]:
         out: list[bytes] = []
         err: list[bytes] = []
         while True:
             # Checked before draining: once EOF is in, everything sent before it is buffered.
             finished = bool(channel.eof_received) or channel.closed
+            received = len(out) + len(err)
             while channel.recv_ready():
                 out.append(channel.recv(_READ_CHUNK))
             while channel.recv_stderr_ready():
                 err.append(channel.recv_stderr(_READ_CHUNK))
+            if channel.eof_received or len(out) + len(err) > received:
+                self._heard_from(transport)
             if finished:
                 return b"".join(out), b"".join(err)
             remaining = deadline - time.monotonic()

@@ -506,6 +506,51 @@ def test_ssh_retries_once_when_nothing_was_sent(monkeypatch: pytest.MonkeyPatch)
         assert runner.connections_opened == 2
 
 
+def test_ssh_slow_channel_open_beside_a_live_command_keeps_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A channel that does not open in time, on a connection where another command is receiving
+    its output, is a slow server and not a dead link: the open is retried on the same connection,
+    and the command in flight beside it is not cut off (it may be an sbatch)."""
+    dev = devcluster.cluster("beta")
+    with ssh_runner(dev) as runner:
+        runner.run(["/bin/true"], timeout=10)
+        transport = runner._client.get_transport()  # type: ignore[union-attr]
+        assert transport is not None
+        real_open = transport.open_session
+        counting = "for i in 1 2 3 4 5 6 7 8 9 10; do echo $i; sleep 0.2; done"
+        results: list[bytes] = []
+        errors: list[BaseException] = []
+
+        def chatty() -> None:
+            try:
+                results.append(runner.run(["/bin/sh", "-c", counting], timeout=30).stdout)
+            except BaseException as exc:
+                errors.append(exc)
+
+        before = time.monotonic()
+        thread = threading.Thread(target=chatty)
+        thread.start()
+        wait_for("the first command's output", lambda: runner._heard_since(transport, before), bool)
+        opens = 0
+
+        def slow_then_normal(*args: object, **kwargs: object) -> paramiko.Channel:
+            nonlocal opens
+            opens += 1
+            if opens == 1:
+                time.sleep(0.8)  # the server takes longer than the open's timeout to answer
+                raise paramiko.SSHException("Timeout opening channel.")
+            return real_open(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(transport, "open_session", slow_then_normal)
+        assert runner.run(["/bin/echo", "again"], timeout=10).stdout == b"again\n"
+        thread.join()
+        assert errors == []
+        assert results == [b"".join(f"{i}\n".encode() for i in range(1, 11))]
+        assert opens == 2
+        assert runner.connections_opened == 1
+
+
 def test_ssh_does_not_retry_once_the_command_was_sent(monkeypatch: pytest.MonkeyPatch) -> None:
     dev = devcluster.cluster("beta")
     marker = Path(f"/tmp/brk-contract-sent-{uuid.uuid4().hex}")
