@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import pytest
 from fastapi.testclient import TestClient
 
@@ -55,6 +59,43 @@ def test_health_and_openapi_describe_the_contract(api: TestClient) -> None:
         "/readyz",
         "/metrics",
     } <= paths
+
+
+def test_liveness_answers_while_every_worker_thread_is_busy(api: TestClient) -> None:
+    """/healthz is what a supervisor restarts the broker on: a burst of submissions holding all
+    of the worker threads (each waiting for its sbatch) is a busy broker, not a dead one."""
+    portal = api.portal
+    assert portal is not None
+    limiter = portal.call(anyio.to_thread.current_default_thread_limiter)
+    size = limiter.total_tokens
+    release = threading.Event()
+    answers: list[int] = []
+
+    async def resize(tokens: float) -> None:
+        limiter.total_tokens = tokens
+
+    async def borrowed() -> float:
+        return limiter.borrowed_tokens
+
+    async def occupy_a_thread() -> None:
+        await anyio.to_thread.run_sync(release.wait)
+
+    portal.call(resize, 2)
+    held = [portal.start_task_soon(occupy_a_thread) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 10
+        while portal.call(borrowed) < 2:  # every worker thread is now taken
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        prober = threading.Thread(target=lambda: answers.append(api.get("/healthz").status_code))
+        prober.start()
+        prober.join(timeout=10)
+        assert answers == [200]
+    finally:
+        release.set()
+        for future in held:
+            future.result(timeout=10)
+        portal.call(resize, size)
 
 
 def test_missing_or_bad_token_is_401(api: TestClient) -> None:

@@ -20,8 +20,10 @@ router = APIRouter()
 
 
 @router.get("/healthz", tags=["health"])
-def healthz() -> dict[str, str]:
-    """The process is alive."""
+async def healthz() -> dict[str, str]:
+    """The process is alive. Answered on the event loop itself: a burst of submissions that
+    holds every worker thread (each waits for its sbatch) must not make a live broker look dead
+    to its supervisor."""
     return {"status": "ok"}
 
 
