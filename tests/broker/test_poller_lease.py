@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import update
@@ -25,15 +26,23 @@ def env(database_url: str) -> Iterator[Env]:
     environment.runtime.close()
 
 
-def test_one_holder_at_a_time_and_takeover_after_expiry(env: Env) -> None:
+def test_one_holder_at_a_time_and_takeover_after_expiry(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sessions = env.runtime.sessions
-    assert lease.acquire(sessions, "poller", "a", ttl_seconds=0.5)
-    assert not lease.acquire(sessions, "poller", "b", ttl_seconds=0.5)
-    assert lease.acquire(sessions, "poller", "a", ttl_seconds=0.5)  # renewal
-    time.sleep(0.6)  # the lease's own clock: let it expire
+    clock = [utcnow()]  # the lease's own clock, moved by the test: no race with a slow machine
+    monkeypatch.setattr(lease, "utcnow", lambda: clock[0])
+    assert lease.acquire(sessions, "poller", "a", ttl_seconds=30)
+    assert not lease.acquire(sessions, "poller", "b", ttl_seconds=30)
+    clock[0] += timedelta(seconds=20)
+    assert lease.acquire(sessions, "poller", "a", ttl_seconds=30)  # renewal, to 50 s
+    clock[0] += timedelta(seconds=20)
+    assert not lease.acquire(sessions, "poller", "b", ttl_seconds=30)  # renewed: still a's
+    clock[0] += timedelta(seconds=11)  # expired
     assert lease.acquire(sessions, "poller", "b", ttl_seconds=30)
     assert not lease.acquire(sessions, "poller", "a", ttl_seconds=30)
     lease.release(sessions, "poller", "b")
+    clock[0] += timedelta(seconds=1)
     assert lease.acquire(sessions, "poller", "a", ttl_seconds=30)
 
 
