@@ -15,6 +15,11 @@ admitted as ``queued``: it holds its reservation, and the queue submits it when 
   the job queued; a claim whose process died is settled by the poller's reconciler (found by its
   tag in Slurm, or given back to the queue).
 - **Hold**: an admin may hold a project's queue; its queued jobs stay queued until released.
+- **Cost**: a pass that finds nothing to release remembers what it decided from (the project's
+  quota, ledger, hold, the clusters down, and the shape of its queue: counts, sums and ages, read
+  in one aggregate); the next pass compares those few rows and loads the queued jobs only if
+  something changed. A sweep of thousands of queued jobs costs a pass a few statements, not a
+  read and a check of every job, each cycle.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import logging
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Select, func, select
@@ -89,6 +94,26 @@ def _queued(project_id: int) -> Select[JobRecord]:
     return select(JobRecord).where(
         JobRecord.project_id == project_id, JobRecord.state == JobState.QUEUED.value
     )
+
+
+def _queue_shape(
+    project_id: int, starving_since: datetime
+) -> Select[int, int, datetime, datetime, int, int, int]:
+    """What of a project's queue decides a pass, in one row: waiting jobs (how many, their GPUs,
+    the first and last submitted, how many waited past the starvation limit) and claimed ones
+    whose sbatch is under way (how many, their GPUs). A job joining, leaving, being claimed or
+    starving changes it."""
+    waiting = JobRecord.release_claimed_at.is_(None)
+    claimed = JobRecord.release_claimed_at.is_not(None)
+    return select(
+        func.count().filter(waiting),
+        func.sum(JobRecord.gpus).filter(waiting),
+        func.min(JobRecord.submitted_at).filter(waiting),
+        func.max(JobRecord.submitted_at).filter(waiting),
+        func.count().filter(waiting, JobRecord.submitted_at < starving_since),
+        func.count().filter(claimed),
+        func.sum(JobRecord.gpus * func.coalesce(JobRecord.array_size, 1)).filter(claimed),
+    ).where(JobRecord.project_id == project_id, JobRecord.state == JobState.QUEUED.value)
 
 
 def admission_wait(
@@ -166,9 +191,15 @@ class AdmissionQueue:
         self._settings = settings
         self._observer: BrokerObserver = observer or NullObserver()
         self._jobs: JobService | None = None
+        # Per project, what its last pass decided from when it released nothing (this process).
+        self._unchanged: dict[int, tuple[object, ...]] = {}
 
     def attach(self, jobs: JobService) -> None:
         self._jobs = jobs
+
+    def forget(self) -> None:
+        """Forget what earlier passes decided from: the next pass reads every queued job."""
+        self._unchanged.clear()
 
     def _write(self, fence: Fence | None) -> AbstractContextManager[Session]:
         """A write transaction of this work: under a fence, the lease check comes first."""
@@ -220,6 +251,15 @@ class AdmissionQueue:
             ledger.lock_project(session, project_id)
             project = session.get_one(ProjectRecord, project_id)
             quota = session.get(QuotaRecord, project_id)
+            if quota is None:
+                return claimed  # no quota any more: nothing is released until one is set
+            policy = ledger.policy_of(quota)
+            snapshot = ledger.snapshot(session, project_id, quota)
+            shape = session.execute(_queue_shape(project_id, now - starvation)).one()
+            inputs = (policy, snapshot, project.queue_held, frozenset(down), tuple(shape))
+            if self._unchanged.get(project_id) == inputs:
+                return claimed  # decided from the same inputs last pass: nothing to release
+            self._unchanged.pop(project_id, None)
             jobs = list(
                 session.scalars(
                     _queued(project_id)
@@ -227,10 +267,7 @@ class AdmissionQueue:
                     .order_by(JobRecord.submitted_at, JobRecord.id)
                 )
             )
-            if quota is None:
-                return claimed  # no quota any more: nothing is released until one is set
-            policy = ledger.policy_of(quota)
-            room = _Room(ledger.snapshot(session, project_id, quota))
+            room = _Room(snapshot)
             # Jobs claimed by an earlier pass whose sbatch is under way count as in Slurm.
             for in_flight in session.scalars(
                 _queued(project_id).where(JobRecord.release_claimed_at.is_not(None))
@@ -266,6 +303,8 @@ class AdmissionQueue:
                     if starving is None and now - job.submitted_at > starvation:
                         starving = job  # nothing after it may pass it any more
                 job.queue_reason, job.queue_message = waiting.reason, waiting.message
+        if not claimed:
+            self._unchanged[project_id] = inputs  # committed: the same inputs decide the same
         return claimed
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
+import broker.service.queue
 from adapters.errors import HostUnreachable
 from adapters.slurm.types import JobSpec
 from broker.db.engine import transaction
@@ -269,3 +270,50 @@ def test_a_job_claimed_by_an_earlier_pass_counts_against_the_limit(env: Env) -> 
     assert get(env, waiting[1]).state == "queued"
     assert get(env, waiting[0]).state == "queued"  # claimed: the first pass submits it
     assert len(env.slurm["alpha"].jobs) == 1
+
+
+def _mark_message(env: Env, job: JobPublic, text: str) -> None:
+    with transaction(env.runtime.sessions) as session:
+        session.execute(update(JobRecord).where(JobRecord.id == job.id).values(queue_message=text))
+
+
+def test_a_pass_skips_an_unchanged_queue_and_sees_every_change_after_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass that released nothing is not repeated over the same inputs (a sweep of thousands
+    of queued jobs would be read and checked every cycle), but a raised quota, a freed GPU, a
+    job that starts starving or a new job each bring the full pass back."""
+    set_quota(env, max_concurrent_gpus=8)
+    running = submit(env)
+    waiting = submit(env)
+    cycle(env)
+    assert get(env, waiting).state == "queued"
+    _mark_message(env, waiting, "left by the test")
+    cycle(env)  # nothing changed: the queued jobs are not read, nor their messages rewritten
+    assert (get(env, waiting).queue or pytest.fail("not queued")).message == "left by the test"
+
+    later = submit(env)  # a new job changes the queue's shape: the pass runs in full
+    cycle(env)
+    assert (get(env, waiting).queue or pytest.fail("not queued")).message != "left by the test"
+    assert get(env, later).state == "queued"
+
+    _mark_message(env, later, "left by the test")
+    cycle(env)
+    assert (get(env, later).queue or pytest.fail("not queued")).message == "left by the test"
+    # Time alone passes: the first job now waited past the starvation time. Nothing in the
+    # database changed, and yet that changes the order: the pass runs in full.
+    future = datetime.now(UTC) + timedelta(seconds=601)
+    monkeypatch.setattr(broker.service.queue, "utcnow", lambda: future)
+    cycle(env)
+    assert (get(env, later).queue or pytest.fail("not queued")).message != "left by the test"
+
+    set_quota(env, max_concurrent_gpus=16)  # the admin raises the limit
+    cycle(env)
+    assert get(env, waiting).state == "pending"
+    assert get(env, later).state == "queued"
+
+    slurm_id = get(env, running).slurm_job_id
+    assert slurm_id is not None
+    env.slurm["alpha"].finish(slurm_id, "COMPLETED", elapsed_s=60)  # 8 GPUs free up
+    cycle(env)
+    assert get(env, later).state == "pending"
