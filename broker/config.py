@@ -202,6 +202,11 @@ class OidcSettings(_Section):
     """That client's secret; unset for a public client."""
     web_login_label: str = ""
     """The provider's name on the sign-in page ("Sign in with ..."); empty: the issuer's host."""
+    web_sign_out_at_provider: bool = True
+    """Signing out of a page session that began at the provider also ends the session at the
+    provider (its ``end_session_endpoint``, back to ``/ui/login``, which must be registered as
+    the web client's post-logout redirect URI), so the next "Sign in with ..." on that browser
+    asks for the password again. False: the broker's session only."""
 
     @model_validator(mode="after")
     def _check_urls(self) -> Self:

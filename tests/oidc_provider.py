@@ -162,6 +162,16 @@ class Browser:
             response = self.go("POST", response.url.join(form["action"]), fields)
         raise AssertionError("the sign-in did not finish within 10 pages")
 
+    def sign_out(self, end_session_url: str) -> httpx.Response:
+        """A person sent to the provider's sign-out page (RP-initiated logout) answering "Yes,
+        sign me out"; the answer is the redirect back to the client (or the provider's page)."""
+        page = self.go("GET", end_session_url)
+        parser = _Forms()
+        parser.feed(page.text)
+        assert parser.forms, page.text[:500]
+        form = parser.forms[0]
+        return self.go("POST", page.url.join(form["action"]), {**form["fields"], "logout": "yes"})
+
     def approve_device(self, verification_uri_complete: str, username: str) -> httpx.Response:
         """A person opening the device flow's link and signing in there."""
         page = self.go("GET", verification_uri_complete)

@@ -13,6 +13,7 @@ from broker.api.guards import BodySizeLimit, RateLimiter
 from broker.api.routes import jobs, projects, system, users
 from broker.api.threads import ReadThreads
 from broker.runtime import Runtime
+from broker.service.oidc_login import origin_of
 from broker.service.ratelimit import SharedBudget
 from broker.ui import install as install_pages
 
@@ -56,9 +57,12 @@ def create_app(runtime: Runtime, *, run_poller: bool = False) -> FastAPI:
     problems.install(app)
     for module in (system, users, projects, jobs):
         app.include_router(module.router)
-    install_pages(app)
     oidc = runtime.settings.auth.oidc
-    if oidc.enabled and oidc.web_client_id:
+    web_sign_in = oidc.enabled and bool(oidc.web_client_id)
+    # Sign-out posts a form that ends at the provider's end-session page (broker.ui.pages).
+    signs_out_there = web_sign_in and oidc.web_sign_out_at_provider
+    install_pages(app, form_targets=[origin_of(oidc.issuer)] if signs_out_there else [])
+    if web_sign_in:
         # The sign-in page offers the site's provider (broker.ui.pages: /ui/auth/login).
         app.state.ui_oidc_login_url = "/ui/auth/login"
         app.state.ui_oidc_login_label = (

@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote_plus, urlencode
+from urllib.parse import quote_plus, urlencode, urlsplit
 
 import httpx
 from sqlalchemy.orm import Session, sessionmaker
@@ -90,6 +90,12 @@ def _pkce_challenge(verifier: str) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
+def origin_of(url: str) -> str:
+    """``scheme://host[:port]`` of a URL (a CSP source, and what sign-out compares)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 class OidcLogin:
     """The web client's side of the authorization code + PKCE flow."""
 
@@ -143,6 +149,24 @@ class OidcLogin:
         )
         endpoint = self._endpoint("authorization_endpoint")
         return f"{endpoint}{'&' if '?' in endpoint else '?'}{query}", pending
+
+    def sign_out_url(self, after: str) -> str | None:
+        """Where to send the browser to end its session at the provider (RP-initiated logout),
+        coming back to ``after``; None when the provider offers no ``end_session_endpoint`` or
+        cannot be reached (the broker's own session has ended either way)."""
+        try:
+            endpoint = self._keys.metadata().get("end_session_endpoint")
+        except ProviderUnreachable as exc:
+            log.warning("web sign-out: the provider's session stays: %s", exc)
+            return None
+        if not isinstance(endpoint, str):
+            return None
+        if origin_of(endpoint) != origin_of(self.authenticator.oidc.issuer):
+            # The pages' CSP lets a form post end at the issuer's origin only.
+            log.warning("web sign-out: end_session_endpoint %s is not at the issuer", endpoint)
+            return None
+        query = urlencode({"client_id": self.client_id, "post_logout_redirect_uri": after})
+        return f"{endpoint}{'&' if '?' in endpoint else '?'}{query}"
 
     def finish(self, pending: PendingLogin, params: Mapping[str, str]) -> SignedIn:
         """Check the provider's redirect (its query ``params``), exchange the code, verify the

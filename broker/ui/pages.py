@@ -158,8 +158,19 @@ async def login(request: Request) -> Response:
 
 @router.post("/logout")
 def logout(request: Request, post: FormPost) -> Response:
-    response = redirect("/ui/login")
-    end_session(request, response, runtime_of(request))
+    """End the page session; one that began at the provider ends there too, where configured
+    (``auth.oidc.web_sign_out_at_provider``), so that this browser's next sign-in asks again."""
+    runtime = runtime_of(request)
+    target = "/ui/login"
+    login = _oidc_login(request)
+    if (
+        post.page.via == "oidc"
+        and login is not None
+        and runtime.settings.auth.oidc.web_sign_out_at_provider
+    ):
+        target = login.sign_out_url(_public_uri(request, "login_form")) or target
+    response = redirect(target)
+    end_session(request, response, runtime)
     return response
 
 
@@ -898,13 +909,13 @@ def _oidc_failed(request: Request, target: str, why: str, status: int = 400) -> 
     return response
 
 
-def _callback_uri(request: Request) -> str:
-    """The redirect URI registered at the provider: under ``server.public_url`` where set (a
-    broker behind a TLS proxy), else as this browser reached the broker."""
+def _public_uri(request: Request, route: str) -> str:
+    """A page's absolute URI as registered at the provider: under ``server.public_url`` where
+    set (a broker behind a TLS proxy), else as this browser reached the broker."""
     public = runtime_of(request).settings.server.public_url
     if public:
-        return f"{public.rstrip('/')}{request.app.url_path_for('oidc_callback')}"
-    return str(request.url_for("oidc_callback"))
+        return f"{public.rstrip('/')}{request.app.url_path_for(route)}"
+    return str(request.url_for(route))
 
 
 @router.get("/auth/login")
@@ -915,7 +926,7 @@ def oidc_begin(request: Request, next: str | None = None) -> Response:
     if login is None:
         return _oidc_failed(request, target, "sign-in with a provider is not set up here", 404)
     try:
-        url, pending = login.begin(_callback_uri(request))
+        url, pending = login.begin(_public_uri(request, "oidc_callback"))
     except (LoginFailed, ProviderUnreachable) as exc:
         return _oidc_failed(request, target, str(exc), 502)
     kept = json.dumps(dict(pending.to_dict(), next=target)).encode()

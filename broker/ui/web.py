@@ -8,6 +8,7 @@ let the same user see and change (404 for the invisible, 403 for a role that may
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,17 +35,24 @@ STATIC_DIR = HERE / "static"
 TEMPLATE_DIR = HERE / "templates"
 PREFIX = "/ui"
 
-CONTENT_SECURITY_POLICY = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-)
-SECURITY_HEADERS = {
-    "content-security-policy": CONTENT_SECURITY_POLICY,
-    "x-frame-options": "DENY",
-    "x-content-type-options": "nosniff",
-    "referrer-policy": "same-origin",
-    "cache-control": "no-store",
-}
+
+def security_headers(form_targets: Sequence[str] = ()) -> dict[str, str]:
+    """The headers of every page: a strict CSP whose ``form-action`` allows this origin and
+    ``form_targets`` (the provider's origin, where sign-out continues there), and no framing,
+    sniffing or caching."""
+    form_action = " ".join(["'self'", *form_targets])
+    policy = (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        f"connect-src 'self'; form-action {form_action}; frame-ancestors 'none'; base-uri 'none'"
+    )
+    return {
+        "content-security-policy": policy,
+        "x-frame-options": "DENY",
+        "x-content-type-options": "nosniff",
+        "referrer-policy": "same-origin",
+        "cache-control": "no-store",
+    }
+
 
 ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
@@ -204,9 +212,9 @@ def _error_page(request: Request, status: int, message: str) -> Response:
     return render(request, "error.html", page, status=status, title=title, message=message)
 
 
-def install(app: FastAPI, router: Any) -> None:
+def install(app: FastAPI, router: Any, form_targets: Sequence[str] = ()) -> None:
     """Mount the pages, their static files and their error pages; other paths keep the API's
-    problem documents."""
+    problem documents. ``form_targets``: origins a form post may end at besides this one."""
     from fastapi.staticfiles import StaticFiles
 
     app.include_router(router)
@@ -216,7 +224,7 @@ def install(app: FastAPI, router: Any) -> None:
     for kind in (BrokerError, StarletteHTTPException):
         api_handler = app.exception_handlers[kind]
         app.add_exception_handler(kind, _page_or_problem(api_handler))
-    app.add_middleware(PageHeaders)
+    app.add_middleware(PageHeaders, form_targets=tuple(form_targets))
 
 
 def _page_or_problem(api_handler: Any) -> Any:
@@ -246,8 +254,12 @@ class PageHeaders:
     """Security headers on every ``/ui/`` response: a strict CSP (no inline script or style),
     no framing, no sniffing, no caching of pages that show private data."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, form_targets: tuple[str, ...] = ()) -> None:
         self.app = app
+        self.headers = [
+            (name.encode(), value.encode())
+            for name, value in security_headers(form_targets).items()
+        ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
@@ -259,10 +271,10 @@ class PageHeaders:
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", [])]
-                for name, value in SECURITY_HEADERS.items():
-                    if static and name == "cache-control":
+                for name, value in self.headers:
+                    if static and name == b"cache-control":
                         continue
-                    headers.append((name.encode(), value.encode()))
+                    headers.append((name, value))
                 message = {**message, "headers": headers}
             await send(message)
 

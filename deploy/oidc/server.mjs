@@ -39,6 +39,11 @@ const UI_SECRET = env.OIDC_UI_CLIENT_SECRET || 'dev-only-broker-ui-secret';
 const ROBOT_SECRET = env.OIDC_ROBOT_CLIENT_SECRET || 'dev-only-broker-robot-secret';
 const UI_REDIRECTS = (env.OIDC_UI_REDIRECT_URIS || 'http://127.0.0.1:8080/ui/auth/callback')
   .split(',').map((s) => s.trim()).filter(Boolean);
+// Where the broker's sign-out comes back to after ending the session here: its sign-in page,
+// beside each callback unless given.
+const UI_AFTER_LOGOUT = (env.OIDC_UI_POST_LOGOUT_REDIRECT_URIS
+  || UI_REDIRECTS.map((uri) => uri.replace(/\/ui\/auth\/callback$/, '/ui/login')).join(','))
+  .split(',').map((s) => s.trim()).filter(Boolean);
 const SIGNING_ALG = 'RS256';
 const DEVICE_GRANT = 'urn:ietf:params:oauth:grant-type:device_code';
 
@@ -86,6 +91,7 @@ const clients = [
     client_name: 'AI Factory GPU broker (web)',
     client_secret: UI_SECRET,
     redirect_uris: UI_REDIRECTS,
+    post_logout_redirect_uris: UI_AFTER_LOGOUT,
     grant_types: ['authorization_code'],
     response_types: ['code'],
     token_endpoint_auth_method: 'client_secret_basic',

@@ -3,7 +3,8 @@
 # its discovery document answers. Settings come from the environment (deploy/oidc/README.md):
 #   OIDC_PORT (9400), OIDC_HOST (127.0.0.1), OIDC_ISSUER (http://$OIDC_HOST:$OIDC_PORT),
 #   OIDC_STATE_DIR (.dev-oidc at the top of the repository: keys, pid file, log, admin token),
-#   OIDC_AUDIENCE (urn:aifactory:broker), OIDC_ACCESS_TOKEN_TTL (600 s), OIDC_UI_REDIRECT_URIS, ...
+#   OIDC_AUDIENCE (urn:aifactory:broker), OIDC_ACCESS_TOKEN_TTL (600 s), OIDC_UI_REDIRECT_URIS,
+#   OIDC_UI_POST_LOGOUT_REDIRECT_URIS, ...
 # Prints OIDC_ISSUER=... and OIDC_ADMIN_TOKEN=... lines (eval-able). Already running: prints them
 # again and starts nothing. Stop it with deploy/oidc/down.sh (same OIDC_STATE_DIR).
 set -euo pipefail

@@ -117,10 +117,16 @@ def test_alice_signs_in_at_the_provider_submits_a_job_and_signs_out(
     job = broker.client("alice").http.get(f"/v1/jobs/{job_id}").json()
     assert job["state"] == "completed" and job["user"] == "alice"
 
+    # Sign-out ends the provider's session too (it asks to confirm), so that this browser's
+    # next "Sign in with ..." asks for a password again instead of signing alice back in.
     page.click("button:has-text('Sign out')")
+    expect(page).to_have_url(re.compile(re.escape(provider.issuer) + r"/session/end"))
+    shot(page, "oidc-provider-sign-out")
+    page.click("button:has-text('Yes, sign me out')")
     expect(page).to_have_url(re.compile(r"/ui/login$"))
     page.goto("/ui/jobs")
     expect(page).to_have_url(re.compile(r"/ui/login\?next="))
+    to_provider_login(page, provider)  # the provider's login form, not a silent sign-in
 
 
 def test_a_wrong_password_stays_at_the_provider(

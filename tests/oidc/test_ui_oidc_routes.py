@@ -19,6 +19,7 @@ from broker.api.app import create_app
 from broker.db.models import UiSessionRecord, UserRecord
 from broker.ui.pages import OIDC_PENDING_COOKIE
 from tests.broker.harness import Env, build_env
+from tests.broker.test_ui_pages import csrf_of, new_token
 from tests.oidc_provider import (
     PASSWORDS,
     UI_SECRET,
@@ -195,5 +196,72 @@ def test_behind_a_tls_proxy_the_redirect_uri_is_the_public_one(
         start = client.get("/ui/auth/login")
         query = parse_qs(urlsplit(start.headers["location"]).query)
         assert query["redirect_uri"] == ["https://broker.example.org/ui/auth/callback"]
+    finally:
+        environment.runtime.close()
+
+
+def test_signing_out_ends_the_session_at_the_provider_too(provider: Provider, env: Env) -> None:
+    """On a shared terminal, "Sign out" must not leave the provider's session behind: the next
+    "Sign in with ..." in that browser would go through without a password, as the last user."""
+    client = page_client(env)
+    csp = client.get("/ui/login").headers["content-security-policy"]
+    assert f"form-action 'self' {provider.issuer};" in csp  # the sign-out form may end there
+    browser = Browser(provider)
+    try:
+
+        def start_at_provider() -> httpx.Response:
+            start = client.get("/ui/auth/login")
+            assert start.status_code == 303, start.text
+            return browser.go("GET", start.headers["location"])
+
+        back = browser.sign_in(start_at_provider(), "alice", PASSWORDS["alice"])
+        assert callback(client, back.headers["location"]).status_code == 303
+        # The premise: while the provider's session lasts, signing in again asks for nothing.
+        silent = start_at_provider()
+        assert silent.is_redirect, silent.text[:300]
+        assert silent.headers["location"].startswith(f"{BROKER}/ui/auth/callback?")
+
+        out = client.post("/ui/logout", data={"csrf_token": csrf_of(client.get("/ui/jobs").text)})
+        assert out.status_code == 303
+        end_session = out.headers["location"]
+        query = parse_qs(urlsplit(end_session).query)
+        assert end_session.startswith(f"{provider.issuer}/session/end?")
+        assert query == {
+            "client_id": ["broker-ui"],
+            "post_logout_redirect_uri": [f"{BROKER}/ui/login"],
+        }
+        assert client.get("/ui/jobs").status_code == 303  # the broker's session ended at once
+
+        returned = browser.sign_out(end_session)
+        assert returned.is_redirect and returned.headers["location"] == f"{BROKER}/ui/login"
+        again = start_at_provider()
+        assert again.status_code == 200 and 'name="password"' in again.text  # asked again
+    finally:
+        browser.close()
+
+
+@pytest.mark.parametrize("how", ["token", "setting off"])
+def test_a_sign_out_that_does_not_involve_the_provider_goes_to_the_sign_in_page(
+    provider: Provider, tmp_path: Path, how: str
+) -> None:
+    # A token's session with the setting on; a provider's session with it off.
+    environment = broker_env(tmp_path, provider, web_sign_out_at_provider=how == "token")
+    try:
+        client = page_client(environment)
+        if how == "token":
+            secret, _ = new_token(environment, "alice")
+            form = client.get("/ui/login")
+            signed = client.post(
+                "/ui/login",
+                data={"token": secret, "csrf_token": csrf_of(form.text), "next": ""},
+            )
+        else:
+            start = client.get("/ui/auth/login")
+            signed = callback(client, at_provider(provider, start, "alice", PASSWORDS["alice"]))
+        assert signed.status_code == 303, signed.text
+        out = client.post("/ui/logout", data={"csrf_token": csrf_of(client.get("/ui/jobs").text)})
+        assert (out.status_code, out.headers["location"]) == (303, "/ui/login")
+        if how == "setting off":
+            assert "form-action 'self';" in out.headers["content-security-policy"]
     finally:
         environment.runtime.close()
