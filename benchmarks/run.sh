@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmarks behind docs/performance.md, in one command. As root on Debian 12:
-#   bash benchmarks/run.sh            # full run (12-20 minutes): rewrites docs/performance.md,
+#   bash benchmarks/run.sh            # full run (32-42 minutes with --baseline, 27 Nov): rewrites docs/performance.md,
 #                                     # docs/performance-*.png and benchmarks/results/performance.json
 #   bash benchmarks/run.sh --quick    # smoke run (under a minute) into benchmarks/out/quick/
 # Other arguments go to `python -m benchmarks` (--only, --out, --from-json; see --help).
