@@ -54,16 +54,14 @@ def locked_for_admission(
     row = connection.execute(_WITH_QUOTA, {"project": name}).first()
     if row is None or not (actor.reads_everything or row.id in actor.project_ids):
         raise NotFound(f"project {name} does not exist")
-    values = row._mapping
-    project = ProjectRecord(**{key: values[key] for key in _PROJECT_KEYS})
-    if values["project_id"] is None:
+    values = row._mapping  # read by column, not by name: the two tables may share a name
+    project = ProjectRecord(**{column.key: values[column] for column in _PROJECTS.columns})
+    if values[_QUOTAS.c.project_id] is None:
         return project, None
-    return project, QuotaRecord(**{key: values[key] for key in _QUOTA_KEYS})
+    return project, QuotaRecord(**{column.key: values[column] for column in _QUOTAS.columns})
 
 
 _PROJECTS, _QUOTAS = ProjectRecord.__table__, QuotaRecord.__table__
-_PROJECT_KEYS = tuple(column.key for column in _PROJECTS.columns)
-_QUOTA_KEYS = tuple(column.key for column in _QUOTAS.columns)
 _WITH_QUOTA = (
     select(_PROJECTS, _QUOTAS)
     .outerjoin(_QUOTAS, _QUOTAS.c.project_id == _PROJECTS.c.id)

@@ -134,10 +134,13 @@ def admission_wait(
         first = decision.violations[0]
         return Waiting(reason_of(first), describe(first, waiting))
     if waiting:
-        head = session.scalars(
-            _queued(project.id).order_by(JobRecord.submitted_at, JobRecord.id).limit(1)
-        ).first()
-        reason = (head.queue_reason if head is not None else None) or "concurrent_gpus"
+        head_reason = session.connection().scalar(  # one column, no ORM load of the job
+            select(JobRecord.queue_reason)
+            .where(JobRecord.project_id == project.id, JobRecord.state == JobState.QUEUED.value)
+            .order_by(JobRecord.submitted_at, JobRecord.id)
+            .limit(1)
+        )
+        reason = head_reason or "concurrent_gpus"
         return Waiting(reason, f"the project's queue decides the order; {_ahead(waiting)}")
     return None
 
